@@ -1,0 +1,91 @@
+"""Importing existing checkpoints (state_dict files or safetensors) into a study.
+
+Checkpoints are untrusted: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``,
+which refuses pickled code; ``.safetensors`` files hold tensors only.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import data as data_mod
+from . import models
+from .errors import GlobScopeError
+from .evaluation import evaluate_model, resolve_device, subset
+from .flat import StateLayout
+from .store import Study
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def load_state_file(path: str) -> dict:
+    """A flat {name: tensor} state_dict from a checkpoint file, without running any pickled code."""
+    if not os.path.exists(path):
+        raise GlobScopeError(f"{path}: checkpoint file does not exist")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        except Exception as exc:
+            raise GlobScopeError(f"{path}: not a readable safetensors file: {exc}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GlobScopeError(f"{path}: cannot load as a weights-only checkpoint ({first})") from None
+    for key in _NESTED_KEYS:  # common wrappers: {"state_dict": {...}, "epoch": ...}
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise GlobScopeError(f"{path}: does not hold a state_dict (a dict of tensors)")
+    # DataParallel checkpoints prefix every key with "module."
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def import_checkpoints(study_dir: str, files: list[str], model_name: str | None = None,
+                       model_kwargs: dict | None = None, dataset: dict | None = None, steps: list[int] | None = None,
+                       label: str = "imported", eval_samples: int | None = 10000, device: str = "auto") -> Study:
+    """Add the files, in order, as the trajectory of one new run (creating the study if needed)."""
+    if not files:
+        raise GlobScopeError("import: no checkpoint files given")
+    if steps is not None and len(steps) != len(files):
+        raise GlobScopeError(f"import: {len(steps)} steps given for {len(files)} files")
+    dev = resolve_device(device)
+    if os.path.exists(os.path.join(study_dir, "study.h5")):
+        study = Study.open(study_dir)
+        spec, dataset = study.model_spec, study.dataset_spec
+    else:
+        if not model_name or not dataset:
+            raise GlobScopeError(f"{study_dir}: new study: give --model and --dataset")
+        study = None
+    ds = data_mod.load_dataset(dataset)
+    if study is None:
+        spec = models.make_spec(model_name, ds.input_shape, ds.num_classes, **(model_kwargs or {}))
+    model = models.build_model(spec).to(dev)
+    layout = StateLayout.from_module(model)
+    if study is not None and study.layout != layout:
+        raise GlobScopeError(f"{study.h5_path}: stored layout does not match model '{spec['name']}'")
+    ev_train = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
+    ev_test = subset(ds.test_x, ds.test_y, eval_samples, seed=2)
+
+    rows = []  # load and check every file before writing anything
+    for i, path in enumerate(files):
+        state = load_state_file(path)
+        vec = layout.flatten(state, source=path)
+        layout.load_into(model, vec.to(dev))
+        tl, ta = evaluate_model(model, *ev_train, device=dev)
+        vl, va = evaluate_model(model, *ev_test, device=dev)
+        rows.append((steps[i] if steps else i, vec.numpy(), dict(train_loss=tl, train_acc=ta, test_loss=vl, test_acc=va)))
+    if study is None:
+        study = Study.create(study_dir, spec, dataset, layout)
+    with study.transaction() as w:
+        r = w.add_run(seed=None, optimizer=None, lr=None, label=label, index=len(study.runs), complete=True,
+                      files=[os.path.abspath(f) for f in files])
+        for step, vec, m in rows:
+            w.append(r, step, vec, **m)
+    return study
