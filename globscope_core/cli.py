@@ -16,6 +16,9 @@ from .errors import GlobScopeError
 # stage modules that contribute subcommands, in the order of the pipeline
 STAGES = [
     "globscope_core.commands",
+    "globscope_core.cmd_landscape",
+    "globscope_core.cmd_align",
+    "globscope_core.cmd_connect",
 ]
 
 

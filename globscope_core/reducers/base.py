@@ -54,7 +54,15 @@ class Reducer:
         raise NotImplementedError
 
     def inverse_transform(self, Z) -> np.ndarray:
-        return self.inverse_transform_torch(torch.as_tensor(np.asarray(Z, dtype=np.float32))).cpu().numpy()
+        Z = np.asarray(Z, dtype=np.float32)
+        if Z.ndim == 1:
+            Z = Z[None]
+        if Z.ndim != 2 or Z.shape[1] != self.dim:
+            raise GlobScopeError(f"{self.name}: latent points have shape {Z.shape}, expected (n, {self.dim})")
+        if not np.isfinite(Z).all():
+            raise GlobScopeError(f"{self.name}: latent points contain NaN or Inf")
+        with torch.no_grad():
+            return self.inverse_transform_torch(torch.from_numpy(Z)).cpu().numpy()
 
     def inverse_transform_torch(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -90,6 +98,74 @@ class Reducer:
         r.study_id = payload.get("study_id") or None
         r.load_state(payload["state"])
         return r
+
+
+class SpanReducer(Reducer):
+    """A reducer on the coordinates of a streamed linear basis of the checkpoints (basis.SpanBasis).
+
+    Subclasses implement ``_fit_coords(C)``, ``_encode(C) -> Z`` (numpy float64) and
+    ``_decode_torch(z) -> C`` on the basis coordinates, plus ``_state``/``_load_state`` for their
+    own tensors. Fitted attributes shared by all: ``basis``, ``embedding_`` (latent coordinates of
+    the fitted checkpoints, in row order) and ``fit_info`` (timings, sizes).
+    """
+
+    min_checkpoints = 3
+
+    def fit(self, X, progress: bool = False):
+        import time
+
+        from .basis import SpanBasis
+
+        t0 = time.perf_counter()
+        self.basis = SpanBasis()
+        block_rows = self.config.get("block_rows")
+        C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress)
+        t1 = time.perf_counter()
+        self._fit_coords(C, progress=progress)
+        self.embedding_ = np.asarray(self._encode(C), dtype=np.float64)
+        self.fit_info = {"basis_rank": self.basis.rank, "basis_seconds": t1 - t0,
+                         "reducer_seconds": time.perf_counter() - t1, **getattr(self, "fit_info", {})}
+        self.coords_ = C  # kept in memory for metrics; not saved
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        if hasattr(X, "iter_params"):  # a Study: stream it
+            return np.concatenate([self._encode(self.basis.to_coords(B)) for _, B in X.iter_params()], 0)
+        return np.asarray(self._encode(self.basis.to_coords(X)), dtype=np.float64)
+
+    def inverse_transform_torch(self, z: torch.Tensor) -> torch.Tensor:
+        return self.basis.from_coords_torch(self._decode_torch(z))
+
+    def decode_coords(self, Z) -> np.ndarray:
+        """Latent points -> basis coordinates (float64), for metrics in standardized units."""
+        with torch.no_grad():
+            return self._decode_torch(torch.as_tensor(np.asarray(Z, dtype=np.float32))).double().cpu().numpy()
+
+    def state(self) -> dict:
+        return {**self.basis.state(), "embedding": torch.as_tensor(self.embedding_), **self._state()}
+
+    def load_state(self, state: dict) -> None:
+        from .basis import SpanBasis
+
+        self.basis = SpanBasis.from_state(state)
+        self.embedding_ = state["embedding"].numpy()
+        self._load_state(state)
+
+    # --- to implement ------------------------------------------------------------------------
+    def _fit_coords(self, C: np.ndarray, progress: bool = False) -> None:
+        raise NotImplementedError
+
+    def _encode(self, C: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _decode_torch(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        return {}
+
+    def _load_state(self, state: dict) -> None:
+        pass
 
 
 def study_id(study: Study) -> str:

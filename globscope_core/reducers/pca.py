@@ -1,32 +1,40 @@
-"""PCA baseline (exact, in memory). A placeholder to be made streaming by the reducer issue."""
+"""PCA baseline: the leading principal components of the standardized checkpoints.
+
+The span basis (basis.py) is already the eigenbasis of the centred Gram matrix, sorted by variance,
+so its first ``dim`` coordinates are exactly the principal components: PCA is free once the basis
+is streamed, and decoding sets the remaining components to zero.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .base import Reducer, register_reducer
+from .base import SpanReducer, register_reducer
 
 
 @register_reducer("pca")
-class PCAReducer(Reducer):
-    def fit(self, X):
-        X = np.asarray(X.read_params() if hasattr(X, "read_params") else X, dtype=np.float64)
-        self.mean_ = X.mean(0)
-        _, _, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
-        self.components_ = vt[: self.dim]
-        return self
+class PCAReducer(SpanReducer):
+    min_checkpoints = 2
 
-    def transform(self, X):
-        return (np.asarray(X, dtype=np.float64) - self.mean_) @ self.components_.T
+    def _fit_coords(self, C, progress=False):
+        self.k_ = C.shape[1]
 
-    def inverse_transform_torch(self, z):
-        c = torch.as_tensor(self.components_, dtype=torch.float32, device=z.device)
-        m = torch.as_tensor(self.mean_, dtype=torch.float32, device=z.device)
-        return z.to(torch.float32) @ c + m
+    def _encode(self, C):
+        C = np.asarray(C, dtype=np.float64)
+        Z = np.zeros((len(C), self.dim))
+        d = min(self.dim, C.shape[1])
+        Z[:, :d] = C[:, :d]  # rank below dim (e.g. 2 checkpoints): the extra axes stay 0
+        return Z
 
-    def state(self):
-        return {"mean": torch.as_tensor(self.mean_), "components": torch.as_tensor(self.components_)}
+    def _decode_torch(self, z):
+        z = z.to(torch.float32)
+        out = torch.zeros((z.shape[0], self.k_), dtype=torch.float32, device=z.device)
+        d = min(self.dim, self.k_)
+        out[:, :d] = z[:, :d]
+        return out
 
-    def load_state(self, state):
-        self.mean_ = state["mean"].numpy()
-        self.components_ = state["components"].numpy()
+    def _state(self):
+        return {}
+
+    def _load_state(self, state):
+        self.k_ = self.basis.rank

@@ -1,0 +1,47 @@
+"""``globscope align``: permute every run of a study to a reference run (permutation symmetry)."""
+from __future__ import annotations
+
+
+def register(sub):
+    from .align import ALIGNERS
+
+    p = sub.add_parser("align", help="permute every run to a reference run (weight or activation matching)")
+    p.add_argument("study")
+    p.add_argument("--reference", type=int, default=0, help="run the others are aligned to (default 0)")
+    p.add_argument("--method", default="weight-matching", choices=sorted(ALIGNERS))
+    p.add_argument("--out", required=True, help="directory of the aligned study (new)")
+    p.add_argument("--alphas", type=int, default=25, help="interpolation weights for the barriers")
+    p.add_argument("--eval-samples", type=int, default=2000, help="train samples for the barrier losses")
+    p.add_argument("--act-samples", type=int, default=1024, help="train samples for activation matching")
+    p.add_argument("--max-iter", type=int, default=100, help="weight matching: most sweeps over the permutations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-basins", action="store_true",
+                   help="also run fit, landscape and topology on both studies and compare their basins")
+    p.add_argument("--reducer", default="pca", help="reducer kind for --compare-basins (pca, ae, ...)")
+    p.add_argument("--resolution", type=int, default=65, help="landscape resolution for --compare-basins")
+    p.set_defaults(func=cmd_align)
+
+
+def cmd_align(args):
+    from .align import align_study
+
+    if args.alphas < 2:
+        from .errors import GlobScopeError
+
+        raise GlobScopeError(f"--alphas must be at least 2, not {args.alphas}")
+    rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
+                      eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
+                      act_samples=args.act_samples)
+    print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)")
+    print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
+    for d in rep["runs"]:
+        print(f"  run {d['run']:3d}: {d['barrier_before']:.4f} -> {d['barrier_after']:.4f}   "
+              f"distance {d['distance_before']:.2f} -> {d['distance_after']:.2f}")
+    print(f"  mean: {rep['mean_barrier_before']:.4f} -> {rep['mean_barrier_after']:.4f}"
+          + (f"   plot: {args.out}/{rep['plot']}" if rep.get("plot") else ""))
+    if args.compare_basins:
+        from .align import compare_basins
+
+        cmp = compare_basins(args.study, args.out, reducer=args.reducer, resolution=args.resolution)
+        print(f"  basins of the final models: raw {cmp['raw']['n_basins']}, aligned {cmp['aligned']['n_basins']}"
+              + (f"   side by side: {cmp['image']}" if cmp.get("image") else ""))

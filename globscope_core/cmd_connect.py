@@ -1,0 +1,53 @@
+"""``globscope connect``: a low-loss curve between two trained runs (see connect.py)."""
+from __future__ import annotations
+
+
+def register(sub):
+    p = sub.add_parser("connect", help="train a low-loss curve between the final checkpoints of two runs "
+                                       "(Garipov et al. 2018) and draw it in the latent view")
+    p.add_argument("study")
+    p.add_argument("--runs", nargs=2, required=True, metavar=("A", "B"),
+                   help="two runs: N (a run of STUDY) or OTHER_STUDY_DIR:N (same model and data)")
+    p.add_argument("--curve", choices=("bezier", "polychain"), default="bezier")
+    p.add_argument("--bends", type=int, default=1,
+                   help="free bends between the fixed ends (1: the paper's quadratic Bezier / one-bend polychain; "
+                        "Garipov et al.'s code counts the ends too: their num_bends=3 is --bends 1)")
+    p.add_argument("--epochs", type=int, default=50, help="curve training epochs")
+    p.add_argument("--lr", type=float, help="learning rate (default: run A's)")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default: run A's optimizer")
+    p.add_argument("--batch-size", type=int, help="default: run A's batch size")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--points", type=int, default=61, help="evenly spaced t at which both paths are evaluated")
+    p.add_argument("--eval-samples", type=int, default=10000, help="samples for the train/test loss at each point")
+    p.add_argument("--reducer", action="append", metavar="NAME",
+                   help="reducer for the latent view (e.g. ae-2d; repeatable, one per dimension). Default: the "
+                        "reducer of each landscape-{2,3}d.vti, else ae-{2,3}d, else pca-{2,3}d")
+    p.add_argument("--refit", action="store_true",
+                   help="refit the reducer(s) with the curve and line points included (and recompute the "
+                        "landscape when the landscape stage is installed), so the paths are drawn faithfully")
+    p.add_argument("--no-line", action="store_true", help="do not store the straight-line points as checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_connect)
+
+
+def cmd_connect(args):
+    from .connect import connect
+
+    r = connect(args.study, runs=args.runs, curve=args.curve, bends=args.bends, epochs=args.epochs, lr=args.lr,
+                optimizer=args.optimizer, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                points=args.points, eval_samples=args.eval_samples, reducers=args.reducer, refit=args.refit,
+                store_line=not args.no_line, seed=args.seed, device=args.device)
+    c, line = r["curve_summary"], r["line_summary"]
+    print(f"{r['key']}: {r['curve']} with {r['bends']} bend(s), {r['epochs']} epochs, {r['seconds']} s")
+    for split in ("train", "test"):
+        print(f"  {split} loss barrier: line {line[f'{split}_loss_barrier']:.4f} (max {line[f'{split}_loss_max']:.4f}), "
+              f"curve {c[f'{split}_loss_barrier']:.4f} (max {c[f'{split}_loss_max']:.4f})")
+    if r["barrier_ratio_train"] is not None:
+        print(f"  curve/line train barrier ratio: {r['barrier_ratio_train']:.3f}")
+    for dim, v in r["latent"].items():
+        gap = v.get("curve_landscape_gap")
+        gap_txt = f"{gap:.4f}" if gap is not None else "n/a (no landscape)"
+        print(f"  latent {dim} ({v['reducer']}): |true - landscape| loss along the curve {gap_txt}, "
+              f"|true - decoded| {v['curve_decoded_gap']:.4f} -> {v['file']}")
+    print(f"  curve run {r['curve_run']}, line run {r['line_run']}; plot {r['plot']}; report.json section {r['key']}")

@@ -1,0 +1,61 @@
+"""``globscope landscape STUDY --reducer ae-2d --resolution 65``: the loss field on a latent grid.
+
+Also runs under ``torchrun --nproc-per-node N -m globscope_core.cli landscape ...`` (chunks shared out).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .errors import GlobScopeError
+
+
+def _bounds(text):
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GlobScopeError(f"--bounds '{text}': expected comma-separated numbers lo,hi per axis") from None
+
+
+def register(sub):
+    p = sub.add_parser("landscape", help="evaluate the loss on a latent grid; write landscape-Xd.vti and trajectories-Xd.vtp")
+    p.add_argument("study")
+    p.add_argument("--reducer", required=True, help="fitted reducer name (ae-2d, pca-3d, ...) or a .pt path")
+    p.add_argument("--resolution", type=int, help="grid points per axis (default 65 in 2D, 33 in 3D)")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="data split to evaluate on")
+    p.add_argument("--eval-samples", type=int, default=1024, help="evaluation subset size (0 = the whole split)")
+    p.add_argument("--margin", type=float, default=0.2,
+                   help="grid bounds: box around the encoded checkpoints widened by this fraction of its extent")
+    p.add_argument("--bounds", type=_bounds, help="explicit bounds lo,hi per axis (overrides --margin)")
+    p.add_argument("--chunk-points", type=int, help="grid points per chunk (one batch of decoded models)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--fresh", action="store_true", help="discard unfinished results instead of resuming")
+    p.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)  # stop early: tests of resume
+    p.add_argument("--no-trajectories", action="store_true", help="do not write trajectories-Xd.vtp")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_landscape)
+
+
+def cmd_landscape(args):
+    import os
+
+    from .landscape import compute_landscape
+
+    info = compute_landscape(args.study, args.reducer, args.resolution, split=args.split,
+                             eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,
+                             device=args.device, progress=not args.no_progress, chunk_points=args.chunk_points,
+                             fresh=args.fresh, max_chunks=args.max_chunks, trajectories=not args.no_trajectories)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if not info.get("complete"):
+        print(f"{args.study}: stopped after {info['chunks_done']} of {info['chunks']} chunks; "
+              f"rerun the same command to resume ({info['partial']})")
+        return 0
+    rate = info.get("points_per_second")
+    print(f"{info['vti']}: {info['dims'][0]}^{len(info['bounds']) // 2} points, loss "
+          f"{info['loss_min']} .. {info['loss_max']}, {info['nan_count']} NaN, "
+          f"{info['eval_samples']} {info['split']} samples" + (f", {rate:.0f} points/s" if rate else ""))
+    if info["nan_count"]:
+        print(f"  warning: {info['nan_count']} grid points gave a non-finite loss (kept as NaN)")
+    if info.get("trajectories"):
+        print(f"{info['trajectories']}")
+    return 0

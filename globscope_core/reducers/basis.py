@@ -1,0 +1,179 @@
+"""An exact linear basis of the checkpoints' span, built by streaming the checkpoint matrix.
+
+Every reducer works on the coordinates of the checkpoints in this basis, so none of them needs the
+[N, P] matrix in memory, and the autoencoder's input is N-dimensional (N checkpoints), not P:
+
+  standardized   s = (x - mean) / scale       per-coordinate standardization across checkpoints
+  coordinates    c = s @ V.T                  V: [k, P], orthonormal rows spanning the standardized rows
+  decoding       x = mean + (c @ V) * scale
+
+Because V is orthonormal, ``||c - c'||^2 / P`` is exactly the mean squared error in standardized
+parameter space, so reducers can be trained and scored on c alone.
+
+Passes over the study (each reads blocks of rows; memory stays ~ block + O(P + N^2 + k P)):
+  1. mean and scale (sums of x and x^2 in float64, shifted by the first row for accuracy),
+  2. Gram matrix G = S S^T, block pair by block pair (one block is held, the others stream past),
+  3. V = L^-1/2 U^T S with G = U L U^T, accumulated block by block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import GlobScopeError
+
+# eigenvalues of the Gram matrix below this fraction of the largest are float32 noise, not span
+RANK_RTOL = 1e-10
+
+
+def describe(source) -> str:
+    return getattr(source, "h5_path", None) or "checkpoint matrix"
+
+
+class ArraySource:
+    """A numpy [N, P] matrix with the Study's streaming interface (for tests and small inputs)."""
+
+    def __init__(self, X):
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2:
+            raise GlobScopeError(f"checkpoint matrix must be 2-D [N, P], got shape {X.shape}")
+        self.X = X
+        self.n_checkpoints, self.n_params = X.shape
+
+    def iter_params(self, block_rows=None, rows=None):
+        rows = np.arange(self.n_checkpoints) if rows is None else np.asarray(rows)
+        block_rows = block_rows or len(rows) or 1
+        for s in range(0, len(rows), block_rows):
+            idx = rows[s : s + block_rows]
+            yield idx, self.X[idx]
+
+
+def as_source(X):
+    return X if hasattr(X, "iter_params") and hasattr(X, "n_checkpoints") else ArraySource(X)
+
+
+def default_block_rows(n_params: int, budget_bytes: int = 64 << 20) -> int:
+    return max(1, budget_bytes // max(1, 4 * n_params))
+
+
+class SpanBasis:
+    """mean, scale [P] and an orthonormal basis V [k, P] of the standardized checkpoints."""
+
+    def __init__(self, mean=None, scale=None, V=None):
+        self.mean, self.scale, self.V = mean, scale, V
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[0]
+
+    @property
+    def n_params(self) -> int:
+        return self.V.shape[1]
+
+    # --- fitting --------------------------------------------------------------------------
+    def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False):
+        """Returns the coordinates C [N, k] (float64) of every checkpoint, in row order."""
+        src = as_source(source)
+        name = describe(src)
+        N, P = src.n_checkpoints, src.n_params
+        if N < min_checkpoints:
+            raise GlobScopeError(f"{name}: {N} checkpoints, the reducer needs at least {min_checkpoints}")
+        block_rows = block_rows or default_block_rows(P)
+        nb = -(-N // block_rows)
+
+        # pass 1: mean and scale; also rejects NaN/Inf before anything is computed with them
+        shift = total = sq = None
+        for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 1/3 mean", disable=not progress):
+            bad = ~np.isfinite(B)
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise GlobScopeError(f"{name}: checkpoint row {idx[r]} has a non-finite value (NaN or Inf) "
+                                     f"at parameter {c}")
+            if shift is None:
+                shift = B[0].astype(np.float64)
+                total, sq = np.zeros(P), np.zeros(P)
+            D = B.astype(np.float64) - shift
+            total += D.sum(0)
+            sq += np.einsum("ij,ij->j", D, D)
+        mean_d = total / N
+        var = np.maximum(sq / N - mean_d**2, 0.0)
+        mean = (shift + mean_d).astype(np.float32)
+        std = np.sqrt(var)
+        if not np.any(std > 0):
+            raise GlobScopeError(f"{name}: all {N} checkpoints are identical (zero variance in every parameter); "
+                                 "there is nothing to reduce")
+        # constant coordinates carry no information: scale 1 keeps them finite (their s is always 0);
+        # tiny but non-zero spreads are floored so float32 rounding noise is not blown up
+        floor = 1e-6 * float(np.median(std[std > 0]))
+        scale = np.where(std > floor, std, 1.0).astype(np.float32)
+        self.mean, self.scale = mean, scale
+
+        # pass 2: Gram matrix of the standardized rows
+        G = np.zeros((N, N))
+        starts = list(range(0, N, block_rows))
+        pbar = tqdm(total=nb * (nb + 1) // 2, desc="basis 2/3 Gram", disable=not progress)
+        for bi, s0 in enumerate(starts):
+            rows_i = np.arange(s0, min(N, s0 + block_rows))
+            Si = self.standardize(next(src.iter_params(block_rows, rows_i))[1])
+            for idx, B in src.iter_params(block_rows, np.arange(s0, N)):
+                Sj = Si if idx[0] == s0 else self.standardize(B)
+                g = Si.astype(np.float64) @ Sj.T.astype(np.float64)  # float64: small eigenvalues matter
+                G[np.ix_(rows_i, idx)] = g
+                G[np.ix_(idx, rows_i)] = g.T
+                pbar.update(1)
+            del Si
+        pbar.close()
+
+        evals, U = np.linalg.eigh(G)
+        order = np.argsort(evals)[::-1]
+        evals, U = evals[order], U[:, order]
+        keep = evals > RANK_RTOL * evals[0]
+        evals, U = evals[keep], U[:, keep]
+        k = len(evals)
+        W = (U / np.sqrt(evals)).T.astype(np.float32)  # [k, N]: V = W @ S
+
+        # pass 3: the basis itself
+        V = np.zeros((k, P), np.float32)
+        for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 3/3 span", disable=not progress):
+            V += W[:, idx] @ self.standardize(B)
+        self.V = V
+        self.explained = evals / evals.sum()
+        return U * np.sqrt(evals)  # C = S V^T = U L^1/2
+
+    # --- mapping -------------------------------------------------------------------------
+    def standardize(self, X) -> np.ndarray:
+        return (np.asarray(X, dtype=np.float32) - self.mean) / self.scale
+
+    def to_coords(self, X) -> np.ndarray:
+        """Flattened checkpoints [n, P] -> basis coordinates [n, k] (float64)."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim == 1:
+            X = X[None]
+        if X.ndim != 2 or X.shape[1] != self.n_params:
+            raise GlobScopeError(f"checkpoints have shape {X.shape}, the reducer expects (n, {self.n_params})")
+        if not np.isfinite(X).all():
+            raise GlobScopeError("checkpoints to transform contain NaN or Inf")
+        return (self.standardize(X) @ self.V.T).astype(np.float64)
+
+    def from_coords_torch(self, c: torch.Tensor) -> torch.Tensor:
+        """Basis coordinates [n, k] -> flattened checkpoints [n, P] (float32, on c's device)."""
+        dev = c.device
+        V = self._cached("V", dev)
+        return (c.to(torch.float32) @ V) * self._cached("scale", dev) + self._cached("mean", dev)
+
+    def _cached(self, name, device):
+        cache = self.__dict__.setdefault("_torch_cache", {})
+        key = (name, str(device))
+        if key not in cache:
+            cache[key] = torch.as_tensor(getattr(self, name)).to(device)
+        return cache[key]
+
+    # --- persistence ---------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"basis_mean": torch.from_numpy(self.mean), "basis_scale": torch.from_numpy(self.scale),
+                "basis_V": torch.from_numpy(self.V)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SpanBasis":
+        return cls(state["basis_mean"].numpy(), state["basis_scale"].numpy(), state["basis_V"].numpy())

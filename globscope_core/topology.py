@@ -1,0 +1,611 @@
+"""Merge trees, persistence pairs, segmentation and persistence simplification on regular grids.
+
+GlobScope computes these itself, exactly as TTK's FTM merge tree would on the same grid, and returns
+them in TTK's output layout (shared/ttk-layout.md):
+
+- the grid is triangulated like TTK's implicit triangulation (6 neighbours in 2D, 14 in 3D);
+- vertices are ordered by (value, vertex id), or by a ``<name>_Order`` array when one is given;
+- the join tree is built by one sweep in that order with a union-find: a vertex with no processed
+  neighbour is a minimum, one that touches two or more components is a saddle, and the elder rule
+  pairs the younger minimum with the saddle; the split tree is the same sweep in reverse order;
+- simplification removes the leaf branches whose persistence is at most a threshold by flattening
+  each removed basin to its saddle's value and ordering it just after the saddle (breadth-first from
+  it), so that the plain merge tree of the simplified field (with its ``_Order``) is the simplified tree.
+
+Only numpy (and numba when importable): this module also runs inside ParaView's own Python
+(numpy 1.24, no pip vtk, no torch). Set ``GLOBSCOPE_NO_NUMBA=1`` or pass ``use_numba=False`` to run
+the pure-Python kernels (same results, much slower; the tests run both).
+
+NaN values are refused by default (the error says how many and where); with ``nan="inf"`` they are
+treated as +inf: they come last in the order (ties by vertex id), so they never create minima of a
+join tree, and their Scalar is +inf.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GlobScopeError
+
+try:  # optional: the kernels are plain Python that numba compiles when it is there
+    import numba
+except Exception:  # pragma: no cover - depends on the environment
+    numba = None
+
+# TTK's implicit triangulation, offsets (di, dj, dk); in 2D the ones with dk != 0 drop out at the
+# boundary, leaving exactly TTK's 6 neighbours (+-x, +-y, +(1,-1), -(1,-1)).
+OFFSETS = np.array([
+    (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1),
+    (1, -1, 0), (-1, 1, 0), (1, 0, -1), (-1, 0, 1), (0, 1, 1), (0, -1, -1),
+    (1, -1, -1), (-1, 1, 1),
+], dtype=np.int64)
+
+# CriticalType codes
+MINIMUM, SADDLE1, SADDLE2, MAXIMUM, DEGENERATE, REGULAR = 0, 1, 2, 3, 4, 5
+# bytes of working memory per grid point (values, order, ranks, union-find, segmentation, outputs)
+BYTES_PER_POINT = 120
+
+
+def neighbour_edges(shape) -> np.ndarray:
+    """All edges (u, v), u < v, of the triangulation of a grid of shape (nz, ny, nx) (for tests)."""
+    nz, ny, nx = shape
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    i, j, k = i.ravel(), j.ravel(), k.ravel()
+    out = []
+    for di, dj, dk in OFFSETS:
+        ii, jj, kk = i + di, j + dj, k + dk
+        ok = (ii >= 0) & (ii < nx) & (jj >= 0) & (jj < ny) & (kk >= 0) & (kk < nz)
+        u = i[ok] + j[ok] * nx + k[ok] * nx * ny
+        v = ii[ok] + jj[ok] * nx + kk[ok] * nx * ny
+        out.append(np.stack([np.minimum(u, v), np.maximum(u, v)], 1))
+    e = np.concatenate(out)
+    return np.unique(e, axis=0)
+
+
+# --- kernels (plain Python; numba-compiled when available) -----------------------------------------
+def _sweep(order, nx, ny, nz, offs):
+    """One union-find sweep over the vertices in ``order``: the merge tree of that order.
+
+    Returns (pair_min, pair_saddle, global_min, is_node, up_of, down_of): ``up_of[n]`` is the upper
+    node of node n's root-ward arc (-1 for the root); ``down_of[v]`` is the lower node of the arc
+    vertex v belongs to (a node belongs to its root-ward arc, the root to its elder lower arc).
+    """
+    n = order.shape[0]
+    parent = np.empty_like(order)
+    parent[:] = -1
+    cur = np.empty_like(order)      # per component root: node at the bottom of its open arc
+    oldest = np.empty_like(order)   # per component root: its oldest (lowest) minimum
+    rank = np.empty_like(order)
+    down_of = np.empty_like(order)
+    up_of = np.empty_like(order)
+    up_of[:] = -1
+    is_node = np.zeros(n, np.uint8)
+    pmin = np.empty_like(order)
+    psad = np.empty_like(order)
+    npairs = 0
+    roots = np.empty(16, order.dtype)
+    for r in range(n):
+        rank[order[r]] = r
+    nxy = nx * ny
+    for r in range(n):
+        v = order[r]
+        k = v // nxy
+        rem = v - k * nxy
+        j = rem // nx
+        i = rem - j * nx
+        nr = 0
+        for o in range(offs.shape[0]):
+            ii = i + offs[o, 0]
+            jj = j + offs[o, 1]
+            kk = k + offs[o, 2]
+            if ii < 0 or ii >= nx or jj < 0 or jj >= ny or kk < 0 or kk >= nz:
+                continue
+            u = ii + jj * nx + kk * nxy
+            if parent[u] < 0:
+                continue
+            x = u
+            while parent[x] != x:  # find, with path halving
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            dup = False
+            for q in range(nr):
+                if roots[q] == x:
+                    dup = True
+                    break
+            if not dup:
+                roots[nr] = x
+                nr += 1
+        last = r == n - 1
+        if nr == 0:  # minimum: a new component
+            parent[v] = v
+            cur[v] = v
+            oldest[v] = v
+            down_of[v] = v
+            is_node[v] = 1
+        elif nr == 1:  # regular (or the root)
+            c = roots[0]
+            parent[v] = c
+            down_of[v] = cur[c]
+            if last:
+                up_of[cur[c]] = v
+                is_node[v] = 1
+        else:  # saddle: the elder rule keeps the component with the oldest minimum
+            e = roots[0]
+            for q in range(1, nr):
+                if rank[oldest[roots[q]]] < rank[oldest[e]]:
+                    e = roots[q]
+            down_of[v] = cur[e] if last else v
+            for q in range(nr):
+                c = roots[q]
+                up_of[cur[c]] = v
+                if c != e:
+                    pmin[npairs] = oldest[c]
+                    psad[npairs] = v
+                    npairs += 1
+                parent[c] = v
+            parent[v] = v
+            cur[v] = v
+            oldest[v] = oldest[e]
+            is_node[v] = 1
+    x = order[n - 1]
+    while parent[x] != x:
+        x = parent[x]
+    return pmin[:npairs].copy(), psad[:npairs].copy(), oldest[x], is_node, up_of, down_of
+
+
+def _seg_ids(up_node, n_nodes):
+    """SegmentationId of each node's root-ward arc: breadth-first from the leaves in tree order."""
+    has_child = np.zeros(n_nodes, np.uint8)
+    for a in range(n_nodes):
+        if up_node[a] >= 0:
+            has_child[up_node[a]] = 1
+    seg = np.empty(n_nodes, np.int64)
+    seg[:] = -1
+    queue = np.empty(2 * n_nodes + 1, np.int64)
+    tail = 0
+    for a in range(n_nodes):
+        if has_child[a] == 0:
+            queue[tail] = a
+            tail += 1
+    head = 0
+    nxt = 0
+    while head < tail:
+        a = queue[head]
+        head += 1
+        b = up_node[a]
+        if b >= 0 and seg[a] < 0:
+            seg[a] = nxt
+            nxt += 1
+            queue[tail] = b
+            tail += 1
+    return seg
+
+
+def _flatten(rank, pmin, psad, nx, ny, nz, offs):
+    """Flatten the basins of the removed pairs (sorted by decreasing saddle rank).
+
+    Returns (owner, seq): ``owner[v]`` the saddle whose basin v was flattened into (-1 if none) and
+    ``seq[v]`` its breadth-first index from that saddle (the order it takes just after the saddle).
+    """
+    n = rank.shape[0]
+    owner = np.empty_like(rank)
+    owner[:] = -1
+    seq = np.zeros_like(rank)
+    stack = np.empty_like(rank)
+    nxy = nx * ny
+    counter = 0
+    for p in range(pmin.shape[0]):
+        m = pmin[p]
+        s = psad[p]
+        rs = rank[s]
+        if owner[m] >= 0:  # inside a larger removed basin already
+            continue
+        # the basin: the component of {rank < rank(s)} that holds m
+        owner[m] = s
+        seq[m] = -1
+        top = 1
+        stack[0] = m
+        while top > 0:
+            top -= 1
+            x = stack[top]
+            k = x // nxy
+            rem = x - k * nxy
+            j = rem // nx
+            i = rem - j * nx
+            for o in range(offs.shape[0]):
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                kk = k + offs[o, 2]
+                if ii < 0 or ii >= nx or jj < 0 or jj >= ny or kk < 0 or kk >= nz:
+                    continue
+                u = ii + jj * nx + kk * nxy
+                if rank[u] < rs and owner[u] < 0:
+                    owner[u] = s
+                    seq[u] = -1
+                    stack[top] = u
+                    top += 1
+        # breadth-first from the saddle: each flattened vertex then has a lower neighbour
+        stack[0] = s
+        head = 0
+        tail = 1
+        while head < tail:
+            x = stack[head]
+            head += 1
+            k = x // nxy
+            rem = x - k * nxy
+            j = rem // nx
+            i = rem - j * nx
+            for o in range(offs.shape[0]):
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                kk = k + offs[o, 2]
+                if ii < 0 or ii >= nx or jj < 0 or jj >= ny or kk < 0 or kk >= nz:
+                    continue
+                u = ii + jj * nx + kk * nxy
+                if owner[u] == s and seq[u] == -1:
+                    counter += 1
+                    seq[u] = counter
+                    stack[tail] = u
+                    tail += 1
+    return owner, seq
+
+
+def _lowest(node_up):
+    """Per node: the oldest leaf of its subtree (NodeIds are in sweep order: children first)."""
+    low = np.arange(node_up.shape[0])
+    for a in range(node_up.shape[0]):
+        b = node_up[a]
+        if b >= 0 and low[a] < low[b]:
+            low[b] = low[a]
+    return low
+
+
+_KERNELS = {"py": {"sweep": _sweep, "seg_ids": _seg_ids, "flatten": _flatten, "lowest": _lowest}}
+
+
+def numba_available() -> bool:
+    return numba is not None
+
+
+def _kernels(use_numba):
+    if use_numba is None:
+        use_numba = numba is not None and os.environ.get("GLOBSCOPE_NO_NUMBA", "") in ("", "0")
+    if not use_numba:
+        return _KERNELS["py"]
+    if numba is None:
+        raise GlobScopeError("numba is not importable; run without it (use_numba=False)")
+    if "nb" not in _KERNELS:
+        jit = numba.njit(cache=True, nogil=True)
+        _KERNELS["nb"] = {k: jit(f) for k, f in _KERNELS["py"].items()}
+    return _KERNELS["nb"]
+
+
+# --- results -----------------------------------------------------------------------------------
+@dataclass
+class Tree:
+    """A merge tree of one vertex order (internal form; vertex ids are flat grid ids)."""
+
+    order: np.ndarray        # vertices in sweep order (ascending for join, descending for split)
+    rank: np.ndarray         # position of each vertex in ``order``
+    node_vertex: np.ndarray  # node vertices by NodeId (sweep order)
+    node_up: np.ndarray      # NodeId of each node's root-ward neighbour (-1 for the root)
+    vertex_arc_node: np.ndarray  # per vertex: NodeId of the lower node of its arc
+    pairs: np.ndarray        # [k, 2] (extremum vertex, saddle vertex), elder rule, sorted by saddle
+    global_extremum: int     # oldest extremum, paired with the root (infinite pair)
+    root: int                # the last vertex of the sweep
+
+
+@dataclass
+class TopologyResult:
+    """Merge tree, segmentation and diagram in TTK's layout; every field a plain numpy array/dict."""
+
+    tree: str
+    shape: tuple            # (nz, ny, nx)
+    origin: tuple
+    spacing: tuple
+    threshold: float        # absolute persistence threshold that was applied
+    nodes: dict = field(default_factory=dict)         # points, point_arrays
+    arcs: dict = field(default_factory=dict)          # points, cells, point_arrays, cell_arrays
+    segmentation: dict = field(default_factory=dict)  # point_arrays (flat, VTK point order)
+    diagram: dict = field(default_factory=dict)       # points, cells, point_arrays, cell_arrays
+    pairs: np.ndarray = None       # pairs of the input field: [k, 2] vertex ids (birth, death)
+    persistence: np.ndarray = None  # their persistence
+    simplified_pairs: np.ndarray = None  # pairs of the simplified tree
+    simplified_values: np.ndarray = None  # (nz, ny, nx)
+    simplified_order: np.ndarray = None   # (nz, ny, nx) int: rank of each vertex (TTK's _Order)
+    basin_minimum: np.ndarray = None  # per arc (SegmentationId order): oldest extremum vertex below it
+    basin_persistence: np.ndarray = None  # per arc: persistence of that extremum (inf: global)
+
+
+def as_grid(values) -> np.ndarray:
+    a = np.asarray(values)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.size == 0:
+        raise GlobScopeError(f"expected a 2D or 3D grid of values, got shape {a.shape}")
+    return a
+
+
+def check_memory(n_points: int, what: str = "grid") -> None:
+    """Refuse grids whose working set would not fit in memory (a clear error, never a crash)."""
+    need = n_points * BYTES_PER_POINT
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        avail = max(avail, total // 2)  # page cache counts as free for this purpose
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return
+    if need > avail:
+        raise GlobScopeError(f"{what}: {n_points} points need about {need / 2**30:.1f} GiB for the merge tree, "
+                             f"only {avail / 2**30:.1f} GiB available; use a coarser grid")
+
+
+def _describe_nan(bad: np.ndarray, shape) -> str:
+    idx = np.flatnonzero(bad.ravel())
+    nz, ny, nx = shape
+    where = [f"(i={v % nx}, j={v // nx % ny}" + (f", k={v // (nx * ny)})" if nz > 1 else ")") for v in idx[:5]]
+    more = ", ..." if len(idx) > 5 else ""
+    return f"{len(idx)} NaN value(s) of {bad.size} at {', '.join(where)}{more}"
+
+
+def vertex_order(values, order_field=None, nan="error", what="field") -> np.ndarray:
+    """Vertices sorted by (value, vertex id), or by ``order_field`` (TTK's ``_Order``) when given."""
+    f = as_grid(values).ravel()
+    if order_field is not None:
+        key = np.asarray(order_field).ravel()
+        if key.shape != f.shape:
+            raise GlobScopeError(f"{what}: order array has {key.size} values for {f.size} points")
+        order = np.argsort(key, kind="stable")
+    else:
+        if f.dtype.kind == "f":
+            bad = np.isnan(f)
+            if bad.any():
+                if nan != "inf":
+                    raise GlobScopeError(f"{what}: {_describe_nan(bad, as_grid(values).shape)}; "
+                                         "refusing (treat them as +inf with --nan-as-inf)")
+                f = np.where(bad, np.inf, f)
+        elif f.dtype.kind not in "iub":
+            raise GlobScopeError(f"{what}: values of type {f.dtype} are not a scalar field")
+        order = np.argsort(f, kind="stable")
+    return order.astype(np.int32) if f.size < 2**31 - 1 else order
+
+
+def merge_tree(shape, order, use_numba=None) -> Tree:
+    """The merge tree of the vertices swept in ``order`` (join: ascending; split: descending)."""
+    nz, ny, nx = shape
+    k = _kernels(use_numba)
+    order = np.ascontiguousarray(order)
+    pmin, psad, gmin, is_node, up_of, down_of = k["sweep"](order, nx, ny, nz, OFFSETS)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order), dtype=order.dtype)
+    node_vertex = order[is_node[order].astype(bool)]  # nodes in sweep order = NodeId
+    node_id = np.full(len(order), -1, np.int64)
+    node_id[node_vertex] = np.arange(len(node_vertex))
+    up_v = up_of[node_vertex]
+    node_up = np.where(up_v >= 0, node_id[np.maximum(up_v, 0)], -1)
+    pairs = np.stack([pmin, psad], 1).astype(np.int64)
+    return Tree(order, rank, node_vertex, node_up, node_id[down_of], pairs, int(gmin), int(order[-1]))
+
+
+def simplify_order(shape, tree: Tree, values_flat, threshold, use_numba=None):
+    """Remove the pairs with persistence <= threshold: (new sweep order, simplified values)."""
+    nz, ny, nx = shape
+    f = values_flat
+    pers = np.abs(f[tree.pairs[:, 1]].astype(np.float64) - f[tree.pairs[:, 0]])
+    removed = tree.pairs[pers <= threshold]
+    if len(removed) == 0:
+        return tree.order, f.copy()
+    removed = removed[np.argsort(-tree.rank[removed[:, 1]], kind="stable")]
+    k = _kernels(use_numba)
+    owner, seq = k["flatten"](tree.rank, np.ascontiguousarray(removed[:, 0].astype(tree.rank.dtype)),
+                              np.ascontiguousarray(removed[:, 1].astype(tree.rank.dtype)), nx, ny, nz, OFFSETS)
+    flat = owner >= 0
+    primary = np.where(flat, tree.rank[np.maximum(owner, 0)], tree.rank)
+    order = np.lexsort((seq, primary)).astype(tree.order.dtype)
+    g = f.copy()
+    g[flat] = f[owner[flat]]
+    return order, g
+
+
+def _node_types(tree: Tree, kind: str) -> np.ndarray:
+    n = len(tree.node_vertex)
+    down = np.bincount(tree.node_up[tree.node_up >= 0], minlength=n)
+    is_root = tree.node_up < 0
+    leaf, root = (MINIMUM, MAXIMUM) if kind == "join" else (MAXIMUM, MINIMUM)
+    saddle = SADDLE1 if kind == "join" else SADDLE2
+    t = np.full(n, DEGENERATE, np.int32)
+    t[down == 2] = saddle
+    t[down == 0] = leaf
+    t[is_root & (down <= 1)] = root  # a root that also merges 2+ components keeps its saddle/degenerate type
+    return t
+
+
+def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tree="join", persistence=0.0,
+                     relative=False, order=None, nan="error", name="scalar", use_numba=None) -> TopologyResult:
+    """Merge tree, segmentation and persistence diagram of a scalar field on a regular grid.
+
+    ``values`` (nz, ny, nx) or (ny, nx); ``origin``/``spacing`` in VTK's (x, y, z) order. ``tree``:
+    "join" (minima merging as the value rises) or "split". ``persistence``: leaf branches with
+    persistence <= it are removed (``relative``: a fraction of the field's range). ``order``: TTK's
+    ``<name>_Order`` array when the input has one. ``nan``: "error" or "inf" (see module docstring).
+    The nodes, arcs and segmentation are those of the simplified field; the diagram and ``pairs`` are
+    those of the input field (all pairs, to choose a threshold from).
+    """
+    if tree not in ("join", "split"):
+        raise GlobScopeError(f"tree must be 'join' or 'split', not {tree!r}")
+    grid = as_grid(values)
+    shape = grid.shape
+    nz, ny, nx = shape
+    check_memory(grid.size, name)
+    origin = tuple(float(o) for o in (list(origin) + [0.0] * 3)[:3])
+    spacing = tuple(float(s) for s in (list(spacing) + [1.0] * 3)[:3])
+    asc = vertex_order(grid, order, nan=nan, what=name)
+    f = grid.ravel().astype(np.float64) if grid.dtype.kind != "f" else grid.ravel()
+    if nan == "inf" and f.dtype.kind == "f" and np.isnan(f).any():
+        f = np.where(np.isnan(f), np.inf, f)
+    finite = f[np.isfinite(f)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    threshold = float(persistence) * (hi - lo) if relative else float(persistence)
+    if threshold < 0 or not np.isfinite(threshold):
+        raise GlobScopeError(f"persistence threshold must be a finite number >= 0, not {persistence}")
+
+    sweep = asc if tree == "join" else asc[::-1].copy()
+    t0 = merge_tree(shape, sweep, use_numba)
+    pers0 = np.abs(f[t0.pairs[:, 1]].astype(np.float64) - f[t0.pairs[:, 0]])
+    if threshold > 0:
+        sweep2, g = simplify_order(shape, t0, f, threshold, use_numba)
+        t = merge_tree(shape, sweep2, use_numba) if sweep2 is not t0.order else t0
+    else:
+        g, t = f.copy(), t0
+    res = TopologyResult(tree, shape, origin, spacing, threshold)
+    res.pairs, res.persistence = t0.pairs, pers0
+    res.simplified_pairs = t.pairs
+    res.simplified_values = g.reshape(shape)
+    asc_rank = t.rank if tree == "join" else (len(f) - 1 - t.rank)
+    res.simplified_order = asc_rank.astype(np.int32 if len(f) < 2**31 - 1 else np.int64).reshape(shape)
+
+    coords = _coords(shape, origin, spacing)
+    _fill_tree(res, t, g, coords, tree, use_numba)
+    # the simplified field and its order: TTK's simplification output, ready for a plain merge tree
+    res.segmentation[name] = g.astype(grid.dtype) if grid.dtype.kind == "f" else g
+    res.segmentation[f"{name}_Order"] = res.simplified_order.ravel()
+    _fill_diagram(res, t0, f, grid.dtype, coords, tree, nz > 1)
+    return res
+
+
+def _coords(shape, origin, spacing):
+    nz, ny, nx = shape
+
+    def at(v):
+        v = np.asarray(v, np.int64)
+        ijk = np.stack([v % nx, v // nx % ny, v // (nx * ny)], -1).astype(np.float64)
+        return np.asarray(origin) + ijk * np.asarray(spacing)
+
+    return at
+
+
+def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
+    nn = len(t.node_vertex)
+    has_up = t.node_up >= 0
+    arc_down = np.flatnonzero(has_up)  # arcs sorted by (downNodeId, upNodeId): one per non-root node
+    arc_up = t.node_up[arc_down]
+    arc_of_node = np.full(nn, -1, np.int64)
+    arc_of_node[arc_down] = np.arange(len(arc_down))
+    seg_by_node = _kernels(use_numba)["seg_ids"](np.ascontiguousarray(t.node_up, dtype=np.int64), nn)
+    seg_arc = seg_by_node[arc_down]  # SegmentationId of each arc (in arc order)
+
+    # per-vertex arc: the arc whose lower node is vertex_arc_node (the root, alone, has none)
+    vnode = t.vertex_arc_node
+    is_node = np.zeros(len(g), bool)
+    is_node[t.node_vertex] = True
+    n_arcs = len(arc_down)
+    varc = arc_of_node[vnode]
+    if n_arcs:
+        size = np.bincount(varc[~is_node & (varc >= 0)], minlength=n_arcs).astype(np.int64)
+    else:
+        size = np.zeros(0, np.int64)
+    pos = coords(t.node_vertex)
+    span = np.linalg.norm(pos[arc_down] - pos[arc_up], axis=1) if n_arcs else np.zeros(0)
+
+    types = _node_types(t, kind)
+    # region type of each arc: leaf arcs are extremum arcs, the arc to the root the other kind
+    leaf_t, root_t, inner_t = (0, 1, 2) if kind == "join" else (1, 0, 3)
+    rtype = np.full(n_arcs, inner_t, np.int8)
+    rtype[~has_up[arc_up]] = root_t
+    rtype[types[arc_down] == (MINIMUM if kind == "join" else MAXIMUM)] = leaf_t
+
+    # nodes: the adjacent arc is the single down arc, else the up arc, else the first down arc
+    down_count = np.bincount(arc_up, minlength=nn) if n_arcs else np.zeros(nn, np.int64)
+    first_down = np.full(nn, -1, np.int64)
+    if n_arcs:
+        first_down[arc_up[::-1]] = np.arange(n_arcs)[::-1]
+    adj = np.where(down_count == 1, first_down, np.where(has_up, arc_of_node, first_down))
+    node_size = np.where(adj >= 0, size[np.maximum(adj, 0)] if n_arcs else 0, 0)
+    node_span = np.where(adj >= 0, span[np.maximum(adj, 0)] if n_arcs else 0, 0)
+    res.nodes = {
+        "points": pos,
+        "point_arrays": {
+            "NodeId": np.arange(nn, dtype=np.int32),
+            "Scalar": g[t.node_vertex].astype(np.float32),
+            "VertexId": t.node_vertex.astype(np.int32),
+            "CriticalType": types,
+            "RegionSize": node_size.astype(np.int32),
+            "RegionSpan": node_span.astype(np.int32),
+        },
+    }
+    ends = np.stack([t.node_vertex[arc_down], t.node_vertex[arc_up]], 1).reshape(-1)
+    res.arcs = {
+        "points": coords(ends) if n_arcs else np.zeros((0, 3)),
+        "cells": np.arange(2 * n_arcs, dtype=np.int64).reshape(-1, 2),
+        "point_arrays": {"Scalar": g[ends].astype(np.float32), "ttkMaskScalarField": np.zeros(2 * n_arcs, np.int8)},
+        "cell_arrays": {
+            "SegmentationId": seg_arc.astype(np.int32),
+            "upNodeId": arc_up.astype(np.int32),
+            "downNodeId": arc_down.astype(np.int32),
+            "RegionSize": size.astype(np.int32),
+            "RegionSpan": span.astype(np.float64),
+        },
+    }
+    # segmentation: by SegmentationId; a single-vertex grid has no arc at all
+    vseg = np.where(varc >= 0, seg_arc[np.maximum(varc, 0)] if n_arcs else -1, -1)
+    by_seg = np.argsort(seg_arc)
+    res.segmentation = {
+        "SegmentationId": vseg.astype(np.int32),
+        "RegionType": np.where(varc >= 0, rtype[np.maximum(varc, 0)] if n_arcs else -1, -1).astype(np.int8),
+        "RegionSize": np.where(varc >= 0, size[np.maximum(varc, 0)] if n_arcs else 0, 0).astype(np.int32),
+        "RegionSpan": np.where(varc >= 0, span[np.maximum(varc, 0)] if n_arcs else 0, 0).astype(np.float64),
+    }
+    # basins: for each arc, the oldest extremum of the subtree below it, and that extremum's persistence
+    low = _kernels(use_numba)["lowest"](np.ascontiguousarray(t.node_up, dtype=np.int64))
+    ext = t.node_vertex[low[arc_down]]
+    pers_of = np.full(len(g), np.inf)
+    pers_of[t.pairs[:, 0]] = np.abs(g[t.pairs[:, 1]].astype(np.float64) - g[t.pairs[:, 0]])
+    bp = pers_of[ext]
+    res.basin_minimum = ext[by_seg] if n_arcs else np.zeros(0, np.int64)
+    res.basin_persistence = bp[by_seg] if n_arcs else np.zeros(0)
+
+
+def _fill_diagram(res: TopologyResult, t: Tree, f, dtype, coords, kind, is3d):
+    pairs = t.pairs
+    birth_v, death_v = (pairs[:, 0], pairs[:, 1]) if kind == "join" else (pairs[:, 1], pairs[:, 0])
+    # the infinite pair: global extremum with the root (PairType 0, IsFinite 0)
+    gmin, gmax = (t.global_extremum, t.root) if kind == "join" else (t.root, t.global_extremum)
+    birth_v = np.append(birth_v, gmin).astype(np.int64)
+    death_v = np.append(death_v, gmax).astype(np.int64)
+    k = len(birth_v)
+    saddle = SADDLE1 if (kind == "join" or not is3d) else SADDLE2
+    bt = np.full(k, MINIMUM if kind == "join" else saddle, np.int32)
+    dt = np.full(k, saddle if kind == "join" else MAXIMUM, np.int32)
+    bt[-1], dt[-1] = MINIMUM, MAXIMUM
+    ptype = np.full(k, 0 if kind == "join" else (2 if is3d else 1), np.int32)
+    ptype[-1] = 0
+    out_t = dtype if np.dtype(dtype).kind == "f" else np.float64
+    b = f[birth_v].astype(out_t)
+    d = f[death_v].astype(out_t)
+    finite = np.ones(k, np.uint8)
+    finite[-1] = 0
+    pts = np.zeros((2 * k + 2, 3))
+    pts[0:2 * k:2, 0], pts[0:2 * k:2, 1] = b, b
+    pts[1:2 * k:2, 0], pts[1:2 * k:2, 1] = b, d
+    pts[2 * k], pts[2 * k + 1] = (b.min(), b.min(), 0), (d.max(), d.max(), 0)  # the diagonal
+    vid = np.empty(2 * k + 2, np.int32)
+    vid[0:2 * k:2], vid[1:2 * k:2] = birth_v, death_v
+    vid[2 * k:] = gmin, gmax
+    ctype = np.empty(2 * k + 2, np.int32)
+    ctype[0:2 * k:2], ctype[1:2 * k:2] = bt, dt
+    ctype[2 * k:] = MINIMUM, MAXIMUM
+    res.diagram = {
+        "points": pts,
+        "cells": np.arange(2 * k + 2, dtype=np.int64).reshape(-1, 2),
+        "point_arrays": {"ttkVertexScalarField": vid, "CriticalType": ctype},
+        "cell_arrays": {
+            "PairIdentifier": np.append(np.arange(k), -1).astype(np.int32),
+            "PairType": np.append(ptype, -1).astype(np.int32),
+            "Persistence": np.append(np.abs(d - b), 0).astype(out_t),
+            "Birth": np.append(b, b.min()).astype(out_t),
+            "IsFinite": np.append(finite, 0).astype(np.uint8),
+        },
+    }

@@ -1,0 +1,385 @@
+"""GlobScope's ParaView plugin: a study reader, a merge tree filter and a persistence simplification.
+
+Load it with Tools > Manage Plugins (GUI), ``LoadPlugin(path, ns=globals())`` (pvpython, pvbatch) or
+``LoadPlugin(path, remote=True, ns=globals())`` (client of a pvserver). It runs inside ParaView's own
+Python (numpy 1.24, no pip vtk): it reads our files with ParaView's VTK readers and calls
+``globscope_core.topology`` (numpy only), so the repository root must be on PYTHONPATH, and plugin/
+too (its sitecustomize.py fixes ParaView 5.11's getargspec import). `globscope render|paraview` set both.
+
+Thin adapter only (the TTK model): algorithms live in globscope_core.
+"""
+import os
+import sys
+
+import numpy as np
+from paraview.util.vtkAlgorithm import VTKPythonAlgorithmBase, smdomain, smhint, smproperty, smproxy
+from vtkmodules.util import numpy_support as ns
+from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkPoints
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkDataObject, vtkImageData, vtkPolyData, vtkUnstructuredGrid
+from vtkmodules.vtkCommonExecutionModel import vtkStreamingDemandDrivenPipeline as SDDP
+from vtkmodules.vtkIOXML import vtkXMLImageDataReader, vtkXMLPolyDataReader, vtkXMLUnstructuredGridReader
+
+# the repository root (for globscope_core) when the plugin is loaded straight from the checkout
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "globscope_core")) and _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+VTK_VERTEX, VTK_LINE = 1, 3
+
+
+def _error(algorithm, message):
+    """Show an error in ParaView's Output Messages (never raise out of a pipeline request)."""
+    vtkOutputWindow.GetInstance().DisplayErrorText(f"{algorithm}: {message}\n")
+
+
+def _piece(out_info):
+    return out_info.Get(SDDP.UPDATE_PIECE_NUMBER()) if out_info.Has(SDDP.UPDATE_PIECE_NUMBER()) else 0
+
+
+def _crop_to_request(img, out_info):
+    """Keep only the extent this rank was asked for (pvserver under MPI splits images)."""
+    if out_info.Has(SDDP.UPDATE_EXTENT()):
+        ext = out_info.Get(SDDP.UPDATE_EXTENT())
+        if tuple(ext) != tuple(img.GetExtent()):
+            img.Crop(ext)
+
+
+def _set_image_information(out_info, extent, origin, spacing):
+    out_info.Set(SDDP.WHOLE_EXTENT(), list(extent), 6)
+    out_info.Set(vtkDataObject.ORIGIN(), list(origin), 3)
+    out_info.Set(vtkDataObject.SPACING(), list(spacing), 3)
+
+
+# --- TopologyResult (numpy, TTK layout) -> VTK ------------------------------------------------------
+def _get(part, name, default=None):
+    if isinstance(part, dict):
+        return part.get(name, default)
+    return getattr(part, name, default)
+
+
+def _add_arrays(data, arrays):
+    for name, values in (arrays or {}).items():
+        a = np.ascontiguousarray(values)
+        if a.dtype == np.bool_:
+            a = a.astype(np.uint8)
+        arr = ns.numpy_to_vtk(a, deep=True)
+        arr.SetName(name)
+        data.AddArray(arr)
+
+
+def _unstructured(part):
+    """A nodes/arcs/diagram part (points, cells, point/cell arrays) as a vtkUnstructuredGrid."""
+    ug = vtkUnstructuredGrid()
+    pts = vtkPoints()
+    p = np.ascontiguousarray(np.asarray(_get(part, "points"), dtype=np.float64).reshape(-1, 3))
+    pts.SetData(ns.numpy_to_vtk(p, deep=True))
+    ug.SetPoints(pts)
+    cells = _get(part, "cells")
+    types = _get(part, "cell_types")
+    if cells is None:  # nodes: one vertex per point
+        cells = [[i] for i in range(len(p))]
+    cells = [list(map(int, c)) for c in cells]
+    if types is None:
+        types = [VTK_VERTEX if len(c) == 1 else VTK_LINE for c in cells]
+    ug.Allocate(len(cells))
+    for t, c in zip(types, cells):
+        ug.InsertNextCell(int(t), len(c), c)
+    _add_arrays(ug.GetPointData(), _get(part, "point_arrays"))
+    _add_arrays(ug.GetCellData(), _get(part, "cell_arrays"))
+    return ug
+
+
+def compute_tree(img, array_name, values, tree="join", persistence=0.0, relative=False):
+    """Merge tree of ``values`` on image ``img`` with the core; returns (nodes, arcs, segmentation, diagram)."""
+    from globscope_core.topology import compute_topology
+
+    nx, ny, nz = img.GetDimensions()
+    grid = np.asarray(values).reshape(nz, ny, nx)
+    res = compute_topology(grid, img.GetOrigin(), img.GetSpacing(), tree=tree, persistence=persistence,
+                           relative=relative)
+    seg = vtkImageData()
+    seg.ShallowCopy(img)
+    _add_arrays(seg.GetPointData(), _get(res.segmentation, "point_arrays"))
+    return _unstructured(res.nodes), _unstructured(res.arcs), seg, _unstructured(res.diagram), res
+
+
+def _ttk_merge_tree():
+    """TTK's merge tree VTK class when this ParaView has TTK, else None (then the core computes it)."""
+    try:
+        from topologytoolkit import ttkMergeTree  # ParaView builds with TTK ship this module
+        return ttkMergeTree
+    except ImportError:
+        return None
+
+
+# --- the study reader ---------------------------------------------------------------------------------
+_READER_PORTS = [("Landscape", "vtkImageData"), ("Trajectories", "vtkPolyData"),
+                 ("Merge Tree Nodes", "vtkUnstructuredGrid"), ("Merge Tree Arcs", "vtkUnstructuredGrid"),
+                 ("Segmentation", "vtkImageData"), ("Persistence Diagram", "vtkUnstructuredGrid")]
+
+
+def _study_files(path, dim):
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    topo = os.path.join(d, f"topology-{dim}d")
+    return [os.path.join(d, f"landscape-{dim}d.vti"), os.path.join(d, f"trajectories-{dim}d.vtp"),
+            os.path.join(topo, "nodes.vtu"), os.path.join(topo, "arcs.vtu"),
+            os.path.join(topo, "segmentation.vti"), os.path.join(topo, "diagram.vtu")]
+
+
+_XML_READERS = {".vti": vtkXMLImageDataReader, ".vtp": vtkXMLPolyDataReader, ".vtu": vtkXMLUnstructuredGridReader}
+
+
+def _read(path):
+    r = _XML_READERS[os.path.splitext(path)[1]]()
+    r.SetFileName(path)
+    r.Update()
+    if r.GetErrorCode():
+        raise ValueError(f"{path}: unreadable VTK XML file")
+    return r.GetOutput()
+
+
+@smproxy.reader(name="GlobScopeStudyReader", label="GlobScope Study Reader",
+                extensions=["h5"], filename_patterns="study.h5",
+                file_description="GlobScope study (study.h5 and the landscape files next to it)")
+@smproperty.xml("".join(f'<OutputPort name="{n}" index="{i}" />' for i, (n, _) in enumerate(_READER_PORTS)))
+class GlobScopeStudyReader(VTKPythonAlgorithmBase):
+    """One file gives everything: the loss landscape, the trajectories and the merge tree outputs."""
+
+    def __init__(self):
+        VTKPythonAlgorithmBase.__init__(self, nInputPorts=0, nOutputPorts=len(_READER_PORTS))
+        self._filename = ""
+        self._dim = 2
+
+    def FillOutputPortInformation(self, port, info):
+        info.Set(vtkDataObject.DATA_TYPE_NAME(), _READER_PORTS[port][1])
+        return 1
+
+    @smproperty.stringvector(name="FileName")
+    @smdomain.filelist()
+    @smhint.filechooser(extensions="h5", file_description="GlobScope study")
+    def SetFileName(self, name):
+        if name != self._filename:
+            self._filename = name or ""
+            self.Modified()
+
+    @smproperty.xml("""<IntVectorProperty name="Dimension" command="SetDimension" number_of_elements="1"
+        default_values="2"><EnumerationDomain name="enum"><Entry value="2" text="2D"/><Entry value="3" text="3D"/>
+        </EnumerationDomain><Documentation>Which landscape of the study: 2D or 3D latent space.</Documentation>
+        </IntVectorProperty>""")
+    def SetDimension(self, dim):
+        if int(dim) != self._dim:
+            self._dim = int(dim)
+            self.Modified()
+
+    def _files(self):
+        if not self._filename:
+            raise ValueError("no study file set")
+        if not os.path.exists(self._filename):
+            raise ValueError(f"{self._filename}: no such file or directory")
+        files = _study_files(self._filename, self._dim)
+        if not os.path.exists(files[0]):
+            raise ValueError(f"{files[0]}: missing; run `globscope landscape` on this study first")
+        return files
+
+    def RequestInformation(self, request, inInfo, outInfo):
+        try:
+            files = self._files()
+            for port, path in ((0, files[0]), (4, files[4])):
+                if not os.path.exists(path):
+                    path = files[0]  # no topology yet: the segmentation port mirrors the landscape grid
+                r = vtkXMLImageDataReader()
+                r.SetFileName(path)
+                r.UpdateInformation()
+                if r.GetErrorCode():
+                    raise ValueError(f"{path}: not a readable .vti file")
+                info = r.GetOutputInformation(0)
+                _set_image_information(outInfo.GetInformationObject(port), info.Get(SDDP.WHOLE_EXTENT()),
+                                       info.Get(vtkDataObject.ORIGIN()), info.Get(vtkDataObject.SPACING()))
+        except Exception:  # noqa: BLE001 - reported once, by RequestData
+            for port in (0, 4):  # empty images, so the pipeline has nothing else to complain about
+                _set_image_information(outInfo.GetInformationObject(port), (0, -1, 0, -1, 0, -1), (0, 0, 0), (1, 1, 1))
+        return 1
+
+    def RequestData(self, request, inInfo, outInfo):
+        try:
+            files = self._files()
+            missing = []
+            for port, path in enumerate(files):
+                info = outInfo.GetInformationObject(port)
+                out = vtkDataObject.GetData(info)
+                if not os.path.exists(path):
+                    missing.append(os.path.basename(path))
+                    continue
+                if _READER_PORTS[port][1] == "vtkImageData":
+                    out.ShallowCopy(_read(path))
+                    _crop_to_request(out, info)
+                elif _piece(info) == 0:  # points and cells: all on the first rank, none elsewhere
+                    out.ShallowCopy(_read(path))
+            if missing:
+                vtkOutputWindow.GetInstance().DisplayWarningText(
+                    f"GlobScope Study Reader: {', '.join(missing)} not found next to {self._filename} "
+                    "(run `globscope topology` on the study); those outputs are empty\n")
+        except Exception as exc:  # noqa: BLE001 - an error message in ParaView, empty outputs, never a crash
+            _error("GlobScope Study Reader", exc)
+        return 1
+
+
+# --- filters on image data -------------------------------------------------------------------------
+_SCALAR_FIELD_XML = """<StringVectorProperty name="{name}" command="SetInputArrayToProcess" number_of_elements="5"
+    element_types="0 0 0 0 2" animateable="0"><ArrayListDomain name="array_list" attribute_type="Scalars"
+    input_domain_name="inputs_array"><RequiredProperties><Property name="Input" function="Input"/>
+    </RequiredProperties></ArrayListDomain><Documentation>The scalar field (point data).</Documentation>
+    </StringVectorProperty>"""
+
+
+class _WholeImageFilter(VTKPythonAlgorithmBase):
+    """Base: one image input, needed whole on every rank (a merge tree is global)."""
+
+    def _request_whole_input(self, inInfo):
+        info = inInfo[0].GetInformationObject(0)
+        info.Set(SDDP.UPDATE_EXTENT(), info.Get(SDDP.WHOLE_EXTENT()), 6)
+        info.Set(SDDP.EXACT_EXTENT(), 1)
+        info.Set(SDDP.UPDATE_PIECE_NUMBER(), 0)
+        info.Set(SDDP.UPDATE_NUMBER_OF_PIECES(), 1)
+
+    def RequestUpdateExtent(self, request, inInfo, outInfo):
+        self._request_whole_input(inInfo)
+        return 1
+
+    def _scalars(self, inInfo):
+        img = vtkImageData.GetData(inInfo[0], 0)
+        arr = self.GetInputArrayToProcess(0, inInfo)
+        if img is None or arr is None:
+            raise ValueError("the input has no point scalar field to work on (set ScalarField/InputArray)")
+        if arr.GetNumberOfComponents() != 1:
+            raise ValueError(f"array {arr.GetName()} has {arr.GetNumberOfComponents()} components, needs 1")
+        return img, arr.GetName(), ns.vtk_to_numpy(arr)
+
+
+@smproxy.filter(name="GlobScopeMergeTree", label="GlobScope Merge Tree")
+@smproperty.xml('<OutputPort name="Skeleton Nodes" index="0" /><OutputPort name="Skeleton Arcs" index="1" />'
+                '<OutputPort name="Segmentation" index="2" /><OutputPort name="Persistence Diagram" index="3" />')
+@smhint.xml('<ShowInMenu category="GlobScope" />')
+@smproperty.input(name="Input", port_index=0)
+@smdomain.datatype(dataTypes=["vtkImageData"], composite_data_supported=False)
+class GlobScopeMergeTree(_WholeImageFilter):
+    """Join or split tree with TTKMergeTree's outputs and arrays; TTK computes it when this ParaView has TTK."""
+
+    _OUT = ["vtkUnstructuredGrid", "vtkUnstructuredGrid", "vtkImageData", "vtkUnstructuredGrid"]
+
+    def __init__(self):
+        VTKPythonAlgorithmBase.__init__(self, nInputPorts=1, nOutputPorts=4)
+        self._tree = 0
+        self.last_backend = ""
+
+    def FillInputPortInformation(self, port, info):
+        info.Set(self.INPUT_REQUIRED_DATA_TYPE(), "vtkImageData")
+        return 1
+
+    def FillOutputPortInformation(self, port, info):
+        info.Set(vtkDataObject.DATA_TYPE_NAME(), self._OUT[port])
+        return 1
+
+    @smproperty.xml(_SCALAR_FIELD_XML.format(name="ScalarField"))
+    def SetInputArrayToProcess(self, idx, port, connection, field, name):
+        return VTKPythonAlgorithmBase.SetInputArrayToProcess(self, idx, port, connection, field, name)
+
+    @smproperty.xml("""<IntVectorProperty name="TreeType" command="SetTreeType" number_of_elements="1"
+        default_values="0"><EnumerationDomain name="enum"><Entry value="0" text="Join Tree"/>
+        <Entry value="1" text="Split Tree"/></EnumerationDomain>
+        <Documentation>Join tree: minima merging as the value rises (basins of a loss).</Documentation>
+        </IntVectorProperty>""")
+    def SetTreeType(self, value):
+        if int(value) != self._tree:
+            self._tree = int(value)
+            self.Modified()
+
+    def RequestInformation(self, request, inInfo, outInfo):
+        # the segmentation (port 2) has the input's grid
+        src = inInfo[0].GetInformationObject(0)
+        if src.Has(SDDP.WHOLE_EXTENT()):
+            _set_image_information(outInfo.GetInformationObject(2), src.Get(SDDP.WHOLE_EXTENT()),
+                                   src.Get(vtkDataObject.ORIGIN()), src.Get(vtkDataObject.SPACING()))
+        return 1
+
+    def RequestData(self, request, inInfo, outInfo):
+        try:
+            img, name, values = self._scalars(inInfo)
+            outs = [vtkDataObject.GetData(outInfo.GetInformationObject(i)) for i in range(4)]
+            ttk = _ttk_merge_tree()
+            if ttk is not None:
+                self.last_backend = "ttk"
+                f = ttk()
+                f.SetInputData(img)
+                f.SetInputArrayToProcess(0, 0, 0, 0, name)
+                f.SetTreeType(self._tree)
+                f.Update()
+                parts = [f.GetOutputDataObject(i) for i in range(3)] + [vtkUnstructuredGrid()]
+            else:
+                self.last_backend = "globscope_core"
+                parts = compute_tree(img, name, values, tree="split" if self._tree else "join")[:4]
+            for port, (out, part) in enumerate(zip(outs, parts)):
+                info = outInfo.GetInformationObject(port)
+                if port == 2:
+                    out.ShallowCopy(part)
+                    _crop_to_request(out, info)
+                elif _piece(info) == 0:  # the tree once, on the first rank
+                    out.ShallowCopy(part)
+        except Exception as exc:  # noqa: BLE001
+            _error("GlobScope Merge Tree", exc)
+            return 0
+        return 1
+
+
+@smproxy.filter(name="GlobScopeTopologicalSimplification", label="GlobScope Persistence Simplification")
+@smhint.xml('<ShowInMenu category="GlobScope" />')
+@smproperty.input(name="Input", port_index=0)
+@smdomain.datatype(dataTypes=["vtkImageData"], composite_data_supported=False)
+class GlobScopeTopologicalSimplification(_WholeImageFilter):
+    """Remove minima whose persistence is at most the threshold (TTK's property names and output arrays)."""
+
+    def __init__(self):
+        VTKPythonAlgorithmBase.__init__(self, nInputPorts=1, nOutputPorts=1, outputType="vtkImageData")
+        self._threshold = 0.0
+        self._absolute = 1
+
+    def FillInputPortInformation(self, port, info):
+        info.Set(self.INPUT_REQUIRED_DATA_TYPE(), "vtkImageData")
+        return 1
+
+    @smproperty.xml(_SCALAR_FIELD_XML.format(name="InputArray"))
+    def SetInputArrayToProcess(self, idx, port, connection, field, name):
+        return VTKPythonAlgorithmBase.SetInputArrayToProcess(self, idx, port, connection, field, name)
+
+    @smproperty.doublevector(name="PersistenceThreshold", default_values=0.0)
+    @smdomain.doublerange(min=0.0)
+    def SetPersistenceThreshold(self, value):
+        if float(value) != self._threshold:
+            self._threshold = float(value)
+            self.Modified()
+
+    @smproperty.xml("""<IntVectorProperty name="ThresholdIsAbsolute" command="SetThresholdIsAbsolute"
+        number_of_elements="1" default_values="1"><BooleanDomain name="bool"/>
+        <Documentation>Off: the threshold is a fraction of the scalar range.</Documentation></IntVectorProperty>""")
+    def SetThresholdIsAbsolute(self, value):
+        if int(value) != self._absolute:
+            self._absolute = int(value)
+            self.Modified()
+
+    def RequestData(self, request, inInfo, outInfo):
+        try:
+            img, name, values = self._scalars(inInfo)
+            *_, seg_img, _, res = compute_tree(img, name, values, persistence=self._threshold,
+                                               relative=not self._absolute)
+            out = vtkImageData.GetData(outInfo.GetInformationObject(0))
+            out.ShallowCopy(img)
+            seg = _get(res.segmentation, "point_arrays")
+            keep = {k: v for k, v in seg.items() if k in (name, f"{name}_Order")}
+            out.GetPointData().RemoveArray(name)
+            _add_arrays(out.GetPointData(), keep)
+            out.GetPointData().SetActiveScalars(name)
+            _crop_to_request(out, outInfo.GetInformationObject(0))
+        except Exception as exc:  # noqa: BLE001
+            _error("GlobScope Persistence Simplification", exc)
+            return 0
+        return 1

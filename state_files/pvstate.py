@@ -1,0 +1,285 @@
+"""GlobScope's ParaView views: build the state files, load them on any study, fit and render them.
+
+Runs inside pvpython/pvbatch (ParaView's Python, numpy 1.24, no pip vtk), with plugin/ and the repository
+root on PYTHONPATH (globscope_core.pvenv sets them). Three uses:
+
+    pvpython state_files/pvstate.py make STUDY            # (re)build state_files/*.pvsm on a study
+    pvbatch  state_files/pvstate.py render STUDY OUTDIR   # load each state on STUDY, write the PNGs
+    paraview --script=state_files/pvstate.py              # GUI: GLOBSCOPE_STUDY=STUDY, 2D state applied
+
+State files name their sources (e.g. "Surface Warp"); after loading on another study, ``fit`` sets the
+sizes that depend on the data (warp scale, tube radius, sphere size, iso-levels) and rescales colour maps.
+"""
+import os
+import sys
+
+from paraview.simple import *  # noqa: F401,F403 - the pvpython idiom
+from paraview import simple as pv
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PLUGIN = os.path.join(os.path.dirname(HERE), "plugin", "GlobScopePlugin.py")
+STATES = {"landscape-2d": "landscape-2d.pvsm", "landscape-3d": "landscape-3d.pvsm",
+          "trajectories-2d": "trajectories.pvsm"}
+SIZE = [1200, 900]
+
+
+def load_plugin():
+    if not hasattr(pv, "GlobScopeStudyReader"):
+        pv.LoadPlugin(PLUGIN, ns=vars(pv))
+
+
+def _port(src, i):
+    return pv.OutputPort(src, i)
+
+
+def _show(src, view, color_by=None, preset=None, solid=None, opacity=1.0, rep="Surface"):
+    d = pv.Show(src, view)
+    d.SetRepresentationType(rep)
+    if color_by:
+        pv.ColorBy(d, ("POINTS", color_by))
+        lut = pv.GetColorTransferFunction(color_by)
+        if preset:
+            lut.ApplyPreset(preset, True)
+    else:
+        d.ColorArrayName = ["POINTS", ""]  # 5.11: ColorBy(d, None) raises
+        if solid:
+            d.AmbientColor = d.DiffuseColor = solid
+    d.Opacity = opacity
+    return d
+
+
+def _reader(study, dim):
+    r = pv.GlobScopeStudyReader(registrationName="Study", FileName=os.path.join(study, "study.h5"))
+    r.Dimension = dim
+    return r
+
+
+def _trajectory_parts(r, view, warp, color_by, preset):
+    """Runs as tubes (optionally lifted onto the warped surface) and the final checkpoints as spheres."""
+    traj = _port(r, 1)
+    if warp:
+        traj = pv.WarpByScalar(registrationName="Trajectory Warp", Input=traj)
+        traj.Scalars = ["POINTS", "loss_decoded"]
+        traj.Normal = [0, 0, 1]
+        traj.UseNormal = 1
+    lift = pv.Transform(registrationName="Trajectory Lift", Input=traj)
+    tube = pv.Tube(registrationName="Trajectory Tubes", Input=lift)
+    tube.Scalars = ["POINTS", ""]
+    tube.Radius = 0.01
+    tube.NumberofSides = 10
+    _show(tube, view, color_by, preset)
+    finals = pv.ExtractCellsByType(registrationName="Final Checkpoints", Input=lift)
+    finals.CellTypes = ["Vertex"]
+    spheres = pv.Glyph(registrationName="Final Spheres", Input=finals, GlyphType="Sphere")
+    spheres.ScaleArray = ["POINTS", "No scale array"]
+    spheres.ScaleFactor = 0.05
+    spheres.GlyphMode = "All Points"
+    _show(spheres, view, solid=[1.0, 1.0, 1.0])
+
+
+def _tree_parts(r, view, warp):
+    """Merge tree arcs as dark tubes and nodes as spheres coloured by critical type."""
+    arcs, nodes = _port(r, 3), _port(r, 2)
+    if warp:
+        arcs = pv.WarpByScalar(registrationName="Arc Warp", Input=arcs)
+        nodes = pv.WarpByScalar(registrationName="Node Warp", Input=nodes)
+        for w in (arcs, nodes):
+            w.Scalars = ["POINTS", "Scalar"]
+            w.Normal = [0, 0, 1]
+            w.UseNormal = 1
+    arcs = pv.Transform(registrationName="Arc Lift", Input=arcs)
+    nodes = pv.Transform(registrationName="Node Lift", Input=nodes)
+    tube = pv.Tube(registrationName="Tree Arcs", Input=pv.ExtractSurface(Input=arcs))
+    tube.Scalars = ["POINTS", ""]
+    tube.Radius = 0.008
+    _show(tube, view, solid=[0.75, 0.05, 0.05])
+    glyph = pv.Glyph(registrationName="Tree Nodes", Input=nodes, GlyphType="Sphere")
+    glyph.ScaleArray = ["POINTS", "No scale array"]
+    glyph.ScaleFactor = 0.04
+    glyph.GlyphMode = "All Points"
+    _show(glyph, view, "CriticalType", "Rainbow Uniform")
+
+
+def _view():
+    v = pv.CreateView("RenderView")
+    v.ViewSize = SIZE
+    v.OrientationAxesVisibility = 0
+    v.Background = [1, 1, 1]
+    try:  # 5.11: the palette's background wins unless this is off
+        v.UseColorPaletteForBackground = 0
+    except AttributeError:
+        pass
+    pv.AssignViewToLayout(v)
+    return v
+
+
+def build_2d(study):
+    v = _view()
+    r = _reader(study, 2)
+    surf = pv.WarpByScalar(registrationName="Surface Warp", Input=r)
+    surf.Scalars = ["POINTS", "loss"]
+    d = _show(surf, v, "loss", "Viridis (matplotlib)")
+    d.SetScalarBarVisibility(v, True)
+    contour = pv.Contour(registrationName="Loss Contours", Input=r)
+    contour.ContourBy = ["POINTS", "loss"]
+    contour.ComputeScalars = 1
+    contour.Isosurfaces = [1.0]
+    cwarp = pv.WarpByScalar(registrationName="Contour Warp", Input=contour)
+    cwarp.Scalars = ["POINTS", "loss"]
+    _show(pv.Transform(registrationName="Contour Lift", Input=cwarp), v, solid=[0.1, 0.1, 0.1])
+    _trajectory_parts(r, v, True, "run", "Rainbow Uniform")
+    _tree_parts(r, v, True)
+    v.CameraPosition = [1.6, -2.6, 3.0]
+    v.CameraViewUp = [0, 0, 1]
+    return v
+
+
+def build_3d(study):
+    v = _view()
+    r = _reader(study, 3)
+    vol = _show(r, v, "loss", "Viridis (matplotlib)", rep="Volume")
+    vol.SetScalarBarVisibility(v, True)
+    iso = pv.Contour(registrationName="Loss Isosurfaces", Input=r)
+    iso.ContourBy = ["POINTS", "loss"]
+    iso.ComputeScalars = 1
+    iso.Isosurfaces = [1.0]
+    _show(iso, v, "loss", None, opacity=0.35)
+    _trajectory_parts(r, v, False, "run", "Rainbow Uniform")
+    _tree_parts(r, v, False)
+    pv.Show(pv.Outline(registrationName="Box", Input=r), v).ColorArrayName = ["POINTS", ""]
+    v.CameraPosition = [2.5, -3.5, 2.5]
+    v.CameraViewUp = [0, 0, 1]
+    return v
+
+
+def build_traj(study):
+    v = _view()
+    r = _reader(study, 2)
+    d = _show(r, v, "loss", "Grayscale")
+    contour = pv.Contour(registrationName="Loss Contours", Input=r)
+    contour.ContourBy = ["POINTS", "loss"]
+    contour.Isosurfaces = [1.0]
+    _show(pv.Transform(registrationName="Contour Lift", Input=contour), v, solid=[0.35, 0.35, 0.35])
+    _trajectory_parts(r, v, False, "step", "Plasma (matplotlib)")
+    pv.GetDisplayProperties(pv.FindSource("Trajectory Tubes"), v).SetScalarBarVisibility(v, True)
+    v.CameraPosition = [0, 0, 5]
+    v.CameraViewUp = [0, 1, 0]
+    v.CameraParallelProjection = 1
+    return v
+
+
+BUILDERS = {"landscape-2d": build_2d, "landscape-3d": build_3d, "trajectories-2d": build_traj}
+
+
+# --- fitting a loaded state to its data ----------------------------------------------------------------
+def _range(src, port, name, kind="POINTS"):
+    info = src.GetDataInformation(port) if port else src.GetDataInformation()
+    attrs = info.DataInformation.GetPointDataInformation() if kind == "POINTS" else None
+    a = attrs.GetArrayInformation(name) if attrs else None
+    return a.GetComponentRange(0) if a is not None else None
+
+
+def fit(view, name):
+    """Sizes and colour ranges from the data now loaded (any study, any latent scale)."""
+    r = pv.FindSource("Study")
+    r.UpdatePipeline()
+    b = r.GetDataInformation(0).GetBounds()
+    extent = max(b[1] - b[0], b[3] - b[2], (b[5] - b[4]) if name == "landscape-3d" else 0.0) or 1.0
+    lo, hi = _range(r, 0, "loss") or (0.0, 1.0)
+    span = (hi - lo) or 1.0
+    warp = 0.45 * extent / span  # the surface's height is 45% of its width
+    for w in ("Surface Warp", "Contour Warp", "Trajectory Warp", "Arc Warp", "Node Warp"):
+        s = pv.FindSource(w)
+        if s is not None:
+            s.ScaleFactor = warp
+    lift = 0.0 if name == "landscape-3d" else 0.008 * extent  # above the surface, not inside it
+    for t in ("Trajectory Lift", "Arc Lift", "Node Lift", "Contour Lift"):
+        s = pv.FindSource(t)
+        if s is not None:
+            s.Transform.Translate = [0, 0, lift]
+    for t, frac in (("Trajectory Tubes", 0.006), ("Tree Arcs", 0.004)):
+        s = pv.FindSource(t)
+        if s is not None:
+            s.Radius = frac * extent
+    for g, frac in (("Final Spheres", 0.035), ("Tree Nodes", 0.025)):
+        s = pv.FindSource(g)
+        if s is not None:
+            s.ScaleFactor = frac * extent
+    levels = [lo + span * q for q in (0.04, 0.1, 0.18, 0.28, 0.4, 0.55, 0.7, 0.85)]
+    for c in ("Loss Contours",):
+        s = pv.FindSource(c)
+        if s is not None:
+            s.Isosurfaces = levels
+    iso = pv.FindSource("Loss Isosurfaces")
+    if iso is not None:
+        iso.Isosurfaces = [lo + span * q for q in (0.12, 0.3)]
+    for src in pv.GetSources().values():  # colour maps follow the new data
+        rep = pv.GetDisplayProperties(src, view=view)
+        if rep is not None and rep.Visibility and rep.ColorArrayName[1]:
+            rep.RescaleTransferFunctionToDataRange(False, True)
+    if name == "landscape-3d":  # volume: low loss opaque, high loss clear
+        pwf = pv.GetOpacityTransferFunction("loss")
+        pwf.Points = [lo, 0.55, 0.5, 0.0, lo + 0.25 * span, 0.08, 0.5, 0.0, hi, 0.0, 0.5, 0.0]
+    view.ResetCamera()
+    cam = view.GetActiveCamera()
+    cam.Zoom(1.25 if name == "trajectories-2d" else 1.1)
+
+
+def check_files(study, name):
+    """LoadState only logs a missing file; say it clearly instead."""
+    r = pv.FindSource("Study")
+    fn = r.FileName if r is not None else ""
+    if not fn or not os.path.exists(fn):
+        raise SystemExit(f"{study}: the {name} state found no study.h5 there")
+    dim = 3 if name == "landscape-3d" else 2
+    need = os.path.join(study, f"landscape-{dim}d.vti")
+    if not os.path.exists(need):
+        raise SystemExit(f"{need}: missing (run `globscope landscape` first)")
+
+
+def load(name, study):
+    """Load one state file on ``study`` (data directory swapped), fitted; returns its view."""
+    load_plugin()
+    pv.LoadState(os.path.join(HERE, STATES[name]), data_directory=study, restrict_to_data_directory=True)
+    check_files(study, name)
+    view = pv.GetActiveViewOrCreate("RenderView")
+    fit(view, name)
+    return view
+
+
+def render(study, out, names=None):
+    study, out = os.path.abspath(study), os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    for name in names or STATES:
+        pv.ResetSession()
+        view = load(name, study)
+        path = os.path.join(out, name + ".png")
+        tmp = path + ".tmp.png"
+        pv.SaveScreenshot(tmp, view, ImageResolution=SIZE)
+        os.replace(tmp, path)
+        print("wrote", path, flush=True)
+
+
+def make(study):
+    """Build the three views on ``study`` and save them as state files next to this script."""
+    study = os.path.abspath(study)
+    load_plugin()
+    for name, builder in BUILDERS.items():
+        pv.ResetSession()
+        load_plugin()
+        view = builder(study)
+        fit(view, name)
+        pv.SaveState(os.path.join(HERE, STATES[name]))
+        print("saved", STATES[name], flush=True)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args and os.environ.get("GLOBSCOPE_STUDY"):  # paraview --script: GUI with the 2D view
+        load("landscape-2d", os.path.abspath(os.environ["GLOBSCOPE_STUDY"]))
+    elif args[:1] == ["make"] and len(args) == 2:
+        make(args[1])
+    elif args[:1] == ["render"] and len(args) >= 3:
+        render(args[1], args[2], args[3:] or None)
+    else:
+        raise SystemExit(__doc__)
