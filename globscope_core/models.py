@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .errors import GlobScopeError
@@ -116,3 +117,111 @@ def parse_kwargs(items: list[str] | None) -> dict:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+
+# --- the paper's zoo for CIFAR (issue: scale) ---------------------------------------------------------
+class _BasicBlock(nn.Module):
+    """ResNet basic block for CIFAR with the parameter-free "option A" shortcut of He et al. (2016)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x):
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:
+            short = nn.functional.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return nn.functional.relu(out + short)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise GlobScopeError(f"ResNet depth must be 6n+2 (20, 32, 44, 56, 110), not {depth}")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        blocks, cin = [], width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(n):
+                blocks.append(_BasicBlock(cin, cout, 2 if stage and b == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(nn.functional.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@register("resnet20")
+def resnet20(input_shape, num_classes, width=16):
+    """ResNet-20 for CIFAR (0.27e6 parameters)."""
+    return CifarResNet(20, int(num_classes), int(input_shape[0]), int(width))
+
+
+@register("resnet56")
+def resnet56(input_shape, num_classes, width=16):
+    """ResNet-56 for CIFAR (0.86e6 parameters, the paper's 8.56e5)."""
+    return CifarResNet(56, int(num_classes), int(input_shape[0]), int(width))
+
+
+class CifarCNN(nn.Module):
+    """A VGG-style CNN: conv blocks with max-pooling, then a wide classifier. The last block's 412
+    channels make it the paper's size (4.72e6 parameters for CIFAR-10, 4.90e6 for CIFAR-100)."""
+
+    def __init__(self, input_shape, num_classes: int, channels=(64, 128, 256, 412), hidden=2048):
+        super().__init__()
+        layers, cin = [], int(input_shape[0])
+        for c in channels:
+            layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        side = int(input_shape[1]) >> len(channels)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register("cifar-cnn")
+def cifar_cnn(input_shape, num_classes, channels=(64, 128, 256, 412), hidden=2048):
+    """CNN of the paper's size on CIFAR: 4.73e6 parameters for 10 classes, 4.91e6 for 100."""
+    return CifarCNN(input_shape, int(num_classes), tuple(channels), int(hidden))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer: patch embedding, pre-norm encoder blocks, class token."""
+
+    def __init__(self, input_shape, num_classes: int, patch=4, dim=320, depth=8, heads=8, mlp=1280):
+        super().__init__()
+        c, h, w = (int(s) for s in input_shape)
+        if h % patch or w % patch:
+            raise GlobScopeError(f"ViT: image {h}x{w} is not divisible into {patch}x{patch} patches")
+        self.embed = nn.Conv2d(c, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (h // patch) * (w // patch) + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+@register("vit")
+def vit(input_shape, num_classes, patch=4, dim=320, depth=8, heads=8, mlp=1280):
+    """A small ViT: 9.9e6 parameters on CIFAR with the defaults (the paper's "next: 1e7")."""
+    return ViT(input_shape, int(num_classes), int(patch), int(dim), int(depth), int(heads), int(mlp))

@@ -338,3 +338,21 @@ def test_cli_train_info_and_errors(tmp_path):
         rc, out, err = run_cli(*args)
         assert rc == 2, (args, err)
         assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name,params", [("resnet20", 269_722), ("resnet56", 853_018), ("cifar-cnn", 4_718_118),
+                                         ("vit", 9_904_330)])
+def test_model_zoo_sizes_and_flat_round_trip(name, params):
+    """The paper's models at the paper's sizes; BN statistics are part of the flat state."""
+    torch.manual_seed(0)
+    model = models.build_model(models.make_spec(name, (3, 32, 32), 10))
+    assert models.count_parameters(model) == params
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    model(x)  # updates BatchNorm statistics where there are some
+    model.eval()
+    layout = StateLayout.from_module(model)
+    vec = layout.flatten(model.state_dict())
+    fresh = models.build_model(models.make_spec(name, (3, 32, 32), 10)).eval()
+    layout.load_into(fresh, vec)
+    assert torch.equal(fresh(x), model(x))
