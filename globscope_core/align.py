@@ -172,31 +172,16 @@ def make_aligner(method: str, spec: PermutationSpec, study, **options) -> Aligne
 
 
 # --- interpolation barriers ----------------------------------------------------------------------
-@torch.no_grad()
-def losses_of_rows(study, rows: np.ndarray, x: torch.Tensor, y: torch.Tensor, batch: int = 8) -> np.ndarray:
-    """Mean cross-entropy of each flat parameter row [B, P] of ``study``'s model on (x, y).
+def losses_of_rows(study, rows: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Mean cross-entropy of each flat parameter row [B, P] of ``study``'s model on (x, y), batched."""
+    from .batched import evaluate_flat
 
-    One functional forward per chunk of models (torch.func.vmap over functional_call), eval mode.
-    """
-    from torch.func import functional_call, vmap
-
-    model = study.build_model().eval()
-    layout = study.layout
-    fixed = {k: v for k, v in model.state_dict().items() if k not in {e.name for e in layout.entries}}
-    out = []
-    mat = torch.as_tensor(np.asarray(rows, dtype=np.float32))
-
-    def loss_one(state):
-        logits = functional_call(model, (state, fixed), (x,))
-        return torch.nn.functional.cross_entropy(logits, y)
-
-    for s in range(0, len(mat), batch):
-        out.append(vmap(loss_one)(layout.unflatten_batch(mat[s : s + batch])))
-    return torch.cat(out).numpy().astype(np.float64)
+    return evaluate_flat(study, torch.as_tensor(np.asarray(rows, dtype=np.float32)), x, y)[0].astype(np.float64)
 
 
 def interpolation_curve(study, a: np.ndarray, b: np.ndarray, alphas: np.ndarray, x, y) -> np.ndarray:
-    """Loss along (1 - alpha) a + alpha b."""
+    """Loss along (1 - alpha) a + alpha b (the whole flat state; BatchNorm running statistics are
+    interpolated too, which is not what a recomputed BN would give: REPAIR-style resets are not done)."""
     path = (1.0 - alphas[:, None]) * a[None].astype(np.float64) + alphas[:, None] * b[None].astype(np.float64)
     return losses_of_rows(study, path.astype(np.float32), x, y)
 
@@ -284,11 +269,11 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
                     "distance_before": float(np.linalg.norm(final - ref_final)),
                     "distance_after": float(np.linalg.norm(aligned - ref_final)),
                     "units_moved": int(sum((np.asarray(q) != np.arange(len(q))).sum() for q in perms.values())),
+                    "sweeps": getattr(aligner, "iterations", None),
                     "loss_before": before.tolist(), "loss_after": after.tolist()})
             bar.update(1)
+        _save_npz(os.path.join(dst.dir, "permutations.npz"), perms_out)  # before the study commits
     bar.close()
-
-    _save_npz(os.path.join(dst.dir, "permutations.npz"), perms_out)
     bb = [d["barrier_before"] for d in runs_report]
     ba = [d["barrier_after"] for d in runs_report]
     report = {"source": src.dir, "reference": reference, "method": method, "split": "train",
@@ -348,3 +333,74 @@ def plot_barriers(report: dict, path: str) -> str:
     plt.close(fig)
     os.replace(tmp, path)
     return os.path.basename(path)
+
+
+# --- the global view before and after -----------------------------------------------------------
+def compare_basins(raw_dir: str, aligned_dir: str, reducer: str = "pca", dim: int = 2, resolution: int | None = None,
+                   eval_samples: int | None = 1024, persistence: float | None = None, progress: bool = True) -> dict:
+    """The same pipeline (fit -> landscape -> topology basins) on the raw and the aligned study.
+
+    The basins of both fields are counted with one absolute persistence threshold: ``persistence``
+    (default DEFAULT_PERSISTENCE of topology_io) times the raw field's loss range.
+    Each stage writes its usual files into its study (reducers/, landscape-*, topology-*). Writes a side-by-side quick
+    look ``ALIGNED/renders/align-compare-{dim}d.png`` of both loss fields with the final models, and
+    the report section ``align-basins-{dim}d`` of the aligned study; returns that section.
+    """
+    from .landscape import compute_landscape
+    from .reducers import fit_reducer
+    from .store import Study
+    from .topology_io import DEFAULT_PERSISTENCE, study_topology
+
+    name = f"{reducer}-{dim}d"
+    out = {"reducer": name, "dim": dim}
+    for key, d in (("raw", raw_dir), ("aligned", aligned_dir)):
+        study = Study.open(d)
+        fit_reducer(study, reducer, dim)  # fitted afresh: both studies get the very same pipeline
+        land = compute_landscape(study, name, resolution, eval_samples=eval_samples, progress=progress)
+        if key == "raw":
+            basins = study_topology(study.dir, dim=dim, verbose=False, relative=True,
+                                    persistence=DEFAULT_PERSISTENCE if persistence is None else persistence)
+        else:  # the raw field's absolute threshold: a flatter aligned field must not get a finer one
+            basins = study_topology(study.dir, dim=dim, verbose=False, relative=False,
+                                    persistence=out["raw"]["threshold"])
+        out[key] = {"study": study.dir, "n_basins": basins["n_basins_with_runs"], "basins": basins["basins"],
+                    "leaves": basins["leaves"], "threshold": basins["threshold"],
+                    "landscape_seconds": land.get("seconds")}
+    if dim == 2:
+        out["image"] = _plot_side_by_side(raw_dir, aligned_dir, out)
+    update = Study.open(aligned_dir)
+    update.update_report(f"align-basins-{dim}d", out)
+    return out
+
+
+def _plot_side_by_side(raw_dir: str, aligned_dir: str, section: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import vtkio
+    from .topology_io import final_points
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=110)
+    for ax, key, d in zip(axes, ("raw", "aligned"), (raw_dir, aligned_dir)):
+        f = vtkio.read_vti(os.path.join(d, "landscape-2d.vti"))
+        nx, ny, _ = f.dims
+        ext = [f.origin[0], f.origin[0] + (nx - 1) * f.spacing[0], f.origin[1], f.origin[1] + (ny - 1) * f.spacing[1]]
+        im = ax.imshow(np.log10(np.maximum(f.grid("loss")[0], 1e-6)), origin="lower", extent=ext, aspect="auto",
+                       cmap="viridis")
+        runs, pos = final_points(os.path.join(d, "trajectories-2d.vtp"))
+        ax.scatter(pos[:, 0], pos[:, 1], c="red", s=18, edgecolors="white", linewidths=0.5)
+        for r, p in zip(runs, pos):
+            ax.annotate(str(r), p[:2], color="white", fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{key}: final models in {section[key]['n_basins']} basin(s)")
+        fig.colorbar(im, ax=ax, label="log10 loss")
+    fig.suptitle(f"Loss landscape ({section['reducer']}) before and after permutation alignment")
+    fig.tight_layout()
+    path = os.path.join(aligned_dir, "renders", "align-compare-2d.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return os.path.relpath(path, aligned_dir)

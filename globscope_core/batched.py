@@ -113,9 +113,8 @@ class BatchedEvaluator:
         for s in range(0, len(self.x), bs):
             xb, yb = self.x[s : s + bs], self.y[s : s + bs]
             logits = forward(xb)  # [B, n, C]
-            logp = torch.log_softmax(logits, dim=-1)
-            nll = -logp.gather(2, yb.expand(n_models, -1).unsqueeze(2)).squeeze(2)
-            loss_sum += nll.sum(1, dtype=torch.float64)
+            picked = logits.gather(2, yb.view(1, -1, 1).expand(n_models, -1, 1)).squeeze(2)
+            loss_sum += (torch.logsumexp(logits, 2) - picked).sum(1, dtype=torch.float64)
             correct += (logits.argmax(2) == yb).sum(1, dtype=torch.float64)
         n = len(self.x)
         loss = (loss_sum / n).cpu().numpy()
@@ -126,28 +125,33 @@ class BatchedEvaluator:
         return loss, acc
 
     def _mlp_weights(self, params: torch.Tensor) -> list:
-        """Per-layer (W, b) views of the batch; layer 0 stacked as one [B*out, in] matrix (one copy)."""
+        """Per-layer (W [B, out, in], b [B, out, 1]) views of the batch; layer 0 stacked as [B*out, in]."""
         B = params.shape[0]
-        out = []
-        for k, (w, b) in enumerate(self.layers):
-            o, i = w.shape
-            W = params[:, w.offset : w.offset + w.numel]
-            bias = params[:, b.offset : b.offset + b.numel]
-            if k == 0:
-                out.append((W.reshape(B * o, i).contiguous(), bias.reshape(B * o).contiguous()))
-            else:
-                out.append((W.view(B, o, i).transpose(1, 2), bias.view(B, 1, o)))
+        out = [(params[:, w.offset : w.offset + w.numel].view(B, *w.shape),
+                params[:, b.offset : b.offset + b.numel].view(B, -1, 1)) for w, b in self.layers]
+        W0, b0 = out[0]
+        out[0] = (W0.reshape(B * W0.shape[1], W0.shape[2]), b0)  # one copy per batch, not per sample block
         return out
 
     def _forward_mlp(self, weights: list, x: torch.Tensor) -> torch.Tensor:
+        # Activations are kept transposed, [B, features, samples]: every product then reads the
+        # stored weights as they are and writes a contiguous result, so bias and ReLU run in place.
         n = x.shape[0]
         (W0, b0), rest = weights[0], weights[1:]
-        B = W0.shape[0] // self.layers[0][0].shape[0]
-        # shared input: one GEMM for all models, [n, B*out0] -> batched view [B, n, out0]
-        h = torch.addmm(b0, x.reshape(n, -1), W0.t()).view(n, B, -1).transpose(0, 1)
-        for Wt, bias in rest:
-            h = torch.baddbmm(bias, torch.relu(h), Wt)
-        return h
+        B = b0.shape[0]
+        # shared input: one GEMM for all models, [B*out0, in] @ [in, n]
+        h = torch.mm(W0, x.reshape(n, -1).t()).view(B, -1, n)
+        h.add_(b0)
+        if not rest:  # a single linear layer
+            return h.transpose(1, 2)
+        for W, b in rest[:-1]:
+            h.relu_()
+            h = torch.bmm(W, h)
+            h.add_(b)
+        h.relu_()
+        W, b = rest[-1]
+        # last layer untransposed, [B, n, classes]: the loss then reduces over contiguous rows
+        return torch.baddbmm(b.transpose(1, 2), h.transpose(1, 2), W.transpose(1, 2))
 
     def _forward_general(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, vmap
@@ -155,7 +159,7 @@ class BatchedEvaluator:
         def one(st, xb):
             return functional_call(self.model, st, (xb,), strict=False)
 
-        return vmap(one, in_dims=(0, None))(state, x)
+        return vmap(one, in_dims=(0, None))(state, x)  # [B, n, classes]
 
 
 def evaluate_flat(study_or_model_spec, params, x, y, device="auto", fast: bool = True,

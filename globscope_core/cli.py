@@ -16,9 +16,13 @@ from .errors import GlobScopeError
 # stage modules that contribute subcommands, in the order of the pipeline
 STAGES = [
     "globscope_core.commands",
+    "globscope_core.cmd_fit",
     "globscope_core.cmd_landscape",
+    "globscope_core.cmd_topology",
     "globscope_core.cmd_align",
     "globscope_core.cmd_connect",
+    "globscope_core.cmd_render",
+    "globscope_core.demo",
 ]
 
 

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 
 def register(sub):
-    from .align import ALIGNERS
-
     p = sub.add_parser("align", help="permute every run to a reference run (weight or activation matching)")
     p.add_argument("study")
     p.add_argument("--reference", type=int, default=0, help="run the others are aligned to (default 0)")
-    p.add_argument("--method", default="weight-matching", choices=sorted(ALIGNERS))
+    p.add_argument("--method", default="weight-matching",
+                   help="weight-matching (default) or activation-matching (or a method registered in align.ALIGNERS)")
     p.add_argument("--out", required=True, help="directory of the aligned study (new)")
     p.add_argument("--alphas", type=int, default=25, help="interpolation weights for the barriers")
     p.add_argument("--eval-samples", type=int, default=2000, help="train samples for the barrier losses")

@@ -25,6 +25,9 @@ def register(sub):
     p.add_argument("--refit", action="store_true",
                    help="refit the reducer(s) with the curve and line points included (and recompute the "
                         "landscape when the landscape stage is installed), so the paths are drawn faithfully")
+    p.add_argument("--plane-resolution", type=int, default=41,
+                   help="grid points per axis of the loss in the plane through A, B and the bend (0: none)")
+    p.add_argument("--plane-eval-samples", type=int, default=1024, help="samples for the plane's loss")
     p.add_argument("--no-line", action="store_true", help="do not store the straight-line points as checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -37,17 +40,27 @@ def cmd_connect(args):
     r = connect(args.study, runs=args.runs, curve=args.curve, bends=args.bends, epochs=args.epochs, lr=args.lr,
                 optimizer=args.optimizer, batch_size=args.batch_size, weight_decay=args.weight_decay,
                 points=args.points, eval_samples=args.eval_samples, reducers=args.reducer, refit=args.refit,
-                store_line=not args.no_line, seed=args.seed, device=args.device)
+                store_line=not args.no_line, seed=args.seed, device=args.device,
+                plane_resolution=args.plane_resolution, plane_eval_samples=args.plane_eval_samples)
     c, line = r["curve_summary"], r["line_summary"]
     print(f"{r['key']}: {r['curve']} with {r['bends']} bend(s), {r['epochs']} epochs, {r['seconds']} s")
     for split in ("train", "test"):
-        print(f"  {split} loss barrier: line {line[f'{split}_loss_barrier']:.4f} (max {line[f'{split}_loss_max']:.4f}), "
-              f"curve {c[f'{split}_loss_barrier']:.4f} (max {c[f'{split}_loss_max']:.4f})")
+        print(f"  {split} loss barrier: line {line[f'{split}_loss_barrier']:.4f} "
+              f"(max {line[f'{split}_loss_max']:.4f}), curve {c[f'{split}_loss_barrier']:.4f} (max {c[f'{split}_loss_max']:.4f})")
     if r["barrier_ratio_train"] is not None:
         print(f"  curve/line train barrier ratio: {r['barrier_ratio_train']:.3f}")
     for dim, v in r["latent"].items():
+        if v.get("skipped"):
+            print(f"  view {dim}: skipped: {v['skipped']}")
+            continue
         gap = v.get("curve_landscape_gap")
         gap_txt = f"{gap:.4f}" if gap is not None else "n/a (no landscape)"
-        print(f"  latent {dim} ({v['reducer']}): |true - landscape| loss along the curve {gap_txt}, "
-              f"|true - decoded| {v['curve_decoded_gap']:.4f} -> {v['file']}")
+        print(f"  view {dim} ({v['reducer']}): mean |true - landscape| loss along the curve {gap_txt}, "
+              f"|true - decoded| {v['curve_decoded_gap']:.4f}, landscape barrier on the line "
+              f"{_fmt(v.get('line_landscape_barrier'))}, on the curve {_fmt(v.get('curve_landscape_barrier'))} "
+              f"-> {v['file']}")
     print(f"  curve run {r['curve_run']}, line run {r['line_run']}; plot {r['plot']}; report.json section {r['key']}")
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.4f}"

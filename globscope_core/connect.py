@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .errors import GlobScopeError
-from .evaluation import evaluate_model, resolve_device, subset
+from .evaluation import resolve_device, subset
 from .store import Study, atomic_write_bytes
 
 CURVES = ("bezier", "polychain")
@@ -74,7 +74,7 @@ def _bn_modules(model):
 
 @torch.no_grad()
 def recompute_bn(model, x, batch_size: int = 512, device=None) -> bool:
-    """Reset BatchNorm running statistics and recompute them on ``x`` (exact averages over batches).
+    """Reset BatchNorm running statistics and recompute them on ``x`` (averages over its batches).
 
     A point on a curve is a mix of two networks: the ends' running statistics do not describe it.
     Returns False (and does nothing) for a model without BatchNorm.
@@ -86,10 +86,14 @@ def recompute_bn(model, x, batch_size: int = 512, device=None) -> bool:
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: the mean over all batches
     model.train()
+    seen = 0
     for s in range(0, len(x), batch_size):
-        model(x[s : s + batch_size].to(device))
+        xb = x[s : s + batch_size].to(device)
+        for m in bns:  # weight each batch by its size (as Garipov et al.'s update_bn does)
+            m.momentum = len(xb) / (seen + len(xb))
+        model(xb)
+        seen += len(xb)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     model.eval()
@@ -130,9 +134,11 @@ def _endpoints(study: Study, runs):
     for s in (sa, sb):
         if s.model_spec != study.model_spec or s.layout != study.layout:
             raise GlobScopeError(f"{s.h5_path}: runs of different models: {s.model_spec['name']} "
-                                 f"{s.model_spec.get('kwargs')} vs {study.model_spec['name']} {study.model_spec.get('kwargs')}")
+                                 f"{s.model_spec.get('kwargs')} vs {study.model_spec['name']} "
+                                 f"{study.model_spec.get('kwargs')}")
         if s.dataset_spec != study.dataset_spec:
-            raise GlobScopeError(f"{s.h5_path}: trained on another dataset ({s.dataset_spec['name']}) than {study.h5_path}")
+            raise GlobScopeError(f"{s.h5_path}: trained on another dataset ({s.dataset_spec['name']}) "
+                                 f"than {study.h5_path}")
     wa = sa.read_params([_final_row(sa, ra)])[0]
     wb = sb.read_params([_final_row(sb, rb)])[0]
     if not (np.isfinite(wa).all() and np.isfinite(wb).all()):
@@ -197,6 +203,7 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
             loss = F.cross_entropy(functional_call(model, state, (xb,)), yb)
             if not torch.isfinite(loss):
                 bar.close()
+                _remove(partial_path)  # resuming would only diverge again
                 raise GlobScopeError(f"curve training diverged: loss {loss.item()} at epoch {epoch + 1}, t={t:.3f}; "
                                      f"try a lower --lr (now {lr}). Nothing was stored.")
             opt.zero_grad(set_to_none=True)
@@ -206,6 +213,7 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
             bar.update(1)
         if not torch.isfinite(free).all():
             bar.close()
+            _remove(partial_path)
             raise GlobScopeError(f"curve training diverged: bends not finite after epoch {epoch + 1}; "
                                  f"try a lower --lr (now {lr}). Nothing was stored.")
         bar.set_postfix(epoch=epoch + 1, loss=f"{total / n:.4f}")
@@ -216,6 +224,11 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
     return torch.cat([wa_t[None], free.detach(), wb_t[None]]).cpu().numpy()
 
 
+def _remove(path) -> None:
+    if path and os.path.exists(path):
+        os.remove(path)
+
+
 def _save_pt(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
@@ -223,22 +236,29 @@ def _save_pt(path: str, obj) -> None:
 
 
 # --- evaluation along a path ----------------------------------------------------------------------
-def evaluate_points(model, layout, points, ev_train, ev_test, bn_x=None, device=None, desc="evaluate",
-                    progress=True):
+def evaluate_rows(study: Study, rows, x, y, device) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy of each flat row [m, P], many models per forward pass (batched.py)."""
+    from .batched import evaluate_flat
+
+    return evaluate_flat(study, torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), x, y, device=device)
+
+
+def evaluate_points(study, model, layout, points, ev_train, ev_test, bn_x=None, device=None, progress=True):
     """Loss/accuracy at each row of ``points`` [m, P]; rows get recomputed BN statistics if any.
 
     Returns (rows float32 [m, P], metrics {train_loss, train_acc, test_loss, test_acc}: arrays [m]).
     """
     device = device or torch.device("cpu")
-    model = model.to(device)
     rows = np.array(points, dtype=np.float32, copy=True)
-    out = {k: np.zeros(len(rows)) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-    for i in tqdm(range(len(rows)), desc=desc, unit="pt", disable=not progress):
-        layout.load_into(model, torch.from_numpy(rows[i]))
-        if bn_x is not None and recompute_bn(model, bn_x, device=device):
-            rows[i] = layout.flatten(model.state_dict()).numpy()
-        out["train_loss"][i], out["train_acc"][i] = evaluate_model(model, *ev_train, device=device)
-        out["test_loss"][i], out["test_acc"][i] = evaluate_model(model, *ev_test, device=device)
+    if bn_x is not None:
+        model = model.to(device)
+        for i in tqdm(range(len(rows)), desc="BatchNorm statistics", unit="pt", disable=not progress):
+            layout.load_into(model, torch.from_numpy(rows[i]))
+            if recompute_bn(model, bn_x, device=device):
+                rows[i] = layout.flatten(model.state_dict()).numpy()
+    out = {}
+    out["train_loss"], out["train_acc"] = evaluate_rows(study, rows, *ev_train, device)
+    out["test_loss"], out["test_acc"] = evaluate_rows(study, rows, *ev_test, device)
     return rows, out
 
 
@@ -312,36 +332,27 @@ def _choose_reducers(study: Study, names) -> dict:
     return chosen
 
 
-def latent_view(study: Study, reducer, model, layout, paths: dict, ev: dict, split: str, device=None,
-                progress=True) -> dict:
+def latent_view(study: Study, reducer, paths: dict, x, y, device=None) -> dict:
     """Encode both paths, decode them again, and compare true, decoded and landscape losses.
 
-    ``paths``: {PATH_LINE: rows [m, P], PATH_CURVE: rows [m, P]} with their true ``split`` losses in
-    ``ev`` ({path: loss array}). Returns arrays for the .vtp and the gap numbers.
+    ``paths``: {PATH_LINE: rows [m, P], PATH_CURVE: rows [m, P]}; losses are taken on ``(x, y)`` (the
+    landscape's own evaluation subset when there is a landscape, so that the gap is the view's error only).
     """
-    device = device or torch.device("cpu")
-    dim = reducer.dim
     out = {"z": [], "t": [], "path": [], "loss": [], "loss_decoded": []}
     for p in (PATH_LINE, PATH_CURVE):
         rows = paths[p]
         z = np.asarray(reducer.transform(rows), dtype=np.float64)
-        dec = reducer.inverse_transform(z)
-        x, y = ev["data"]
-        losses = []
-        for i in tqdm(range(len(dec)), desc=f"decode {'curve' if p else 'line'}", unit="pt", disable=not progress):
-            layout.load_into(model, torch.from_numpy(np.ascontiguousarray(dec[i], dtype=np.float32)))
-            losses.append(evaluate_model(model, x, y, device=device)[0])
+        dec = np.asarray(reducer.inverse_transform(z), dtype=np.float32)
         out["z"].append(z)
         out["t"].append(np.linspace(0, 1, len(rows)))
         out["path"].append(np.full(len(rows), p))
-        out["loss"].append(np.asarray(ev[p], dtype=np.float64))
-        out["loss_decoded"].append(np.asarray(losses))
+        out["loss"].append(evaluate_rows(study, rows, x, y, device)[0])
+        out["loss_decoded"].append(evaluate_rows(study, dec, x, y, device)[0])
     out = {k: np.concatenate(v) for k, v in out.items()}
-    vti = os.path.join(study.dir, f"landscape-{dim}d.vti")
+    vti = os.path.join(study.dir, f"landscape-{reducer.dim}d.vti")
     out["loss_landscape"] = None
     if os.path.exists(vti):
         out["loss_landscape"], fd = _landscape_loss(vti, out["z"])
-        out["landscape_reducer"] = fd.get("reducer")
     return out
 
 
@@ -360,6 +371,10 @@ def gap_numbers(view: dict) -> dict:
             b_land, _ = barrier(np.where(inside, land, np.nan), view["t"][sel]) if inside.all() else (None, None)
             res[f"{name}_landscape_barrier"] = b_land
     return res
+
+
+def _nan_if_none(v):
+    return np.nan if v is None else v
 
 
 def write_latent_vtp(path: str, view: dict, field_data: dict) -> None:
@@ -383,6 +398,76 @@ def write_latent_vtp(path: str, view: dict, field_data: dict) -> None:
 END_VERTEX = -1  # cell array ``path`` of the two end-point vertices (cells: vertices first, then lines)
 
 
+# --- the plane of the curve (Garipov et al.'s picture) -----------------------------------------------
+def plane_basis(wa, wb, mid) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal u, v [2, P] of the plane through A, B and ``mid`` (the bend of a one-bend curve)."""
+    wa, wb, mid = (np.asarray(w, dtype=np.float64) for w in (wa, wb, mid))
+    u = wb - wa
+    u /= np.linalg.norm(u)
+    v = (mid - wa) - np.dot(mid - wa, u) * u
+    nv = np.linalg.norm(v)
+    if nv < 1e-12 * np.linalg.norm(wb - wa):
+        raise GlobScopeError("the curve did not leave the straight line: no plane to draw (train more epochs)")
+    return wa, np.stack([u, v / nv])
+
+
+def plane_view(study: Study, wa, mid, line_rows, curve_rows, resolution: int = 41, margin: float = 0.25,
+               split: str = "test", eval_samples: int | None = 1024, device=None, progress=True) -> dict:
+    """The loss on a grid in the plane through A, B and the curve's middle, with both paths on it.
+
+    A quadratic Bezier curve and a one-bend polychain lie exactly in this plane (its control points do),
+    and so does the straight line: decoding is exact, the picture is the loss itself.
+    """
+    from .batched import eval_data
+
+    wb = line_rows[-1]
+    origin_w, basis = plane_basis(wa, wb, mid)
+    enc = lambda rows: (np.asarray(rows, dtype=np.float64) - origin_w) @ basis.T  # noqa: E731
+    z = np.concatenate([enc(line_rows), enc(curve_rows)])
+    lo, hi = z.min(0), z.max(0)
+    pad = margin * (hi - lo).max()
+    lo, hi = lo - pad, hi + pad
+    spacing = (hi - lo) / (resolution - 1)
+    gx, gy = np.meshgrid(lo[0] + spacing[0] * np.arange(resolution), lo[1] + spacing[1] * np.arange(resolution),
+                         indexing="xy")
+    grid_z = np.stack([gx.ravel(), gy.ravel()], 1)  # VTK order: x fastest
+    x, y = eval_data(study, split, eval_samples, seed=0)
+    loss, acc = np.zeros(len(grid_z)), np.zeros(len(grid_z))
+    basis32 = torch.from_numpy(basis.astype(np.float32))
+    o32 = torch.from_numpy(origin_w.astype(np.float32))
+    for s in tqdm(range(0, len(grid_z), 128), desc="plane", unit="chunk", disable=not progress):
+        w = o32 + torch.from_numpy(grid_z[s : s + 128].astype(np.float32)) @ basis32
+        loss[s : s + 128], acc[s : s + 128] = evaluate_rows(study, w.numpy(), x, y, device)
+    m = len(line_rows)
+    dec = origin_w + z @ basis
+    view = {"z": z, "t": np.concatenate([np.linspace(0, 1, m)] * 2), "path": np.repeat([PATH_LINE, PATH_CURVE], m),
+            "loss": np.concatenate([evaluate_rows(study, line_rows, x, y, device)[0],
+                                    evaluate_rows(study, curve_rows, x, y, device)[0]]),
+            "loss_decoded": evaluate_rows(study, dec.astype(np.float32), x, y, device)[0],
+            "grid": dict(dims=(resolution, resolution, 1), origin=(lo[0], lo[1], 0.0),
+                         spacing=(spacing[0], spacing[1], 1.0), loss=loss, accuracy=acc),
+            "split": split, "eval_samples": len(x), "reducer": "plane", "note": "plane through A, B and the bend"}
+    from scipy.interpolate import RegularGridInterpolator
+
+    vals = loss.reshape(resolution, resolution).T  # index order (x, y)
+    axes = [lo[a] + spacing[a] * np.arange(resolution) for a in range(2)]
+    view["loss_landscape"] = RegularGridInterpolator(axes, vals, bounds_error=False, fill_value=np.nan)(z)
+    view["gaps"] = gap_numbers(view)
+    return view
+
+
+def write_plane(base: str, view: dict, field_data: dict) -> None:
+    from .vtkio import ImageField, write_vti
+
+    g = view["grid"]
+    write_vti(base + "-plane.vti", ImageField(g["dims"], g["origin"], g["spacing"],
+                                              {"loss": g["loss"].astype(np.float32),
+                                               "accuracy": g["accuracy"].astype(np.float32)},
+                                              dict(field_data, reducer="plane", split=view["split"],
+                                                   eval_samples=np.int64(view["eval_samples"])), "loss"))
+    write_latent_vtp(base + "-plane.vtp", view, dict(field_data, reducer="plane", split=view["split"]))
+
+
 # --- pictures -------------------------------------------------------------------------------------
 def plot_paths(path: str, t, line: dict, curve: dict, title: str, views: dict | None = None) -> None:
     """Loss against t for both paths (train and test), plus the 2D latent picture when there is one."""
@@ -391,8 +476,8 @@ def plot_paths(path: str, t, line: dict, curve: dict, title: str, views: dict | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    v2 = (views or {}).get(2)
-    ncols = 3 if v2 is not None else 2
+    panels = [v for v in ((views or {}).get(2), (views or {}).get("plane")) if v is not None]
+    ncols = 2 + len(panels)
     fig, axs = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
     for ax, split in zip(axs, ("train", "test")):
         for m, name, col in ((line, "straight line", "tab:red"), (curve, "trained curve", "tab:blue")):
@@ -403,8 +488,8 @@ def plot_paths(path: str, t, line: dict, curve: dict, title: str, views: dict | 
         ax.set_yscale("log")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if v2 is not None:
-        _plot_latent(axs[2], v2)
+    for ax, v in zip(axs[2:], panels):
+        _plot_latent(ax, v)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -416,17 +501,25 @@ def plot_paths(path: str, t, line: dict, curve: dict, title: str, views: dict | 
 def _plot_latent(ax, view):
     z = view["z"]
     vti = view.get("landscape_file")
-    if vti and os.path.exists(vti):
+    curve_colour = "tab:blue"
+    grid = None
+    if "grid" in view:
+        g = view["grid"]
+        grid = (g["dims"], g["origin"], g["spacing"], g["loss"].reshape(g["dims"][1], g["dims"][0]))
+    elif vti and os.path.exists(vti):
         from .vtkio import read_vti
 
         f = read_vti(vti)
-        nx, ny, _ = f.dims
-        extent = [f.origin[0], f.origin[0] + f.spacing[0] * (nx - 1), f.origin[1], f.origin[1] + f.spacing[1] * (ny - 1)]
-        im = ax.imshow(np.log10(np.maximum(f.grid("loss")[0], 1e-12)), origin="lower", extent=extent,
-                       cmap="viridis", aspect="auto")
+        grid = (f.dims, f.origin, f.spacing, f.grid("loss")[0])
+    if grid is not None:
+        curve_colour = "white"  # over the viridis landscape
+        (nx, ny, _), o, sp, values = grid
+        extent = [o[0] - sp[0] / 2, o[0] + sp[0] * (nx - 0.5), o[1] - sp[1] / 2, o[1] + sp[1] * (ny - 0.5)]
+        im = ax.imshow(np.log10(np.maximum(values, 1e-12)), origin="lower", extent=extent, cmap="viridis",
+                       aspect="auto")
         plt_cb = ax.figure.colorbar(im, ax=ax)
         plt_cb.set_label("log10 landscape loss")
-    for p, name, col in ((PATH_LINE, "line", "tab:red"), (PATH_CURVE, "curve", "white")):
+    for p, name, col in ((PATH_LINE, "line", "tab:red"), (PATH_CURVE, "curve", curve_colour)):
         sel = view["path"] == p
         ax.plot(z[sel, 0], z[sel, 1], "-o", ms=2, color=col, label=name, markeredgecolor="k", markeredgewidth=0.3)
     ax.set_title(f"latent view ({view['reducer']})", fontsize=9)
@@ -466,7 +559,7 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
             lr: float | None = None, optimizer: str | None = None, batch_size: int | None = None,
             weight_decay: float = 0.0, points: int = N_POINTS, eval_samples: int | None = 10000,
             reducers=None, refit: bool = False, store_line: bool = True, seed: int = 0, device: str = "auto",
-            progress: bool = True) -> dict:
+            plane_resolution: int = 41, plane_eval_samples: int | None = 1024, progress: bool = True) -> dict:
     """Train a curve between the final checkpoints of two runs, evaluate it, store and draw it.
 
     Returns the report section (also written to STUDY/report.json under "connect-A-B").
@@ -479,9 +572,12 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
         raise GlobScopeError(f"--epochs must be at least 1, not {epochs}")
     if points < 3:
         raise GlobScopeError(f"--points must be at least 3, not {points}")
+    if plane_resolution and plane_resolution < 2:
+        raise GlobScopeError(f"--plane-resolution must be 0 (no plane) or at least 2, not {plane_resolution}")
     study = Study.open(study_dir)
     wa, wb, (sa, ra), (sb, rb) = _endpoints(study, list(runs))
-    tag = f"{_tag(study, sa, ra)}-{_tag(study, sb, rb)}"
+    ends = [_tag(study, sa, ra), _tag(study, sb, rb)]
+    tag = "-".join(ends)
     key = f"connect-{tag}"
     base = os.path.join(study.dir, key)
     run_info = sa.runs[ra]
@@ -499,7 +595,7 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     layout = study.layout
     has_bn = bool(_bn_modules(model))
     torch.manual_seed(seed)
-    config = dict(runs=[tag.split("-")[0], tag.split("-")[1]], curve=curve, bends=bends, epochs=epochs, lr=lr,
+    config = dict(runs=ends, curve=curve, bends=bends, epochs=epochs, lr=lr,
                   optimizer=optimizer, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
     config_key = json.dumps(config, sort_keys=True)
     control = train_curve(model, layout, wa, wb, curve, bends, ds, epochs, lr, optimizer, batch_size, weight_decay,
@@ -513,19 +609,25 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     bn_x = ds.train_x if has_bn else None
     curve_pts = curve_coefficients(curve, bends, t).numpy().astype(np.float32) @ control
     line_pts = np.outer(1 - t, wa).astype(np.float32) + np.outer(t, wb).astype(np.float32)
-    curve_rows, m_curve = evaluate_points(model, layout, curve_pts, ev_train, ev_test, bn_x, dev, "curve", progress)
-    line_rows, m_line = evaluate_points(model, layout, line_pts, ev_train, ev_test, bn_x, dev, "line", progress)
+    curve_rows, m_curve = evaluate_points(study, model, layout, curve_pts, ev_train, ev_test, bn_x, dev, progress)
+    line_rows, m_line = evaluate_points(study, model, layout, line_pts, ev_train, ev_test, bn_x, dev, progress)
     for name, m in (("curve", m_curve), ("line", m_line)):
         bad = [k for k, v in m.items() if not np.isfinite(v).all()]
         if bad:
             raise GlobScopeError(f"{study.h5_path}: the {name} diverged: {', '.join(bad)} not finite along it "
                                  f"(try a lower --lr, now {lr}). Nothing was stored.")
 
-    views = {}
+    views, plane_skipped = {}, None
+    if plane_resolution:  # the exact picture: the plane of the curve (needs nothing stored)
+        mid = control[1] if bends == 1 else curve_pts[points // 2]
+        try:
+            views["plane"] = plane_view(study, wa, mid, line_rows, curve_rows, plane_resolution,
+                                        eval_samples=plane_eval_samples, device=dev, progress=progress)
+        except GlobScopeError as exc:  # a curve still on the line has no plane; the rest stands
+            plane_skipped = str(exc)
     if not refit:  # drawn with the reducers as they are, before anything is stored
         for dim, red in sorted(loaded.items()):
-            views[dim] = _view(study, red, dim, model, layout, line_rows, curve_rows, m_line, m_curve, ev_train,
-                               ev_test, dev, progress, refit=False)
+            views[dim] = _view(study, red, dim, line_rows, curve_rows, dev, progress, refit=False)
 
     # everything is computed: store the points in one transaction
     restamp = _reducers_stamped_for(study)
@@ -543,22 +645,27 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
             w.append(rl, np.arange(points), line_rows, label="line", **m_line)
     _restamp(study, restamp)
     _save_pt(base + ".pt", {"control_points": torch.from_numpy(control), "config": config_key})
-    if os.path.exists(base + ".partial.pt"):
-        os.remove(base + ".partial.pt")
+    _remove(base + ".partial.pt")
 
     if refit:  # the refitted reducers need the stored curve points
         for dim in sorted(loaded):
             red = loaded[dim]
             loaded[dim] = fit_reducer(study, red.kind, red.dim, **red.config)
-            views[dim] = _view(study, loaded[dim], dim, model, layout, line_rows, curve_rows, m_line, m_curve,
-                               ev_train, ev_test, dev, progress, refit=True)
-    latent = {}
-    for dim, view in sorted(views.items()):
+            views[dim] = _view(study, loaded[dim], dim, line_rows, curve_rows, dev, progress, refit=True)
+    latent = {"plane": {"skipped": plane_skipped}} if plane_skipped else {}
+    if "plane" in views:
+        v = views["plane"]
+        write_plane(base, v, {"study": study.dir, "connect": key})
+        latent["plane"] = dict(reducer="plane", split=v["split"], eval_samples=v["eval_samples"], note=v["note"],
+                               file=os.path.basename(base + "-plane.vtp"),
+                               landscape=os.path.basename(base + "-plane.vti"), **v["gaps"])
+    for dim, view in sorted((k, v) for k, v in views.items() if k != "plane"):
         vtp = f"{base}-{dim}d.vtp"
         write_latent_vtp(vtp, view, {"study": study.dir, "reducer": view["reducer"], "split": view["split"],
                                      "connect": key, "curve_decoded_gap": view["gaps"]["curve_decoded_gap"],
-                                     "curve_landscape_gap": view["gaps"].get("curve_landscape_gap") or np.nan})
-        latent[f"{dim}d"] = dict(reducer=view["reducer"], split=view["split"], file=os.path.basename(vtp),
+                                     "curve_landscape_gap": _nan_if_none(view["gaps"].get("curve_landscape_gap"))})
+        latent[f"{dim}d"] = dict(reducer=view["reducer"], split=view["split"], eval_samples=view["eval_samples"],
+                                 file=os.path.basename(vtp),
                                  note=view["note"], landscape=view["landscape_file"] and
                                  os.path.basename(view["landscape_file"]), **view["gaps"])
 
@@ -580,24 +687,25 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     return section
 
 
-def _view(study, red, dim, model, layout, line_rows, curve_rows, m_line, m_curve, ev_train, ev_test, dev,
-          progress, refit) -> dict:
-    """The latent view of both paths with one reducer (on the landscape's split, if there is one)."""
+def _view(study, red, dim, line_rows, curve_rows, dev, progress, refit) -> dict:
+    """The latent view of both paths with one reducer, on the landscape's evaluation data if there is one."""
+    from .batched import eval_data
     from .vtkio import read_vti
 
     note = "refitted with the curve and line points" if refit else "fitted before the curve points were added"
     vti = os.path.join(study.dir, f"landscape-{dim}d.vti")
-    split = "test"
+    split, samples = "test", None
     if os.path.exists(vti):
-        split = read_vti(vti).field_data.get("split", "test")
-        split = split if split in ("train", "test") else "test"
+        fd = read_vti(vti).field_data
+        split = fd.get("split") if fd.get("split") in ("train", "test") else "test"
+        samples = int(np.atleast_1d(fd["eval_samples"])[0]) if "eval_samples" in fd else None
+        samples = samples if samples and samples > 0 else None
         if refit:
             note += _recompute_landscape(study, red.name, vti, progress)
-    ev = {"data": ev_train if split == "train" else ev_test, PATH_LINE: m_line[f"{split}_loss"],
-          PATH_CURVE: m_curve[f"{split}_loss"]}
-    view = latent_view(study, red, model, layout, {PATH_LINE: line_rows, PATH_CURVE: curve_rows}, ev, split, dev,
-                       progress)
-    view.update(reducer=red.name, split=split, note=note, landscape_file=vti if os.path.exists(vti) else None)
+    x, y = eval_data(study, split, samples, seed=0)  # the landscape's subset (landscape.py, eval_seed=0)
+    view = latent_view(study, red, {PATH_LINE: line_rows, PATH_CURVE: curve_rows}, x, y, dev)
+    view.update(reducer=red.name, split=split, eval_samples=len(x), note=note,
+                landscape_file=vti if os.path.exists(vti) else None)
     view["gaps"] = gap_numbers(view)
     return view
 

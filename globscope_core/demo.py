@@ -65,8 +65,8 @@ def cmd_demo(args):
         print(f"  ({time.time() - t:.0f} s)")
 
     t = _stage("renders")
-    images = render_study(study.dir, os.path.join(study.dir, "renders"))
-    print(f"  ({time.time() - t:.0f} s)")
+    rendered = render_study(study.dir, os.path.join(study.dir, "renders"))
+    print(f"  {rendered['renderer']}: {len(rendered['images'])} images ({time.time() - t:.0f} s)")
 
     print(f"\n== done in {time.time() - t_all:.0f} s; wrote:")
     for root, _, files in sorted(os.walk(study.dir)):
@@ -74,5 +74,5 @@ def cmd_demo(args):
             if not f.startswith("."):
                 p = os.path.join(root, f)
                 print(f"  {os.path.relpath(p)}  ({os.path.getsize(p) / 1024:.0f} KiB)")
-    print(f"\nLook at: {', '.join(os.path.relpath(p) for p in images)}")
+    print(f"\nLook at: {', '.join(os.path.relpath(p) for p in rendered['images'].values())}")
     print(f"Open in ParaView: globscope paraview {out}")

@@ -47,6 +47,27 @@ def load_state_file(path: str) -> dict:
     return obj
 
 
+def flatten_checked(layout: StateLayout, state: dict, path: str) -> torch.Tensor:
+    """Flatten a checkpoint of any floating precision (float16, bfloat16, float64, mixed) to float32.
+
+    Refused with the entry named: integer/bool/complex tensors where the model has floating ones
+    (quantized checkpoints), and float64 values outside float32's range (they would become Inf).
+    """
+    layout.check(state, path)
+    for e in layout.entries:
+        t = state[e.name]
+        if not t.is_floating_point():
+            raise GlobScopeError(f"{path}: '{e.name}' is {str(t.dtype).replace('torch.', '')}, the model expects a "
+                                 f"floating tensor ({e.dtype}); quantized or integer checkpoints are not supported")
+    vec = layout.flatten(state, source=path)
+    if not torch.isfinite(vec).all():
+        bad = int((~torch.isfinite(vec)).nonzero()[0, 0])
+        name = next(e.name for e in layout.entries if e.offset <= bad < e.offset + e.numel)
+        raise GlobScopeError(f"{path}: '{name}' has values that are NaN or Inf in float32 (the study stores "
+                             "float32; float64 values beyond 3.4e38 overflow)")
+    return vec
+
+
 def import_checkpoints(study_dir: str, files: list[str], model_name: str | None = None,
                        model_kwargs: dict | None = None, dataset: dict | None = None, steps: list[int] | None = None,
                        label: str = "imported", eval_samples: int | None = 10000, device: str = "auto") -> Study:
@@ -76,7 +97,7 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
     rows = []  # load and check every file before writing anything
     for i, path in enumerate(files):
         state = load_state_file(path)
-        vec = layout.flatten(state, source=path)
+        vec = flatten_checked(layout, state, path)
         layout.load_into(model, vec.to(dev))
         tl, ta = evaluate_model(model, *ev_train, device=dev)
         vl, va = evaluate_model(model, *ev_test, device=dev)

@@ -14,7 +14,8 @@ Resumable: the grid is cut into chunks of ``chunk_points`` points, each written 
 ``STUDY/.landscape-{2d,3d}.partial/chunk-NNNNNN.npz`` (temporary name + rename) as soon as it is done,
 next to ``config.json``. A rerun with the same settings computes only the missing chunks, and a rerun
 with other settings is refused (``fresh=True`` discards the partial results). Chunk composition is
-fixed by the config, so a resumed field is identical to an uninterrupted one.
+fixed by the config, so a resumed field is identical to an uninterrupted one (bitwise, at the same
+torch thread count; another thread count may change the GEMMs' last bit, ~4e-7 relative).
 
 Distributed: under ``torchrun`` (RANK / WORLD_SIZE in the environment) every process takes every
 WORLD_SIZE-th missing chunk (gloo on CPU, NCCL on GPU), writes its chunks, and rank 0 gathers them and

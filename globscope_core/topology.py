@@ -23,7 +23,6 @@ join tree, and their Scalar is +inf.
 from __future__ import annotations
 
 import os
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +68,7 @@ def neighbour_edges(shape) -> np.ndarray:
 def _sweep(order, nx, ny, nz, offs):
     """One union-find sweep over the vertices in ``order``: the merge tree of that order.
 
-    Returns (pair_min, pair_saddle, global_min, is_node, up_of, down_of): ``up_of[n]`` is the upper
+    Returns (pair_min, pair_saddle, global_min, is_node, up_of, down_of, rank): ``up_of[n]`` is the upper
     node of node n's root-ward arc (-1 for the root); ``down_of[v]`` is the lower node of the arc
     vertex v belongs to (a node belongs to its root-ward arc, the root to its elder lower arc).
     """
@@ -78,6 +77,7 @@ def _sweep(order, nx, ny, nz, offs):
     parent[:] = -1
     cur = np.empty_like(order)      # per component root: node at the bottom of its open arc
     oldest = np.empty_like(order)   # per component root: its oldest (lowest) minimum
+    size = np.empty_like(order)     # per component root: number of vertices
     rank = np.empty_like(order)
     down_of = np.empty_like(order)
     up_of = np.empty_like(order)
@@ -90,20 +90,25 @@ def _sweep(order, nx, ny, nz, offs):
     for r in range(n):
         rank[order[r]] = r
     nxy = nx * ny
+    delta = offs[:, 0] + offs[:, 1] * nx + offs[:, 2] * nxy
     for r in range(n):
         v = order[r]
         k = v // nxy
         rem = v - k * nxy
         j = rem // nx
         i = rem - j * nx
+        inside = 0 < i < nx - 1 and 0 < j < ny - 1 and 0 < k < nz - 1
         nr = 0
         for o in range(offs.shape[0]):
-            ii = i + offs[o, 0]
-            jj = j + offs[o, 1]
-            kk = k + offs[o, 2]
-            if ii < 0 or ii >= nx or jj < 0 or jj >= ny or kk < 0 or kk >= nz:
-                continue
-            u = ii + jj * nx + kk * nxy
+            if inside:  # the common case: no bounds to check
+                u = v + delta[o]
+            else:
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                kk = k + offs[o, 2]
+                if ii < 0 or ii >= nx or jj < 0 or jj >= ny or kk < 0 or kk >= nz:
+                    continue
+                u = ii + jj * nx + kk * nxy
             if parent[u] < 0:
                 continue
             x = u
@@ -121,6 +126,7 @@ def _sweep(order, nx, ny, nz, offs):
         last = r == n - 1
         if nr == 0:  # minimum: a new component
             parent[v] = v
+            size[v] = 1
             cur[v] = v
             oldest[v] = v
             down_of[v] = v
@@ -128,6 +134,7 @@ def _sweep(order, nx, ny, nz, offs):
         elif nr == 1:  # regular (or the root)
             c = roots[0]
             parent[v] = c
+            size[c] += 1
             down_of[v] = cur[c]
             if last:
                 up_of[cur[c]] = v
@@ -145,15 +152,25 @@ def _sweep(order, nx, ny, nz, offs):
                     pmin[npairs] = oldest[c]
                     psad[npairs] = v
                     npairs += 1
-                parent[c] = v
-            parent[v] = v
-            cur[v] = v
-            oldest[v] = oldest[e]
+            big = roots[0]  # union by size: hang the smaller trees under the largest root
+            for q in range(1, nr):
+                if size[roots[q]] > size[big]:
+                    big = roots[q]
+            oe = oldest[e]
+            for q in range(nr):
+                c = roots[q]
+                if c != big:
+                    parent[c] = big
+                    size[big] += size[c]
+            parent[v] = big
+            size[big] += 1
+            cur[big] = v
+            oldest[big] = oe
             is_node[v] = 1
     x = order[n - 1]
     while parent[x] != x:
         x = parent[x]
-    return pmin[:npairs].copy(), psad[:npairs].copy(), oldest[x], is_node, up_of, down_of
+    return pmin[:npairs].copy(), psad[:npairs].copy(), oldest[x], is_node, up_of, down_of, rank
 
 
 def _seg_ids(up_node, n_nodes):
@@ -263,7 +280,29 @@ def _lowest(node_up):
     return low
 
 
-_KERNELS = {"py": {"sweep": _sweep, "seg_ids": _seg_ids, "flatten": _flatten, "lowest": _lowest}}
+def _regions(vnode, is_node, arc_of_node, seg_arc, rtype, span):
+    """Arc sizes (regular vertices) and the per-vertex SegmentationId, RegionType, RegionSize, RegionSpan."""
+    n = vnode.shape[0]
+    size = np.zeros(seg_arc.shape[0], np.int64)
+    for v in range(n):
+        a = arc_of_node[vnode[v]]
+        if a >= 0 and is_node[v] == 0:
+            size[a] += 1
+    seg = np.empty(n, np.int32)
+    rt = np.empty(n, np.int8)
+    rs = np.empty(n, np.int32)
+    sp = np.empty(n, np.float64)
+    for v in range(n):
+        a = arc_of_node[vnode[v]]
+        if a < 0:  # a single-vertex grid has no arc at all
+            seg[v], rt[v], rs[v], sp[v] = -1, -1, 0, 0.0
+        else:
+            seg[v], rt[v], rs[v], sp[v] = seg_arc[a], rtype[a], size[a], span[a]
+    return size, seg, rt, rs, sp
+
+
+_KERNELS = {"py": {"sweep": _sweep, "seg_ids": _seg_ids, "flatten": _flatten, "lowest": _lowest,
+                   "regions": _regions}}
 
 
 def numba_available() -> bool:
@@ -296,6 +335,7 @@ class Tree:
     pairs: np.ndarray        # [k, 2] (extremum vertex, saddle vertex), elder rule, sorted by saddle
     global_extremum: int     # oldest extremum, paired with the root (infinite pair)
     root: int                # the last vertex of the sweep
+    is_node: np.ndarray      # per vertex: 1 for a node
 
 
 @dataclass
@@ -354,23 +394,36 @@ def _describe_nan(bad: np.ndarray, shape) -> str:
 def vertex_order(values, order_field=None, nan="error", what="field") -> np.ndarray:
     """Vertices sorted by (value, vertex id), or by ``order_field`` (TTK's ``_Order``) when given."""
     f = as_grid(values).ravel()
+    if f.dtype.kind == "f":
+        bad = np.isnan(f)
+        if bad.any():
+            if nan != "inf":
+                raise GlobScopeError(f"{what}: {_describe_nan(bad, as_grid(values).shape)}; "
+                                     "refusing (treat them as +inf with --nan-as-inf)")
+            f = np.where(bad, np.inf, f)
+    elif f.dtype.kind not in "iub":
+        raise GlobScopeError(f"{what}: values of type {f.dtype} are not a scalar field")
     if order_field is not None:
         key = np.asarray(order_field).ravel()
         if key.shape != f.shape:
             raise GlobScopeError(f"{what}: order array has {key.size} values for {f.size} points")
         order = np.argsort(key, kind="stable")
+    elif f.dtype == np.float32 and f.size < 2**32:
+        return _argsort_float32(f)
     else:
-        if f.dtype.kind == "f":
-            bad = np.isnan(f)
-            if bad.any():
-                if nan != "inf":
-                    raise GlobScopeError(f"{what}: {_describe_nan(bad, as_grid(values).shape)}; "
-                                         "refusing (treat them as +inf with --nan-as-inf)")
-                f = np.where(bad, np.inf, f)
-        elif f.dtype.kind not in "iub":
-            raise GlobScopeError(f"{what}: values of type {f.dtype} are not a scalar field")
         order = np.argsort(f, kind="stable")
     return order.astype(np.int32) if f.size < 2**31 - 1 else order
+
+
+def _argsort_float32(f) -> np.ndarray:
+    """``argsort(f, kind="stable")`` of float32 values (no NaN), 3x faster: one sort of (value, id) keys."""
+    b = (f + np.float32(0)).view(np.uint32).astype(np.uint64)  # + 0 turns -0.0 into +0.0
+    b = np.where(b >> np.uint64(31), b ^ np.uint64(0xFFFFFFFF), b | np.uint64(0x80000000))  # order of floats
+    key = (b << np.uint64(32)) | np.arange(f.size, dtype=np.uint64)
+    del b
+    key.sort()
+    key &= np.uint64(0xFFFFFFFF)
+    return key.astype(np.int32 if f.size < 2**31 - 1 else np.int64)
 
 
 def merge_tree(shape, order, use_numba=None) -> Tree:
@@ -378,16 +431,14 @@ def merge_tree(shape, order, use_numba=None) -> Tree:
     nz, ny, nx = shape
     k = _kernels(use_numba)
     order = np.ascontiguousarray(order)
-    pmin, psad, gmin, is_node, up_of, down_of = k["sweep"](order, nx, ny, nz, OFFSETS)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order), dtype=order.dtype)
+    pmin, psad, gmin, is_node, up_of, down_of, rank = k["sweep"](order, nx, ny, nz, OFFSETS)
     node_vertex = order[is_node[order].astype(bool)]  # nodes in sweep order = NodeId
-    node_id = np.full(len(order), -1, np.int64)
-    node_id[node_vertex] = np.arange(len(node_vertex))
+    node_id = np.full(len(order), -1, order.dtype)
+    node_id[node_vertex] = np.arange(len(node_vertex), dtype=order.dtype)
     up_v = up_of[node_vertex]
-    node_up = np.where(up_v >= 0, node_id[np.maximum(up_v, 0)], -1)
+    node_up = np.where(up_v >= 0, node_id[np.maximum(up_v, 0)], -1).astype(np.int64)
     pairs = np.stack([pmin, psad], 1).astype(np.int64)
-    return Tree(order, rank, node_vertex, node_up, node_id[down_of], pairs, int(gmin), int(order[-1]))
+    return Tree(order, rank, node_vertex, node_up, node_id[down_of], pairs, int(gmin), int(order[-1]), is_node)
 
 
 def simplify_order(shape, tree: Tree, values_flat, threshold, use_numba=None):
@@ -497,16 +548,7 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     seg_by_node = _kernels(use_numba)["seg_ids"](np.ascontiguousarray(t.node_up, dtype=np.int64), nn)
     seg_arc = seg_by_node[arc_down]  # SegmentationId of each arc (in arc order)
 
-    # per-vertex arc: the arc whose lower node is vertex_arc_node (the root, alone, has none)
-    vnode = t.vertex_arc_node
-    is_node = np.zeros(len(g), bool)
-    is_node[t.node_vertex] = True
     n_arcs = len(arc_down)
-    varc = arc_of_node[vnode]
-    if n_arcs:
-        size = np.bincount(varc[~is_node & (varc >= 0)], minlength=n_arcs).astype(np.int64)
-    else:
-        size = np.zeros(0, np.int64)
     pos = coords(t.node_vertex)
     span = np.linalg.norm(pos[arc_down] - pos[arc_up], axis=1) if n_arcs else np.zeros(0)
 
@@ -516,6 +558,9 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     rtype = np.full(n_arcs, inner_t, np.int8)
     rtype[~has_up[arc_up]] = root_t
     rtype[types[arc_down] == (MINIMUM if kind == "join" else MAXIMUM)] = leaf_t
+    # per vertex: the arc whose lower node is vertex_arc_node (the root, alone, has none)
+    size, vseg, vtype, vsize, vspan = _kernels(use_numba)["regions"](
+        t.vertex_arc_node, t.is_node, arc_of_node, seg_arc, rtype, np.ascontiguousarray(span, dtype=np.float64))
 
     # nodes: the adjacent arc is the single down arc, else the up arc, else the first down arc
     down_count = np.bincount(arc_up, minlength=nn) if n_arcs else np.zeros(nn, np.int64)
@@ -550,14 +595,8 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
         },
     }
     # segmentation: by SegmentationId; a single-vertex grid has no arc at all
-    vseg = np.where(varc >= 0, seg_arc[np.maximum(varc, 0)] if n_arcs else -1, -1)
     by_seg = np.argsort(seg_arc)
-    res.segmentation = {
-        "SegmentationId": vseg.astype(np.int32),
-        "RegionType": np.where(varc >= 0, rtype[np.maximum(varc, 0)] if n_arcs else -1, -1).astype(np.int8),
-        "RegionSize": np.where(varc >= 0, size[np.maximum(varc, 0)] if n_arcs else 0, 0).astype(np.int32),
-        "RegionSpan": np.where(varc >= 0, span[np.maximum(varc, 0)] if n_arcs else 0, 0).astype(np.float64),
-    }
+    res.segmentation = {"SegmentationId": vseg, "RegionType": vtype, "RegionSize": vsize, "RegionSpan": vspan}
     # basins: for each arc, the oldest extremum of the subtree below it, and that extremum's persistence
     low = _kernels(use_numba)["lowest"](np.ascontiguousarray(t.node_up, dtype=np.int64))
     ext = t.node_vertex[low[arc_down]]

@@ -78,6 +78,7 @@ def train_study(out: str, dataset: dict, model_name: str, model_kwargs: dict | N
         raise GlobScopeError(f"--every must be at least 1, not {every}")
     ev_train = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
     ev_test = subset(ds.test_x, ds.test_y, eval_samples, seed=2)
+    _check_memory(layout.size, epochs * steps_per_epoch // every + 2, ds, batch_size, plan, dev, out)
 
     bar = tqdm(total=len(todo) * epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
     for i in todo:
@@ -90,6 +91,20 @@ def train_study(out: str, dataset: dict, model_name: str, model_kwargs: dict | N
                 w.append(r, step, vec, **m)
     bar.close()
     return study
+
+
+def _check_memory(n_params, rows_per_run, ds, batch_size, plan, dev, out) -> None:
+    """Say what training needs before starting, instead of being killed for memory (resources.py)."""
+    from .resources import estimate_train, require
+
+    opt = "adam" if any(p["optimizer"] != "sgd" for p in plan) else "sgd"
+    parts = estimate_train(n_params, rows_per_run, 0, int(ds.train_x[0].numel()), batch_size, opt)
+    parts.pop("data set")  # already loaded
+    gpu = None
+    if dev.type == "cuda":  # model and activations live on the GPU, checkpoints on the host
+        gpu = {k: parts.pop(k) for k in ("model, gradients, optimizer", "activations")}
+    require(parts, f"train {out}: {n_params:,} parameters x {rows_per_run} checkpoints per run", dev, gpu,
+            hint="checkpoint less often (--every) or train fewer steps per run")
 
 
 def _train_run(spec, ds, cfg, dev, ev_train, ev_test, bar) -> list:

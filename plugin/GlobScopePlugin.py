@@ -15,7 +15,7 @@ import numpy as np
 from paraview.util.vtkAlgorithm import VTKPythonAlgorithmBase, smdomain, smhint, smproperty, smproxy
 from vtkmodules.util import numpy_support as ns
 from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkPoints
-from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkDataObject, vtkImageData, vtkPolyData, vtkUnstructuredGrid
+from vtkmodules.vtkCommonDataModel import vtkDataObject, vtkImageData, vtkUnstructuredGrid
 from vtkmodules.vtkCommonExecutionModel import vtkStreamingDemandDrivenPipeline as SDDP
 from vtkmodules.vtkIOXML import vtkXMLImageDataReader, vtkXMLPolyDataReader, vtkXMLUnstructuredGridReader
 
@@ -95,11 +95,16 @@ def compute_tree(img, array_name, values, tree="join", persistence=0.0, relative
 
     nx, ny, nz = img.GetDimensions()
     grid = np.asarray(values).reshape(nz, ny, nx)
+    order = img.GetPointData().GetArray(f"{array_name}_Order")  # TTK: a simplification's order decides ties
+    if order is not None:
+        order = ns.vtk_to_numpy(order).reshape(nz, ny, nx)
     res = compute_topology(grid, img.GetOrigin(), img.GetSpacing(), tree=tree, persistence=persistence,
-                           relative=relative)
+                           relative=relative, name=array_name, order=order)
     seg = vtkImageData()
     seg.ShallowCopy(img)
-    _add_arrays(seg.GetPointData(), _get(res.segmentation, "point_arrays"))
+    # TTK's segmentation: the input's arrays plus the region arrays (the simplified field is not added)
+    _add_arrays(seg.GetPointData(), {k: v for k, v in res.segmentation.items()
+                                     if k not in (array_name, f"{array_name}_Order")})
     return _unstructured(res.nodes), _unstructured(res.arcs), seg, _unstructured(res.diagram), res
 
 
@@ -115,7 +120,28 @@ def _ttk_merge_tree():
 # --- the study reader ---------------------------------------------------------------------------------
 _READER_PORTS = [("Landscape", "vtkImageData"), ("Trajectories", "vtkPolyData"),
                  ("Merge Tree Nodes", "vtkUnstructuredGrid"), ("Merge Tree Arcs", "vtkUnstructuredGrid"),
-                 ("Segmentation", "vtkImageData"), ("Persistence Diagram", "vtkUnstructuredGrid")]
+                 ("Segmentation", "vtkImageData"), ("Persistence Diagram", "vtkUnstructuredGrid"),
+                 ("Connect Paths", "vtkPolyData")]
+CONNECT_PORT = 6
+
+
+def connect_files(path, dim):
+    """``globscope connect``'s latent paths next to the study (connect-A-B-{dim}d.vtp), any number, sorted."""
+    import glob
+
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    return sorted(glob.glob(os.path.join(glob.escape(d), f"connect-*-{dim}d.vtp")))
+
+
+def _append_polydata(paths):
+    """All connect files as one polydata (cells: the end vertices, then line and curve; cell array ``path``)."""
+    from vtkmodules.vtkFiltersCore import vtkAppendPolyData
+
+    app = vtkAppendPolyData()
+    for p in paths:
+        app.AddInputData(_read(p))
+    app.Update()
+    return app.GetOutput()
 
 
 def _study_files(path, dim):
@@ -129,13 +155,35 @@ def _study_files(path, dim):
 _XML_READERS = {".vti": vtkXMLImageDataReader, ".vtp": vtkXMLPolyDataReader, ".vtu": vtkXMLUnstructuredGridReader}
 
 
-def _read(path):
+class _Errors:
+    """Collects a VTK reader's error events (instead of VTK's multi-line log) for one clear message."""
+
+    def __init__(self, algorithm):
+        self.messages = []
+        algorithm.AddObserver("ErrorEvent", self)
+        algorithm.GetExecutive().AddObserver("ErrorEvent", self)
+
+    def __call__(self, obj, event, data=None):
+        self.messages.append(event)
+
+    __call__.CallDataType = "string0"  # VTK passes the message text
+
+
+def _xml_reader(path, information_only=False):
     r = _XML_READERS[os.path.splitext(path)[1]]()
+    errors = _Errors(r)
     r.SetFileName(path)
-    r.Update()
-    if r.GetErrorCode():
-        raise ValueError(f"{path}: unreadable VTK XML file")
-    return r.GetOutput()
+    r.UpdateInformation() if information_only else r.Update()
+    if errors.messages or r.GetErrorCode():
+        raise ValueError(f"{path}: unreadable VTK XML file (broken or not VTK XML)")
+    return r
+
+
+def _read(path):
+    out = _xml_reader(path).GetOutputDataObject(0)
+    if out is None or (out.IsA("vtkImageData") and out.GetNumberOfPoints() == 0):
+        raise ValueError(f"{path}: holds no data")
+    return out
 
 
 @smproxy.reader(name="GlobScopeStudyReader", label="GlobScope Study Reader",
@@ -143,7 +191,8 @@ def _read(path):
                 file_description="GlobScope study (study.h5 and the landscape files next to it)")
 @smproperty.xml("".join(f'<OutputPort name="{n}" index="{i}" />' for i, (n, _) in enumerate(_READER_PORTS)))
 class GlobScopeStudyReader(VTKPythonAlgorithmBase):
-    """One file gives everything: the loss landscape, the trajectories and the merge tree outputs."""
+    """One file gives everything: the loss landscape, the trajectories, the merge tree outputs and the
+    mode-connectivity paths (empty when the study has none)."""
 
     def __init__(self):
         VTKPythonAlgorithmBase.__init__(self, nInputPorts=0, nOutputPorts=len(_READER_PORTS))
@@ -187,12 +236,7 @@ class GlobScopeStudyReader(VTKPythonAlgorithmBase):
             for port, path in ((0, files[0]), (4, files[4])):
                 if not os.path.exists(path):
                     path = files[0]  # no topology yet: the segmentation port mirrors the landscape grid
-                r = vtkXMLImageDataReader()
-                r.SetFileName(path)
-                r.UpdateInformation()
-                if r.GetErrorCode():
-                    raise ValueError(f"{path}: not a readable .vti file")
-                info = r.GetOutputInformation(0)
+                info = _xml_reader(path, information_only=True).GetOutputInformation(0)
                 _set_image_information(outInfo.GetInformationObject(port), info.Get(SDDP.WHOLE_EXTENT()),
                                        info.Get(vtkDataObject.ORIGIN()), info.Get(vtkDataObject.SPACING()))
         except Exception:  # noqa: BLE001 - reported once, by RequestData
@@ -204,7 +248,7 @@ class GlobScopeStudyReader(VTKPythonAlgorithmBase):
         try:
             files = self._files()
             missing = []
-            for port, path in enumerate(files):
+            for port, path in enumerate(files):  # the study's fixed files (ports 0-5)
                 info = outInfo.GetInformationObject(port)
                 out = vtkDataObject.GetData(info)
                 if not os.path.exists(path):
@@ -215,6 +259,9 @@ class GlobScopeStudyReader(VTKPythonAlgorithmBase):
                     _crop_to_request(out, info)
                 elif _piece(info) == 0:  # points and cells: all on the first rank, none elsewhere
                     out.ShallowCopy(_read(path))
+            connect = connect_files(self._filename, self._dim)  # optional: no warning when there are none
+            if connect and _piece(outInfo.GetInformationObject(CONNECT_PORT)) == 0:
+                vtkDataObject.GetData(outInfo.GetInformationObject(CONNECT_PORT)).ShallowCopy(_append_polydata(connect))
             if missing:
                 vtkOutputWindow.GetInstance().DisplayWarningText(
                     f"GlobScope Study Reader: {', '.join(missing)} not found next to {self._filename} "
@@ -246,11 +293,19 @@ class _WholeImageFilter(VTKPythonAlgorithmBase):
         self._request_whole_input(inInfo)
         return 1
 
+    _array = None
+
+    def _set_array(self, field, name):
+        if name != self._array:
+            self._array = name  # point data only: a merge tree lives on the grid's vertices
+            self.Modified()
+
     def _scalars(self, inInfo):
         img = vtkImageData.GetData(inInfo[0], 0)
-        arr = self.GetInputArrayToProcess(0, inInfo)
-        if img is None or arr is None:
-            raise ValueError("the input has no point scalar field to work on (set ScalarField/InputArray)")
+        pd = img.GetPointData() if img is not None else None
+        arr = (pd.GetArray(self._array) if self._array else pd.GetScalars()) if pd is not None else None
+        if arr is None:
+            raise ValueError(f"the input has no point array {self._array!r} (set ScalarField/InputArray)")
         if arr.GetNumberOfComponents() != 1:
             raise ValueError(f"array {arr.GetName()} has {arr.GetNumberOfComponents()} components, needs 1")
         return img, arr.GetName(), ns.vtk_to_numpy(arr)
@@ -282,7 +337,7 @@ class GlobScopeMergeTree(_WholeImageFilter):
 
     @smproperty.xml(_SCALAR_FIELD_XML.format(name="ScalarField"))
     def SetInputArrayToProcess(self, idx, port, connection, field, name):
-        return VTKPythonAlgorithmBase.SetInputArrayToProcess(self, idx, port, connection, field, name)
+        self._set_array(field, name)
 
     @smproperty.xml("""<IntVectorProperty name="TreeType" command="SetTreeType" number_of_elements="1"
         default_values="0"><EnumerationDomain name="enum"><Entry value="0" text="Join Tree"/>
@@ -327,11 +382,11 @@ class GlobScopeMergeTree(_WholeImageFilter):
                     out.ShallowCopy(part)
         except Exception as exc:  # noqa: BLE001
             _error("GlobScope Merge Tree", exc)
-            return 0
         return 1
 
 
-@smproxy.filter(name="GlobScopeTopologicalSimplification", label="GlobScope Persistence Simplification")
+@smproxy.filter(name="GlobScopeTopologicalSimplificationByPersistence",
+              label="GlobScope Topological Simplification By Persistence")
 @smhint.xml('<ShowInMenu category="GlobScope" />')
 @smproperty.input(name="Input", port_index=0)
 @smdomain.datatype(dataTypes=["vtkImageData"], composite_data_supported=False)
@@ -349,7 +404,7 @@ class GlobScopeTopologicalSimplification(_WholeImageFilter):
 
     @smproperty.xml(_SCALAR_FIELD_XML.format(name="InputArray"))
     def SetInputArrayToProcess(self, idx, port, connection, field, name):
-        return VTKPythonAlgorithmBase.SetInputArrayToProcess(self, idx, port, connection, field, name)
+        self._set_array(field, name)
 
     @smproperty.doublevector(name="PersistenceThreshold", default_values=0.0)
     @smdomain.doublerange(min=0.0)
@@ -373,13 +428,11 @@ class GlobScopeTopologicalSimplification(_WholeImageFilter):
                                                relative=not self._absolute)
             out = vtkImageData.GetData(outInfo.GetInformationObject(0))
             out.ShallowCopy(img)
-            seg = _get(res.segmentation, "point_arrays")
-            keep = {k: v for k, v in seg.items() if k in (name, f"{name}_Order")}
+            keep = {k: v for k, v in res.segmentation.items() if k in (name, f"{name}_Order")}
             out.GetPointData().RemoveArray(name)
             _add_arrays(out.GetPointData(), keep)
             out.GetPointData().SetActiveScalars(name)
             _crop_to_request(out, outInfo.GetInformationObject(0))
         except Exception as exc:  # noqa: BLE001
-            _error("GlobScope Persistence Simplification", exc)
-            return 0
+            _error("GlobScope Topological Simplification", exc)
         return 1

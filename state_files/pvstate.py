@@ -4,19 +4,33 @@ Runs inside pvpython/pvbatch (ParaView's Python, numpy 1.24, no pip vtk), with p
 root on PYTHONPATH (globscope_core.pvenv sets them). Three uses:
 
     pvpython state_files/pvstate.py make STUDY            # (re)build state_files/*.pvsm on a study
-    pvbatch  state_files/pvstate.py render STUDY OUTDIR   # load each state on STUDY, write the PNGs
+    pvbatch  state_files/pvstate.py render STUDY OUTDIR [VIEW...]   # load each state on STUDY, write PNGs
     paraview --script=state_files/pvstate.py              # GUI: GLOBSCOPE_STUDY=STUDY, 2D state applied
 
 State files name their sources (e.g. "Surface Warp"); after loading on another study, ``fit`` sets the
 sizes that depend on the data (warp scale, tube radius, sphere size, iso-levels) and rescales colour maps.
+
+`globscope connect`'s paths (connect-A-B-{2,3}d.vtp) come through the study reader's last port, empty when
+the study has none: the 2D and 3D views draw them as tubes (pink straight line, green curve) and show their
+legend only when there are some, so a study without them renders exactly as before. The view
+"connect-plane" (Garipov et al.'s picture: the loss in the plane of the newest curve, both paths on it) is
+built by ``build_plane`` from connect-A-B-plane.{vti,vtp}, no state file needed.
+
+The state files were last built on a copy of a 3-run digits study (PCA landscapes, 33^2 and 13^3) with a
+connect curve between runs 0 and 1; some saved values depend on that study (the volume's opacity unit
+distance), so rebuild them on a similar study to keep renders unchanged.
 """
 import os
 import sys
 
 from paraview.simple import *  # noqa: F401,F403 - the pvpython idiom
+from paraview import servermanager as sm
 from paraview import simple as pv
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    HERE = os.path.dirname(os.path.abspath(__file__))
+except NameError:  # the GUI's --script runs this file's text, without __file__
+    HERE = os.environ["GLOBSCOPE_STATE_DIR"]
 PLUGIN = os.path.join(os.path.dirname(HERE), "plugin", "GlobScopePlugin.py")
 STATES = {"landscape-2d": "landscape-2d.pvsm", "landscape-3d": "landscape-3d.pvsm",
           "trajectories-2d": "trajectories.pvsm"}
@@ -40,6 +54,10 @@ def _show(src, view, color_by=None, preset=None, solid=None, opacity=1.0, rep="S
         lut = pv.GetColorTransferFunction(color_by)
         if preset:
             lut.ApplyPreset(preset, True)
+        bar = pv.GetScalarBar(lut, view)
+        bar.Title = color_by
+        bar.ComponentTitle = ""
+        bar.TitleColor = bar.LabelColor = [0.1, 0.1, 0.1]
     else:
         d.ColorArrayName = ["POINTS", ""]  # 5.11: ColorBy(d, None) raises
         if solid:
@@ -100,7 +118,47 @@ def _tree_parts(r, view, warp):
     _show(glyph, view, "CriticalType", "Rainbow Uniform")
 
 
-def _view():
+# pink: unlike the dark red tree arcs, the rainbow runs and viridis; green: thicker than the runs' tubes
+CONNECT_COLOURS = {"line": [1.0, 0.1, 0.55], "curve": [0.15, 0.95, 0.25]}
+CONNECT_LEGEND = "pink: straight line A-B    green: trained low-loss curve"
+
+
+def _connect_paths(src, view, prefix=""):
+    """Straight line (cells with path 0) and trained curve (path 1) of ``globscope connect`` as tubes."""
+    for name, value in (("Line", 0), ("Curve", 1)):
+        part = pv.Threshold(registrationName=f"{prefix}Connect {name}", Input=src)
+        part.Scalars = ["CELLS", "path"]
+        part.LowerThreshold = part.UpperThreshold = value
+        part.ThresholdMethod = "Between"
+        tube = pv.Tube(registrationName=f"{prefix}Connect {name} Tube", Input=pv.ExtractSurface(Input=part))
+        tube.Scalars = ["POINTS", ""]
+        tube.Radius = 0.01
+        tube.NumberofSides = 12
+        d = _show(tube, view, solid=CONNECT_COLOURS[name.lower()])
+        d.Specular = 0.3
+
+
+def _connect_parts(r, view, warp):
+    """The connect paths of the study (the reader's last port; empty, so invisible, when there are none)."""
+    paths = _port(r, 6)
+    if warp:  # onto the warped surface, like the trajectories: the loss of the decoded point is its height
+        paths = pv.WarpByScalar(registrationName="Connect Warp", Input=paths)
+        paths.Scalars = ["POINTS", "loss_decoded"]
+        paths.Normal = [0, 0, 1]
+        paths.UseNormal = 1
+    _connect_paths(pv.Transform(registrationName="Connect Lift", Input=paths), view)
+    legend = pv.Text(registrationName="Connect Legend", Text=CONNECT_LEGEND)
+    d = pv.Show(legend, view)
+    d.Color = [0.1, 0.1, 0.1]
+    d.FontSize = 16
+    d.WindowLocation = "Upper Left Corner"
+    d.Visibility = 0  # fit() shows it when the study has connect paths
+
+
+def _view(v=None):
+    if v is not None:  # the GUI's own view
+        v.OrientationAxesVisibility = 0
+        return v
     v = pv.CreateView("RenderView")
     v.ViewSize = SIZE
     v.OrientationAxesVisibility = 0
@@ -113,8 +171,8 @@ def _view():
     return v
 
 
-def build_2d(study):
-    v = _view()
+def build_2d(study, view=None):
+    v = _view(view)
     r = _reader(study, 2)
     surf = pv.WarpByScalar(registrationName="Surface Warp", Input=r)
     surf.Scalars = ["POINTS", "loss"]
@@ -129,6 +187,7 @@ def build_2d(study):
     _show(pv.Transform(registrationName="Contour Lift", Input=cwarp), v, solid=[0.1, 0.1, 0.1])
     _trajectory_parts(r, v, True, "run", "Rainbow Uniform")
     _tree_parts(r, v, True)
+    _connect_parts(r, v, True)
     v.CameraPosition = [1.6, -2.6, 3.0]
     v.CameraViewUp = [0, 0, 1]
     return v
@@ -146,6 +205,7 @@ def build_3d(study):
     _show(iso, v, "loss", None, opacity=0.35)
     _trajectory_parts(r, v, False, "run", "Rainbow Uniform")
     _tree_parts(r, v, False)
+    _connect_parts(r, v, False)
     pv.Show(pv.Outline(registrationName="Box", Input=r), v).ColorArrayName = ["POINTS", ""]
     v.CameraPosition = [2.5, -3.5, 2.5]
     v.CameraViewUp = [0, 0, 1]
@@ -179,6 +239,11 @@ def _range(src, port, name, kind="POINTS"):
     return a.GetComponentRange(0) if a is not None else None
 
 
+def _coloured(rep):
+    """A representation coloured by an array (text has no ColorArrayName at all)."""
+    return rep is not None and rep.GetProperty("ColorArrayName") is not None and bool(rep.ColorArrayName[1])
+
+
 def fit(view, name):
     """Sizes and colour ranges from the data now loaded (any study, any latent scale)."""
     r = pv.FindSource("Study")
@@ -188,7 +253,7 @@ def fit(view, name):
     lo, hi = _range(r, 0, "loss") or (0.0, 1.0)
     span = (hi - lo) or 1.0
     warp = 0.45 * extent / span  # the surface's height is 45% of its width
-    for w in ("Surface Warp", "Contour Warp", "Trajectory Warp", "Arc Warp", "Node Warp"):
+    for w in ("Surface Warp", "Contour Warp", "Trajectory Warp", "Arc Warp", "Node Warp", "Connect Warp"):
         s = pv.FindSource(w)
         if s is not None:
             s.ScaleFactor = warp
@@ -197,7 +262,11 @@ def fit(view, name):
         s = pv.FindSource(t)
         if s is not None:
             s.Transform.Translate = [0, 0, lift]
-    for t, frac in (("Trajectory Tubes", 0.006), ("Tree Arcs", 0.004)):
+    connect_lift = pv.FindSource("Connect Lift")  # above the trajectories: the paths end on runs' finals
+    if connect_lift is not None:
+        connect_lift.Transform.Translate = [0, 0, 2 * lift]
+    for t, frac in (("Trajectory Tubes", 0.006), ("Tree Arcs", 0.004), ("Connect Line Tube", 0.009),
+                    ("Connect Curve Tube", 0.009)):
         s = pv.FindSource(t)
         if s is not None:
             s.Radius = frac * extent
@@ -214,15 +283,58 @@ def fit(view, name):
     if iso is not None:
         iso.Isosurfaces = [lo + span * q for q in (0.12, 0.3)]
     for src in pv.GetSources().values():  # colour maps follow the new data
-        rep = pv.GetDisplayProperties(src, view=view)
-        if rep is not None and rep.Visibility and rep.ColorArrayName[1]:
+        rep = sm.GetRepresentation(src, view)  # (GetDisplayProperties would create and show one)
+        if _coloured(rep) and rep.Visibility:
+            src.UpdatePipeline()
             rep.RescaleTransferFunctionToDataRange(False, True)
+    bars = {"trajectories-2d": ("loss", "step")}.get(name, ("loss",))
+    for src in pv.GetSources().values():  # one legend per colour that matters, no overlapping bars
+        rep = sm.GetRepresentation(src, view)
+        if _coloured(rep):
+            rep.SetScalarBarVisibility(view, bool(rep.Visibility) and rep.ColorArrayName[1] in bars)
+    _fit_connect_legend(view, r, 3 if name == "landscape-3d" else 2)
     if name == "landscape-3d":  # volume: low loss opaque, high loss clear
         pwf = pv.GetOpacityTransferFunction("loss")
         pwf.Points = [lo, 0.55, 0.5, 0.0, lo + 0.25 * span, 0.08, 0.5, 0.0, hi, 0.0, 0.5, 0.0]
     view.ResetCamera()
     cam = view.GetActiveCamera()
     cam.Zoom(1.25 if name == "trajectories-2d" else 1.1)
+
+
+def _barriers(study, key):
+    """Train-loss barriers (line, curve) of report.json's section ``key``, or None."""
+    import json
+
+    try:
+        with open(os.path.join(study, "report.json")) as f:
+            sec = json.load(f)[key]
+        return sec["line_summary"]["train_loss_barrier"], sec["curve_summary"]["train_loss_barrier"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def connect_caption(study, keys, with_key=True):
+    """The colour legend and, per connect key, the train-loss barriers of report.json."""
+    lines = [CONNECT_LEGEND]
+    for key in keys:
+        b = _barriers(study, key)
+        if b is not None:
+            lines.append(f"{key + ': ' if with_key else ''}train-loss barrier: line {b[0]:.3g}, curve {b[1]:.3g}")
+    return "\n".join(lines)
+
+
+def _fit_connect_legend(view, r, dim):
+    legend = pv.FindSource("Connect Legend")
+    if legend is None:
+        return
+    n = r.GetDataInformation(6).GetNumberOfPoints()
+    if n:
+        from globscope_core.render import connect_files
+
+        study = os.path.dirname(r.FileName)
+        keys = [os.path.basename(p)[: -len("-2d.vtp")] for p in connect_files(study, f"{dim}d")]
+        legend.Text = connect_caption(study, keys)
+    sm.GetRepresentation(legend, view).Visibility = int(n > 0)
 
 
 def check_files(study, name):
@@ -247,12 +359,74 @@ def load(name, study):
     return view
 
 
+# --- the plane of a connect curve (Garipov et al.'s picture; built here, it needs no state file) --------------
+def build_plane(study):
+    """The loss in the plane through A, B and the bend (log colours, contours), both paths on it."""
+    from globscope_core.render import newest_plane  # numpy only: fine in ParaView's Python
+
+    vti = newest_plane(study)
+    if vti is None:
+        raise SystemExit(f"{study}: no connect-*-plane.vti with its .vtp (run `globscope connect` first)")
+    key = os.path.basename(vti)[: -len("-plane.vti")]
+    v = _view()
+    img = pv.XMLImageDataReader(registrationName="Plane", FileName=[vti])
+    img.PointArrayStatus = ["loss", "accuracy"]
+    img.UpdatePipeline()
+    lo, hi = _range(img, 0, "loss") or (1e-3, 1.0)
+    lo = max(lo, 1e-6)
+    hi = max(hi, lo * 1.001)
+    d = _show(img, v, "loss", "Viridis (matplotlib)")
+    lut = pv.GetColorTransferFunction("loss")
+    lut.RescaleTransferFunction(lo, hi)
+    lut.MapControlPointsToLogSpace()
+    lut.UseLogScale = 1  # the valley spans decades of loss: a linear map shows only the high ridge
+    d.SetScalarBarVisibility(v, True)
+    pv.GetScalarBar(lut, v).Title = "loss (log scale)"
+    contour = pv.Contour(registrationName="Plane Contours", Input=img)
+    contour.ContourBy = ["POINTS", "loss"]
+    contour.Isosurfaces = [lo * (hi / lo) ** q for q in [i / 12 for i in range(1, 12)]]
+    b = img.GetDataInformation(0).GetBounds()
+    extent = max(b[1] - b[0], b[3] - b[2]) or 1.0
+    clift = pv.Transform(registrationName="Plane Contour Lift", Input=contour)
+    clift.Transform.Translate = [0, 0, 0.002 * extent]
+    _show(clift, v, solid=[0.05, 0.05, 0.05], opacity=0.6)
+    paths = pv.XMLPolyDataReader(registrationName="Plane Paths", FileName=[vti[:-4] + ".vtp"])
+    lift = pv.Transform(registrationName="Plane Path Lift", Input=paths)
+    lift.Transform.Translate = [0, 0, 0.01 * extent]
+    _connect_paths(lift, v, prefix="Plane ")
+    for name in ("Line", "Curve"):
+        pv.FindSource(f"Plane Connect {name} Tube").Radius = 0.007 * extent
+    ends = pv.ExtractCellsByType(registrationName="Plane Ends", Input=lift)
+    ends.CellTypes = ["Vertex"]
+    spheres = pv.Glyph(registrationName="Plane End Spheres", Input=ends, GlyphType="Sphere")
+    spheres.ScaleArray = ["POINTS", "No scale array"]
+    spheres.ScaleFactor = 0.035 * extent
+    spheres.GlyphMode = "All Points"
+    _show(spheres, v, solid=[1.0, 1.0, 1.0])
+    title = pv.Text(registrationName="Plane Title",
+                    Text=f"{key}: loss in the plane through A, B and the bend\n"
+                    + connect_caption(study, [key], with_key=False))
+    t = pv.Show(title, v)
+    t.Color = [0.1, 0.1, 0.1]
+    t.FontSize = 16
+    t.WindowLocation = "Upper Left Corner"
+    v.CameraPosition = [0, 0, 5]
+    v.CameraViewUp = [0, 1, 0]
+    v.CameraParallelProjection = 1
+    v.ResetCamera()
+    v.GetActiveCamera().Zoom(1.15)
+    return v
+
+
 def render(study, out, names=None):
     study, out = os.path.abspath(study), os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     for name in names or STATES:
         pv.ResetSession()
-        view = load(name, study)
+        if name == "connect-plane":
+            view = build_plane(study)
+        else:
+            view = load(name, study)
         path = os.path.join(out, name + ".png")
         tmp = path + ".tmp.png"
         pv.SaveScreenshot(tmp, view, ImageResolution=SIZE)
@@ -273,11 +447,17 @@ def make(study):
         print("saved", STATES[name], flush=True)
 
 
-if __name__ == "__main__":
+if os.environ.get("GLOBSCOPE_GUI") == "1":  # paraview --script (globscope paraview): GUI with the 2D view
+    # the 2D view built in the GUI's own view: LoadState from a --script crashes the 5.11 GUI (found by trying)
+    load_plugin()
+    gui_view = build_2d(os.path.abspath(os.environ["GLOBSCOPE_STUDY"]), pv.GetActiveViewOrCreate("RenderView"))
+    fit(gui_view, "landscape-2d")
+    pv.Render(gui_view)
+    if os.environ.get("GLOBSCOPE_SCREENSHOT"):  # lets a test see what the GUI shows
+        pv.SaveScreenshot(os.environ["GLOBSCOPE_SCREENSHOT"], gui_view, ImageResolution=[800, 600])
+elif __name__ == "__main__":
     args = sys.argv[1:]
-    if not args and os.environ.get("GLOBSCOPE_STUDY"):  # paraview --script: GUI with the 2D view
-        load("landscape-2d", os.path.abspath(os.environ["GLOBSCOPE_STUDY"]))
-    elif args[:1] == ["make"] and len(args) == 2:
+    if args[:1] == ["make"] and len(args) == 2:
         make(args[1])
     elif args[:1] == ["render"] and len(args) >= 3:
         render(args[1], args[2], args[3:] or None)

@@ -29,7 +29,8 @@ def _loss(x, wells):
     return 2.5 + 0.6 * (x ** 2).sum(-1) - (d * np.exp(-r2 / (2 * w ** 2))).sum(-1)
 
 
-def write_synthetic_study(out: str, seed: int = 0, res2: int = 65, res3: int = 25, runs: int = 4) -> str:
+def write_synthetic_study(out: str, seed: int = 0, res2: int = 65, res3: int = 25, runs: int = 4,
+                          topology: bool = True) -> str:
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     for dim, res in ((2, res2), (3, res3)):
@@ -63,6 +64,11 @@ def write_synthetic_study(out: str, seed: int = 0, res2: int = 65, res3: int = 2
                   point_arrays={"run": np.array(run_a, np.int32), "step": np.array(step_a, np.int32),
                                 "loss": np.array(loss_a, np.float32), "loss_decoded": np.array(loss_a, np.float32)})
     open(os.path.join(out, "study.h5"), "ab").close()  # the reader opens STUDY/study.h5
+    if topology:
+        from globscope_core.topology_io import study_topology
+
+        for dim in (2, 3):
+            study_topology(out, dim, verbose=False)
     return out
 
 

@@ -203,3 +203,19 @@ def test_model_without_spec_is_a_clear_error():
     with pytest.raises(GlobScopeError, match="not a permutation"):
         good = PermutationSpec({"0.weight": ("P", None), "0.bias": ("P",), "1.weight": (None, "P")})
         flat_index(good, two, {"P": np.array([0, 0, 1])})
+
+
+def test_compare_basins_before_and_after(study_copy, tmp_path, capsys):
+    """The whole global view on both studies: fit, landscape, topology basins, side-by-side PNG."""
+    out = tmp_path / "aligned"
+    assert cli.main(["align", study_copy.dir, "--out", str(out), "--alphas", "5", "--compare-basins",
+                     "--reducer", "pca", "--resolution", "9"]) == 0
+    assert "basins of the final models" in capsys.readouterr().out
+    sec = json.loads((out / "report.json").read_text())["align-basins-2d"]
+    for key, d in (("raw", study_copy.dir), ("aligned", str(out))):
+        assert 1 <= sec[key]["n_basins"] <= len(study_copy.runs)
+        assert sorted(r for b in sec[key]["basins"] for r in b["runs"]) == list(range(len(study_copy.runs)))
+        assert os.path.exists(os.path.join(d, "landscape-2d.vti"))
+        assert os.path.exists(os.path.join(d, "topology-2d", "segmentation.vti"))
+    assert sec["aligned"]["threshold"] == sec["raw"]["threshold"]  # one absolute threshold for both
+    assert os.path.getsize(out / sec["image"]) > 5000

@@ -10,8 +10,10 @@ decoded models work:
     ``distance_weight``) keeps runs that are far apart in weight space apart in the latent space;
   * full-batch Adam with a one-cycle learning-rate schedule, in float64 (the target is ~1e-6 of
     the variance);
-  * a final exact least-squares (tiny ridge) refit of the decoder's last layer on the training
-    latent points, which takes the reconstruction from "good" to float precision.
+  * a final exact least-squares (tiny ridge) refit of the decoder's readout on the training latent
+    points, then a local Gaussian-kernel interpolation of the residual that is left (width: the
+    median nearest-neighbour distance of the latent points), so every checkpoint decodes to itself
+    up to float precision while points between checkpoints get a small, smooth correction.
 The loss is the mean squared error in standardized parameter space (the basis is orthonormal).
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ from tqdm import tqdm
 from ..errors import GlobScopeError
 from .base import SpanReducer, register_reducer
 
-DEFAULTS = {"width": 256, "depth": 2, "epochs": 3000, "lr": 2e-3, "seed": 0, "device": "auto",
-            "distance_weight": 0.05, "ridge": 1e-9, "refit_last_layer": True}
+DEFAULTS = {"width": "auto", "depth": 2, "epochs": 1500, "lr": 2e-3, "seed": 0, "device": "auto",
+            "distance_weight": 0.05, "ridge": 1e-9, "refit_last_layer": True,
+            "residual_kernel": True, "kernel_ridge": 1e-10}
 
 
 def _mlp(n_in, width, depth, n_out):
@@ -41,12 +44,34 @@ def _mlp(n_in, width, depth, n_out):
     return nn.Sequential(*layers, last)
 
 
+class _Decoder(nn.Module):
+    """MLP whose linear readout sees every hidden layer (width * depth features): with at least as
+    many features as checkpoints, the exact refit of the readout can interpolate all of them."""
+
+    def __init__(self, dim, width, depth, k):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim if i == 0 else width, width) for i in range(depth))
+        self.out = nn.Linear(width * depth, k)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def hidden(self, z):
+        hs, h = [], z
+        for layer in self.layers:
+            h = nn.functional.silu(layer(h))
+            hs.append(h)
+        return torch.cat(hs, 1)
+
+    def forward(self, z):
+        return self.out(self.hidden(z))
+
+
 class _AE(nn.Module):
     def __init__(self, k, dim, width, depth):
         super().__init__()
         self.k, self.dim = k, dim
         self.enc = _mlp(k, width, depth, dim)
-        self.dec = _mlp(dim, width, depth, k)
+        self.dec = _Decoder(dim, width, depth, k)
 
     def encode(self, c):  # c: normalized basis coordinates [n, k]
         return c[:, : self.dim] + self.enc(c)
@@ -54,8 +79,14 @@ class _AE(nn.Module):
     def decode(self, z):
         return nn.functional.pad(z, (0, self.k - self.dim)) + self.dec(z)
 
-    def hidden(self, z):  # decoder features feeding its last layer
-        return self.dec[:-1](z)
+    def hidden(self, z):  # decoder features feeding its readout
+        return self.dec.hidden(z)
+
+
+def _pdist(x, iu):
+    d2 = (x * x).sum(1)
+    d2 = d2[:, None] + d2[None, :] - 2.0 * x @ x.T
+    return d2[iu[0], iu[1]].clamp_min(1e-12).sqrt()
 
 
 @register_reducer("ae")
@@ -63,7 +94,7 @@ class AutoencoderReducer(SpanReducer):
     min_checkpoints = 4
 
     def __init__(self, dim=2, **config):
-        unknown = set(config) - set(DEFAULTS) - {"block_rows"}
+        unknown = set(config) - set(DEFAULTS) - {"block_rows", "max_rank"}
         if unknown:
             raise GlobScopeError(f"ae: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
         super().__init__(dim, **{**DEFAULTS, **config})
@@ -72,7 +103,10 @@ class AutoencoderReducer(SpanReducer):
         cfg = self.config
         # the basis may have fewer than dim directions (tiny studies): pad the coordinates
         self.k_ = k
-        self.net = _AE(max(k, self.dim), self.dim, int(cfg["width"]), int(cfg["depth"])).double()
+        # "auto" width: enough readout features (width * depth) to interpolate every checkpoint
+        width = cfg["width"] if cfg["width"] != "auto" else max(128, -(-(self.n_fit_ + 8) // int(cfg["depth"])))
+        self.width_ = int(width)
+        self.net = _AE(max(k, self.dim), self.dim, self.width_, int(cfg["depth"]))
 
     def _pad(self, C):
         return np.pad(C, ((0, 0), (0, max(0, self.dim - C.shape[1]))))
@@ -82,24 +116,51 @@ class AutoencoderReducer(SpanReducer):
 
         cfg = self.config
         torch.manual_seed(int(cfg["seed"]))
+        self.n_fit_ = len(C)
         self._build(C.shape[1])
         self.unit_ = float(C[:, 0].std()) or 1.0
         device = resolve_device(cfg["device"])
         net = self.net.to(device)
-        c = torch.as_tensor(self._pad(C) / self.unit_, dtype=torch.float64, device=device)
-        dc = torch.pdist(c)
+        # Adam phase in float32 (fast); the final refit and decoding in float64 (precise)
+        c64 = torch.as_tensor(self._pad(C) / self.unit_, dtype=torch.float64, device=device)
+        c = c64.float()
+        iu = torch.triu_indices(len(c), len(c), 1, device=device)
+        dc = _pdist(c, iu)
         dc = dc / dc.mean()
         epochs, lam = int(cfg["epochs"]), float(cfg["distance_weight"])
         opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(cfg["lr"]), total_steps=max(1, epochs),
                                                     pct_start=0.1)
         history = []
+        # the matrices are small: on a busy CPU, torch's thread pool costs far more than it saves
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            self._train(net, c, dc, iu, opt, sched, epochs, lam, history, progress)
+        finally:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            net.double()
+            c = c64
+            z = net.encode(c)
+            if cfg["refit_last_layer"]:
+                self._refit_last(z, c, float(cfg["ridge"]))
+            if cfg["residual_kernel"]:
+                self._fit_residual_kernel(z, c - net.decode(z))
+            rec = (self._decode_norm(net, z) - c).square().sum(1).mean().item()
+        self.net = net.cpu()
+        self._set_snap(c.cpu().numpy())
+        self.fit_info = {"device": str(device), "epochs": epochs, "history_mse_std": history,
+                         "train_mse_std": rec * self.unit_**2 / self.basis.n_params}
+
+    def _train(self, net, c, dc, iu, opt, sched, epochs, lam, history, progress):
         for ep in tqdm(range(epochs), desc=f"fit ae-{self.dim}d", disable=not progress, mininterval=1.0):
             z = net.encode(c)
             rec = (net.decode(z) - c).square().sum(1).mean()
             loss = rec
             if lam > 0:
-                dz = torch.pdist(z)
+                dz = _pdist(z, iu)  # (torch.pdist's backward is very slow on CPU)
                 loss = loss + lam * (dz / dz.mean() - dc).square().mean() * c.square().sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -109,14 +170,37 @@ class AutoencoderReducer(SpanReducer):
                 raise GlobScopeError("ae: training diverged (non-finite loss); lower --lr")
             if ep % max(1, epochs // 20) == 0 or ep == epochs - 1:
                 history.append([ep, rec.item() * self.unit_**2 / self.basis.n_params])
-        with torch.no_grad():
-            z = net.encode(c)
-            if cfg["refit_last_layer"]:
-                self._refit_last(z, c, float(cfg["ridge"]))
-            rec = (net.decode(z) - c).square().sum(1).mean().item()
-        self.net = net.cpu()
-        self.fit_info = {"device": str(device), "epochs": epochs, "history_mse_std": history,
-                         "train_mse_std": rec * self.unit_**2 / self.basis.n_params}
+
+    def _fit_residual_kernel(self, z, R):
+        """Gaussian-kernel interpolation of what the network still misses at the training latents.
+
+        Width: the median distance from a checkpoint's latent point to its nearest neighbour, so the
+        correction is local (a few neighbours) and the kernel matrix is well conditioned."""
+        d = torch.cdist(z, z)
+        d.fill_diagonal_(float("inf"))
+        self.kernel_width_ = float(d.min(1).values.median().clamp_min(1e-12))
+        Phi = self._kernel(z, z)
+        Phi = Phi + float(self.config["kernel_ridge"]) * torch.eye(len(Phi), dtype=Phi.dtype, device=Phi.device)
+        self.kernel_z_ = z.detach().cpu()
+        self.fit_z_ = self.kernel_z_.numpy()
+        self.kernel_w_ = torch.linalg.solve(Phi, R).detach().cpu()
+
+    def _set_snap(self, c):
+        self.fit_coords_ = c
+        self.fit_z_ = self.net.encode(torch.as_tensor(c)).detach().numpy() if not hasattr(self, "fit_z_") else self.fit_z_
+        d = np.sqrt(np.maximum((c**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * c @ c.T, 0))
+        np.fill_diagonal(d, np.inf)
+        self.snap_scale_ = float(np.median(d.min(1)))
+
+    def _kernel(self, z, zf):
+        return torch.exp(-0.5 * torch.cdist(z, zf).square() / self.kernel_width_**2)
+
+    def _decode_norm(self, net, z):
+        out = net.decode(z)
+        if getattr(self, "kernel_w_", None) is not None:
+            zf, w = self.kernel_z_.to(z.device), self.kernel_w_.to(z.device)
+            out = out + self._kernel(z, zf) @ w
+        return out
 
     def _refit_last(self, z, c, ridge):
         """Exact least squares for the decoder's last layer: interpolates the training points."""
@@ -126,18 +210,27 @@ class AutoencoderReducer(SpanReducer):
         A = H.T @ H
         A = A + ridge * A.diagonal().mean() * torch.eye(len(A), dtype=A.dtype, device=A.device)
         Wb = torch.linalg.solve(A, H.T @ R)
-        last = self.net.dec[-1]
+        last = self.net.dec.out
         last.weight.copy_(Wb[:-1].T)
         last.bias.copy_(Wb[-1])
 
     def _encode(self, C):
         with torch.no_grad():
             c = torch.as_tensor(self._pad(np.asarray(C, dtype=np.float64)) / self.unit_)
-            return self.net.encode(c).numpy()
+            Z = self.net.encode(c).numpy()
+        if getattr(self, "fit_coords_", None) is not None:
+            # a fitted checkpoint (up to float32 rounding of its coordinates) maps to its own latent
+            # point: the decoder interpolates exactly there, and is steep between close checkpoints
+            F = self.fit_coords_
+            d2 = np.maximum((c.numpy() ** 2).sum(1)[:, None] + (F**2).sum(1)[None] - 2 * c.numpy() @ F.T, 0)
+            j = d2.argmin(1)
+            hit = d2[np.arange(len(j)), j] <= (1e-2 * self.snap_scale_) ** 2
+            Z[hit] = self.fit_z_[j[hit]]
+        return Z
 
     def _decode_torch(self, z):
         net = self._net_on(z.device)  # frozen copy: gradients flow to z only when z asks for them
-        return (net.decode(z.to(torch.float64)) * self.unit_)[:, : self.k_].to(torch.float32)
+        return (self._decode_norm(net, z.to(torch.float64)) * self.unit_)[:, : self.k_].to(torch.float32)
 
     def _net_on(self, device):
         cache = self.__dict__.setdefault("_nets", {})
@@ -148,12 +241,24 @@ class AutoencoderReducer(SpanReducer):
         return cache[str(device)]
 
     def _state(self):
-        return {**{f"ae.{k}": v for k, v in self.net.state_dict().items()},
-                "ae_scalars": torch.tensor([self.unit_, float(self.k_)], dtype=torch.float64)}
+        extra = {}
+        if getattr(self, "kernel_w_", None) is not None:
+            extra = {"ae_kernel_z": self.kernel_z_, "ae_kernel_w": self.kernel_w_,
+                     "ae_kernel_width": torch.tensor(self.kernel_width_, dtype=torch.float64)}
+        extra["ae_fit_coords"] = torch.as_tensor(self.fit_coords_)
+        extra["ae_fit_z"] = torch.as_tensor(self.fit_z_)
+        return {**extra, **{f"ae.{k}": v for k, v in self.net.state_dict().items()},
+                "ae_scalars": torch.tensor([self.unit_, float(self.k_), float(self.n_fit_)], dtype=torch.float64)}
 
     def _load_state(self, s):
-        unit, k = s["ae_scalars"].tolist()
-        self.unit_ = unit
+        unit, k, n_fit = s["ae_scalars"].tolist()
+        self.unit_, self.n_fit_ = unit, int(n_fit)
         self._build(int(k))
+        self.net.double()
         self.net.load_state_dict({key[3:]: v for key, v in s.items() if key.startswith("ae.")})
         self.net.eval()
+        self.fit_z_ = s["ae_fit_z"].numpy()
+        self._set_snap(s["ae_fit_coords"].numpy())
+        if "ae_kernel_w" in s:
+            self.kernel_z_, self.kernel_w_ = s["ae_kernel_z"], s["ae_kernel_w"]
+            self.kernel_width_ = float(s["ae_kernel_width"])

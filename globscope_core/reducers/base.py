@@ -119,11 +119,12 @@ class SpanReducer(Reducer):
         t0 = time.perf_counter()
         self.basis = SpanBasis()
         block_rows = self.config.get("block_rows")
-        C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress)
+        C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress,
+                           max_rank=self.config.get("max_rank"))
         t1 = time.perf_counter()
         self._fit_coords(C, progress=progress)
         self.embedding_ = np.asarray(self._encode(C), dtype=np.float64)
-        self.fit_info = {"basis_rank": self.basis.rank, "basis_seconds": t1 - t0,
+        self.fit_info = {"basis_rank": self.basis.rank, "basis_explained": float(self.basis.explained.sum()), "basis_seconds": t1 - t0,
                          "reducer_seconds": time.perf_counter() - t1, **getattr(self, "fit_info", {})}
         self.coords_ = C  # kept in memory for metrics; not saved
         return self

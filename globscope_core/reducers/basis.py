@@ -72,8 +72,12 @@ class SpanBasis:
         return self.V.shape[1]
 
     # --- fitting --------------------------------------------------------------------------
-    def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False):
-        """Returns the coordinates C [N, k] (float64) of every checkpoint, in row order."""
+    def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False,
+            max_rank: int | None = None):
+        """Returns the coordinates C [N, k] (float64) of every checkpoint, in row order.
+
+        ``max_rank`` keeps only the leading directions (a truncated basis: k x P memory instead of
+        N x P, at the cost of the variance left out, see ``explained``)."""
         src = as_source(source)
         name = describe(src)
         N, P = src.n_checkpoints, src.n_params
@@ -130,6 +134,9 @@ class SpanBasis:
         evals, U = evals[order], U[:, order]
         keep = evals > RANK_RTOL * evals[0]
         evals, U = evals[keep], U[:, keep]
+        total_var = evals.sum()
+        if max_rank:
+            evals, U = evals[: max(int(max_rank), 1)], U[:, : max(int(max_rank), 1)]
         k = len(evals)
         W = (U / np.sqrt(evals)).T.astype(np.float32)  # [k, N]: V = W @ S
 
@@ -138,7 +145,7 @@ class SpanBasis:
         for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 3/3 span", disable=not progress):
             V += W[:, idx] @ self.standardize(B)
         self.V = V
-        self.explained = evals / evals.sum()
+        self.explained = evals / total_var  # fraction of the standardized variance per direction
         return U * np.sqrt(evals)  # C = S V^T = U L^1/2
 
     # --- mapping -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class KernelPCAReducer(SpanReducer):
         from sklearn.decomposition import KernelPCA
 
         gamma = float(self.config.get("gamma", 1.0))
-        alpha = float(self.config.get("alpha", 1e-3))
+        alpha = float(self.config.get("alpha", 1.0))  # scikit-learn's default
         self.unit_ = float(np.sqrt(np.median(pdist(C, "sqeuclidean"))))
         if not self.unit_ > 0:
             raise GlobScopeError("kpca: the checkpoints are (almost) all identical; nothing to reduce")

@@ -1,0 +1,170 @@
+"""Files of the topology stage: TTK's merge tree outputs, and the basins of a study's runs.
+
+``write_topology`` writes a TopologyResult as ``nodes.vtu``, ``arcs.vtu``, ``segmentation.vti`` and
+``diagram.vtu`` (TTK's layout, shared/ttk-layout.md). ``topology_of_file`` does a .vti file and
+``study_topology`` a study: the simplified join tree of ``landscape-{d}d.vti`` to ``topology-{d}d/``
+and, for each run, the basin its final checkpoint lies in (report.json section ``basins-{d}d``).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from . import vtkio
+from .errors import GlobScopeError
+from .topology import TopologyResult, compute_topology
+
+# Leaf branches with persistence below 5% of the loss range are noise of the evaluation grid; what is
+# left is a tree of a handful of basins that reads at a glance (see the report for the numbers).
+DEFAULT_PERSISTENCE = 0.05
+FILES = ("nodes.vtu", "arcs.vtu", "segmentation.vti", "diagram.vtu")
+
+
+def write_topology(res: TopologyResult, out_dir: str, field: vtkio.ImageField | None = None,
+                   field_data: dict | None = None) -> list:
+    """Write the four TTK outputs of ``res`` to ``out_dir``; ``field`` adds the input's other arrays."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd = dict(field_data or {})
+    fd.update({"TreeType": res.tree, "PersistenceThreshold": res.threshold})
+    n, a, d = res.nodes, res.arcs, res.diagram
+    paths = [os.path.join(out_dir, f) for f in FILES]
+    vtkio.write_vtu(paths[0], n["points"], np.full(len(n["points"]), vtkio.VTK_VERTEX),
+                    np.arange(len(n["points"]))[:, None], n["point_arrays"], field_data=fd)
+    vtkio.write_vtu(paths[1], a["points"], np.full(len(a["cells"]), vtkio.VTK_LINE), a["cells"],
+                    a["point_arrays"], a["cell_arrays"], field_data=fd)
+    nz, ny, nx = res.shape
+    arrays = {}
+    if field is not None:  # TTK's segmentation carries the input's arrays
+        arrays.update({k: v for k, v in field.point_arrays.items() if k not in res.segmentation})
+    arrays.update(res.segmentation)
+    names = [k for k in res.segmentation if k.endswith("_Order")]
+    active = names[0][: -len("_Order")] if names else None
+    vtkio.write_vti(paths[2], vtkio.ImageField((nx, ny, nz), res.origin, res.spacing, arrays, fd, active))
+    vtkio.write_vtu(paths[3], d["points"], np.full(len(d["cells"]), vtkio.VTK_LINE), d["cells"],
+                    d["point_arrays"], d["cell_arrays"], field_data=fd)
+    return paths
+
+
+def read_scalar(path: str, scalar: str):
+    """(ImageField, (nz, ny, nx) values, order or None) of a .vti file, with clear errors."""
+    f = vtkio.read_vti(path)
+    if scalar not in f.point_arrays:
+        have = ", ".join(sorted(f.point_arrays)) or "none"
+        raise GlobScopeError(f"{path}: no point array '{scalar}' (arrays: {have})")
+    values = np.asarray(f.point_arrays[scalar])
+    if values.ndim != 1:
+        raise GlobScopeError(f"{path}: array '{scalar}' has {values.shape[1]} components, need a scalar")
+    nx, ny, nz = f.dims
+    order = f.point_arrays.get(f"{scalar}_Order")
+    return f, values.reshape(nz, ny, nx), None if order is None else np.asarray(order).reshape(nz, ny, nx)
+
+
+def topology_of_file(path: str, scalar: str, out_dir: str, persistence: float = 0.0, relative: bool = False,
+                     tree: str = "join", nan: str = "error") -> TopologyResult:
+    field, values, order = read_scalar(path, scalar)
+    try:
+        res = compute_topology(values, field.origin, field.spacing, tree=tree, persistence=persistence,
+                               relative=relative, order=order, nan=nan, name=scalar)
+    except GlobScopeError as exc:
+        raise GlobScopeError(f"{path}: {exc}") from None
+    except MemoryError:
+        raise GlobScopeError(f"{path}: out of memory for a grid of {values.size} points; use a coarser grid") from None
+    write_topology(res, out_dir, field, {"source": os.path.abspath(path), "scalar": scalar})
+    return res
+
+
+def summary(res: TopologyResult) -> dict:
+    n = res.nodes["point_arrays"]
+    return {"tree": res.tree, "grid": list(res.shape[::-1]), "threshold": res.threshold,
+            "pairs": int(len(res.pairs)), "pairs_kept": int(len(res.simplified_pairs)),
+            "nodes": int(len(n["NodeId"])), "arcs": int(len(res.arcs["cells"])),
+            "leaves": int(np.sum(n["CriticalType"] == (0 if res.tree == "join" else 3)))}
+
+
+# --- basins of a study --------------------------------------------------------------------------
+def final_points(path: str) -> tuple:
+    """(runs [k], positions [k, 3]) of the final checkpoints: the vertex cells of a trajectories .vtp."""
+    if not os.path.exists(path):
+        raise GlobScopeError(f"{path}: file does not exist (run `globscope landscape` first)")
+    pd = vtkio.read_any(path)
+    arrays = vtkio.arrays_of(pd)
+    if pd is None or pd.GetNumberOfPoints() == 0 or "run" not in arrays:
+        raise GlobScopeError(f"{path}: no trajectory points with a 'run' array")
+    verts = pd.GetVerts()
+    ids = []
+    if verts is not None:
+        conn = verts.GetConnectivityArray()
+        ids = [int(conn.GetValue(i)) for i in range(conn.GetNumberOfValues())]
+    if not ids:
+        raise GlobScopeError(f"{path}: no vertex cells (the final checkpoints)")
+    pos = np.array([pd.GetPoint(i) for i in ids], np.float64)
+    return np.asarray(arrays["run"])[ids].astype(int), pos
+
+
+def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PERSISTENCE, relative: bool = True,
+                   scalar: str = "loss", tree: str = "join", verbose: bool = True) -> dict:
+    """Simplified merge tree of ``landscape-{dim}d.vti`` and the basin of each run's final checkpoint.
+
+    Writes ``STUDY/topology-{dim}d/`` and the report section ``basins-{dim}d``; returns that section.
+    NaN losses (diverged decoded models) are treated as +inf.
+    """
+    from .store import update_report
+
+    land = os.path.join(study_dir, f"landscape-{dim}d.vti")
+    traj = os.path.join(study_dir, f"trajectories-{dim}d.vtp")
+    if not os.path.exists(land):
+        raise GlobScopeError(f"{land}: file does not exist (run `globscope landscape` first)")
+    t0 = time.perf_counter()
+    field, values, order = read_scalar(land, scalar)
+    n_nan = int(np.isnan(values).sum()) if values.dtype.kind == "f" else 0
+    try:
+        res = compute_topology(values, field.origin, field.spacing, tree=tree, persistence=persistence,
+                               relative=relative, order=order, nan="inf", name=scalar)
+    except GlobScopeError as exc:
+        raise GlobScopeError(f"{land}: {exc}") from None
+    out_dir = os.path.join(study_dir, f"topology-{dim}d")
+    write_topology(res, out_dir, field, {"source": os.path.abspath(land), "scalar": scalar})
+    runs, pos = final_points(traj)
+    nz, ny, nx = res.shape
+    ijk = np.rint((pos - np.asarray(res.origin)) / np.asarray(res.spacing)).astype(np.int64)
+    outside = ((ijk < 0) | (ijk >= np.array([nx, ny, nz]))).any(1)
+    ijk = np.clip(ijk, 0, np.array([nx, ny, nz]) - 1)
+    vert = ijk[:, 0] + ijk[:, 1] * nx + ijk[:, 2] * nx * ny
+    seg = res.segmentation["SegmentationId"][vert]
+    g = res.simplified_values.ravel()
+    f = values.ravel()
+    coords = lambda v: (np.asarray(res.origin) + np.array([v % nx, v // nx % ny, v // (nx * ny)]) *  # noqa: E731
+                        np.asarray(res.spacing))[:dim].round(6).tolist()
+    per_run = []
+    for r, v, s, out in zip(runs, vert, seg, outside):
+        m = int(res.basin_minimum[s]) if s >= 0 else int(v)
+        p = float(res.basin_persistence[s]) if s >= 0 else float("inf")
+        per_run.append({"run": int(r), "segment": int(s), "basin_minimum_vertex": m,
+                        "basin_minimum_loss": float(g[m]), "basin_minimum_position": coords(m),
+                        "basin_persistence": p if np.isfinite(p) else None,  # None: the global basin
+                        "final_loss_on_grid": float(f[v]), "outside_grid": bool(out)})
+    basins = {}
+    for b in per_run:
+        basins.setdefault(b["basin_minimum_vertex"], []).append(b["run"])
+    section = dict(summary(res), persistence=persistence, relative=relative, nan_values=n_nan,
+                   directory=os.path.relpath(out_dir, study_dir), seconds=round(time.perf_counter() - t0, 3),
+                   n_basins_with_runs=len(basins), runs=per_run,
+                   basins=[{"minimum_vertex": m, "runs": rs} for m, rs in sorted(basins.items())])
+    update_report(study_dir, f"basins-{dim}d", section)
+    if verbose:
+        print(format_basins(section, dim))
+    return section
+
+
+def format_basins(section: dict, dim: int) -> str:
+    lines = [f"basins-{dim}d: {section['nodes']} nodes, {section['leaves']} leaves after removing "
+             f"{section['pairs'] - section['pairs_kept']} of {section['pairs']} pairs "
+             f"(persistence <= {section['threshold']:.4g}); runs in {section['n_basins_with_runs']} basin(s)"]
+    for b in section["runs"]:
+        pers = "global" if b["basin_persistence"] is None else f"{b['basin_persistence']:.4g}"
+        lines.append(f"  run {b['run']:3d}: basin of vertex {b['basin_minimum_vertex']} at "
+                     f"{b['basin_minimum_position']}, min loss {b['basin_minimum_loss']:.4g}, persistence {pers}"
+                     + ("  (final checkpoint outside the grid)" if b["outside_grid"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""Landscape stage: batched evaluation, the latent grid, trajectories, resume, torchrun, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from globscope_core import cli, models
+from globscope_core.batched import BatchedEvaluator, eval_data, evaluate_flat
+from globscope_core.errors import GlobScopeError
+from globscope_core.evaluation import evaluate_model
+from globscope_core.flat import StateLayout
+from globscope_core.landscape import compute_landscape, grid_points
+from globscope_core.reducers import fit_reducer, load_reducer
+from globscope_core.store import Study
+from globscope_core.vtkio import arrays_of, read_any, read_vti
+
+VENV_BIN = os.path.dirname(sys.executable)
+# Every run compared bitwise runs one thread, as torchrun's workers do: another thread count may change
+# the GEMMs' rounding in the last bit (a relative 4e-7 on the loss), which is checked separately.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "globscope_core.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=300, **kw)
+
+
+@pytest.fixture
+def pca_study(study_copy):
+    fit_reducer(study_copy, "pca", 2)
+    return study_copy
+
+
+def _field(study, tag="2d"):
+    return read_vti(os.path.join(study.dir, f"landscape-{tag}.vti"))
+
+
+# --- batched evaluation --------------------------------------------------------------------------
+def test_batched_paths_match_one_model_at_a_time(tiny_study):
+    x, y = eval_data(tiny_study, "test", 100)
+    rows = np.arange(0, tiny_study.n_checkpoints, 3)
+    params = torch.from_numpy(tiny_study.read_params(rows))
+    params[-1] += 0.05 * torch.randn(params.shape[1], generator=torch.Generator().manual_seed(0))
+    model = tiny_study.build_model()
+    ref = np.array([evaluate_model(tiny_study.layout.load_into(model, p), x, y) for p in params])
+    fast = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
+    general = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu", fast=False)
+    assert fast.fast and not general.fast
+    for ev in (fast, general):
+        loss, acc = ev.evaluate(params)
+        np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(acc, ref[:, 1], atol=1e-9)
+    # the convenience function over a Study, in several model batches
+    loss, acc = evaluate_flat(tiny_study, params, x, y, device="cpu", max_models=2)
+    np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5, atol=1e-6)
+    assert fast.flops_per_model == 2 * len(x) * (64 * 32 + 32 * 10)
+
+
+class _BNNet(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
+
+
+def test_general_path_uses_decoded_batchnorm_statistics(tiny_study):
+    models.register("test-bn-net")(_BNNet)
+    spec = models.make_spec("test-bn-net", (1, 8, 8), 10)
+    model = models.build_model(spec)
+    layout = StateLayout.from_module(model)
+    assert any("running_var" in e.name for e in layout.entries)
+    g = torch.Generator().manual_seed(1)
+    params = 0.3 * torch.randn(5, layout.size, generator=g)
+    for e in layout.entries:  # positive variances, and different running stats per model
+        if e.name.endswith("running_var"):
+            params[:, e.offset : e.offset + e.numel] = 0.5 + torch.rand(5, e.numel, generator=g)
+    x, y = eval_data(tiny_study, "test", 64)
+    ev = BatchedEvaluator(spec, x, y, device="cpu")
+    assert not ev.fast
+    loss, acc = ev.evaluate(params)
+    ref = np.array([evaluate_model(layout.load_into(model, p), x, y) for p in params])
+    np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(acc, ref[:, 1])
+
+
+# --- the grid and its files ----------------------------------------------------------------------
+def test_landscape_2d_field_and_trajectories(pca_study):
+    info = compute_landscape(pca_study, "pca-2d", 9, eval_samples=200, chunk_points=16, progress=False)
+    assert info["complete"] and info["nan_count"] == 0
+    f = _field(pca_study)
+    assert f.dims == (9, 9, 1) and f.active_scalars == "loss"
+    assert set(f.point_arrays) >= {"loss", "accuracy", "trust"}
+    assert f.field_data["reducer"] == "pca-2d" and f.field_data["split"] == "test"
+    assert f.field_data["study"] == os.path.basename(pca_study.dir) and int(f.field_data["eval_samples"][0]) == 200
+
+    # bounds: the encoded checkpoints' box widened by 20% on each side
+    red = load_reducer(pca_study, "pca-2d")
+    Z = red.transform(pca_study.read_params())
+    lo, hi = Z.min(0), Z.max(0)
+    np.testing.assert_allclose(f.origin[:2], lo - 0.2 * (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(f.origin[:2]) + 8 * np.asarray(f.spacing[:2]), hi + 0.2 * (hi - lo), rtol=1e-6)
+
+    # grid values: decode a few points and evaluate them one model at a time
+    x, y = eval_data(pca_study, "test", 200)
+    model = pca_study.build_model()
+    pts = f.point_coordinates()[:, :2]
+    for i in (0, 40, 80, 17):
+        vec = red.inverse_transform(pts[i : i + 1])[0]
+        l, a = evaluate_model(pca_study.layout.load_into(model, vec), x, y)
+        assert abs(f.point_arrays["loss"][i] - l) < 1e-4 * max(1, l)
+        assert abs(f.point_arrays["accuracy"][i] - a) < 1e-6
+        assert abs(f.point_arrays["trust"][i] - np.linalg.norm(Z - pts[i], axis=1).min()) < 1e-4
+    assert f.point_arrays["trust"].min() < f.point_arrays["trust"].max()
+
+    # trajectories: a polyline per run, the final checkpoints as vertices
+    tr = read_any(os.path.join(pca_study.dir, "trajectories-2d.vtp"))
+    n_runs = len(pca_study.runs)
+    assert tr.GetNumberOfLines() == n_runs and tr.GetNumberOfVerts() == n_runs
+    assert tr.GetNumberOfPoints() == pca_study.n_checkpoints
+    arr = arrays_of(tr)
+    rows = np.concatenate([pca_study.run_rows(r, None) for r in range(n_runs)])
+    np.testing.assert_array_equal(arr["run"], pca_study.run[rows])
+    np.testing.assert_array_equal(arr["step"], pca_study.step[rows])
+    np.testing.assert_allclose(arr["loss"], pca_study.metrics["test_loss"][rows])
+    dec, _ = evaluate_flat(pca_study, red.inverse_transform(Z[rows]), x, y)
+    np.testing.assert_allclose(arr["loss_decoded"], dec, rtol=1e-5)
+    pts_tr = np.array([tr.GetPoint(i) for i in range(tr.GetNumberOfPoints())])
+    np.testing.assert_allclose(pts_tr[:, :2], Z[rows], rtol=1e-5, atol=1e-6)
+    assert np.all(pts_tr[:, 2] == 0)
+
+    report = json.load(open(pca_study.report_path))["landscape-2d"]
+    assert report["resolution"] == 9 and report["eval_samples"] == 200 and report["nan_count"] == 0
+    assert report["points_per_second"] > 0
+    assert not os.path.exists(os.path.join(pca_study.dir, ".landscape-2d.partial"))
+
+
+def test_landscape_3d_and_train_split(study_copy):
+    fit_reducer(study_copy, "pca", 3)
+    info = compute_landscape(study_copy, "pca-3d", 4, split="train", eval_samples=None, progress=False)
+    f = _field(study_copy, "3d")
+    assert f.dims == (4, 4, 4) and info["split"] == "train"
+    assert int(f.field_data["eval_samples"][0]) == 1797 - 359
+    assert np.all(np.isfinite(f.point_arrays["loss"]))
+    assert os.path.exists(os.path.join(study_copy.dir, "trajectories-3d.vtp"))
+
+
+def test_interrupted_run_resumes_to_the_same_field(pca_study):
+    kw = dict(eval_samples=128, chunk_points=10, progress=False)
+    info = compute_landscape(pca_study, "pca-2d", 9, max_chunks=3, **kw)
+    assert not info["complete"] and info["chunks_done"] == 3
+    assert not os.path.exists(os.path.join(pca_study.dir, "landscape-2d.vti"))
+    partial = os.path.join(pca_study.dir, ".landscape-2d.partial")
+    assert len([p for p in os.listdir(partial) if p.startswith("chunk-")]) == 3
+    # other settings are refused while unfinished work is there
+    with pytest.raises(GlobScopeError, match="other settings.*split"):
+        compute_landscape(pca_study, "pca-2d", 9, split="train", **kw)
+    info = compute_landscape(pca_study, "pca-2d", 9, **kw)
+    assert info["complete"] and info["points_computed_now"] == 81 - 30
+    resumed = _field(pca_study).point_arrays
+    compute_landscape(pca_study, "pca-2d", 9, fresh=True, **kw)
+    full = _field(pca_study).point_arrays
+    for name in ("loss", "accuracy", "trust"):
+        np.testing.assert_array_equal(resumed[name], full[name])
+
+
+def test_killed_process_resumes_and_disk_full_keeps_partial(pca_study, tmp_path):
+    args = ["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "65", "--chunk-points", "8",
+            "--eval-samples", "64", "--no-progress", "--no-trajectories"]
+    partial = os.path.join(pca_study.dir, ".landscape-2d.partial")
+    chunks = lambda: [p for p in os.listdir(partial) if p.startswith("chunk-")] if os.path.isdir(partial) else []  # noqa
+    proc = subprocess.Popen([sys.executable, "-m", "globscope_core.cli", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(chunks()) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(chunks())
+    assert 5 <= killed_at < 529, "the run should have been killed mid-way"
+
+    # a file-size limit makes the next chunk write fail like a full disk: clear error, partial kept
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    r = subprocess.run([sys.executable, "-m", "globscope_core.cli", *args], env=ENV, capture_output=True,
+                       text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    assert "cannot write" in r.stderr and "resume" in r.stderr and "Traceback" not in r.stderr
+    assert len(chunks()) == killed_at
+
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    resumed = _field(pca_study).point_arrays["loss"].copy()
+    r = _cli(*args, "--fresh")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(resumed, _field(pca_study).point_arrays["loss"])
+    # in this process (two threads): the same field up to float32 rounding
+    compute_landscape(pca_study, "pca-2d", 65, chunk_points=8, eval_samples=64, progress=False,
+                      trajectories=False, fresh=True)
+    np.testing.assert_allclose(resumed, _field(pca_study).point_arrays["loss"], rtol=2e-6)
+
+
+def test_torchrun_two_processes_give_the_single_process_field(pca_study):
+    args = ["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "11", "--chunk-points", "7",
+            "--eval-samples", "100", "--no-progress"]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    single = _field(pca_study)
+    tr_single = arrays_of(read_any(os.path.join(pca_study.dir, "trajectories-2d.vtp")))
+    r = subprocess.run([os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--master-port", "29531",
+                        "-m", "globscope_core.cli", *args, "--fresh"], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    multi = _field(pca_study)
+    report = json.load(open(pca_study.report_path))["landscape-2d"]
+    assert report["processes"] == 2 and report["complete"]
+    for name in ("loss", "accuracy", "trust"):
+        np.testing.assert_array_equal(multi.point_arrays[name], single.point_arrays[name])
+    np.testing.assert_allclose(arrays_of(read_any(os.path.join(pca_study.dir, "trajectories-2d.vtp")))["loss_decoded"],
+                               tr_single["loss_decoded"], rtol=1e-6)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def test_nan_losses_are_kept_counted_and_reported(pca_study, capsys):
+    # a huge margin sends most grid points to absurd weights: their losses overflow
+    info = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False)
+    f = _field(pca_study)
+    loss = f.point_arrays["loss"]
+    assert info["nan_count"] == int(np.isnan(loss).sum()) > 0
+    assert np.isfinite(loss[4]), "the centre of the grid lies among the checkpoints"
+    assert int(f.field_data["nan_count"][0]) == info["nan_count"]
+    assert json.load(open(pca_study.report_path))["landscape-2d"]["nan_count"] == info["nan_count"]
+    rc = cli.main(["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "3", "--margin", "1e20",
+                   "--eval-samples", "64", "--no-progress", "--no-trajectories"])
+    assert rc == 0 and f"{info['nan_count']} grid points gave a non-finite loss" in capsys.readouterr().out
+
+
+def test_bad_input_errors(pca_study, capsys):
+    args = ["landscape", pca_study.dir, "--reducer", "pca-3d", "--resolution", "100000", "--no-progress"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no such reducer" in err and len(err.strip().splitlines()) == 1
+    fit_reducer(pca_study, "pca", 3)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "1,000,000,000,000,000 grid points" in err and "needs about" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(GlobScopeError, match="at least 2"):
+        compute_landscape(pca_study, "pca-2d", 1, progress=False)
+    # the study changes (a new run): the reducer belongs to another checkpoint set now
+    with pca_study.transaction() as w:
+        run = w.add_run(seed=99)
+        w.append(run, [0], pca_study.read_params([0]), train_loss=1.0)
+    with pytest.raises(GlobScopeError, match="different study"):
+        compute_landscape(pca_study, "pca-2d", 5, progress=False)
+
+
+def test_grid_points_are_in_vtk_order():
+    pts = grid_points(np.arange(12), (3, 2, 2), (0.0, 10.0, 100.0), (1.0, 2.0, 5.0), 3)
+    assert pts[1].tolist() == [1.0, 10.0, 100.0] and pts[3].tolist() == [0.0, 12.0, 100.0]
+    assert pts[6].tolist() == [0.0, 10.0, 105.0]

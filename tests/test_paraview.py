@@ -1,0 +1,314 @@
+"""ParaView: the plugin in pvpython, the state files rendered by pvbatch, pvserver on loopback (also MPI).
+
+Real ParaView processes on real tiny studies (digits MLPs -> PCA -> landscape -> topology), each under
+`timeout -s KILL` (a crashing ParaView can hang in its crash handler). Servers run in a private network
+namespace (`unshare -n`, loopback only) and are killed by process group in `finally`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from globscope_core import pvenv
+from globscope_core.errors import GlobScopeError
+from globscope_core.render import render_study
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DRIVER = os.path.join(HERE, "paraview", "pv_tree.py")
+HAVE_PV = pvenv.find("pvpython") is not None and pvenv.find("pvbatch") is not None
+needs_pv = pytest.mark.skipif(not HAVE_PV, reason="Debian ParaView (pvpython/pvbatch) not installed; setup.sh installs it")
+paraview = [pytest.mark.paraview, needs_pv]
+
+
+def _study_pipeline(path, seed, runs, epochs):
+    """A real study with 2D and 3D PCA landscapes and their merge trees (the inputs of every view)."""
+    from conftest import make_study
+    from globscope_core.landscape import compute_landscape
+    from globscope_core.reducers import fit_reducer
+    from globscope_core.topology_io import study_topology
+
+    study = make_study(path, runs=runs, epochs=epochs, widths=(32,), seed=seed)
+    for dim, res in ((2, 33), (3, 13)):
+        fit_reducer(study, "pca", dim)
+        compute_landscape(study, f"pca-{dim}d", resolution=res, eval_samples=256, device="cpu", progress=False)
+        study_topology(str(path), dim, verbose=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def study_a(tmp_path_factory):
+    return _study_pipeline(tmp_path_factory.mktemp("pv") / "a", seed=0, runs=3, epochs=5)
+
+
+@pytest.fixture(scope="module")
+def study_b(tmp_path_factory):
+    return _study_pipeline(tmp_path_factory.mktemp("pv") / "b", seed=11, runs=2, epochs=3)
+
+
+def _run(argv, timeout, env=None, cwd=None, prefix=()):
+    env = env or pvenv.environment()
+    p = subprocess.run(["timeout", "-s", "KILL", str(timeout)] + list(prefix) + pvenv.command(argv, env), env=env, cwd=cwd,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return p.returncode, p.stdout
+
+
+def _core_tree(study, persistence=0.0):
+    from globscope_core.topology import compute_topology
+    from globscope_core.topology_io import read_scalar
+
+    field, values, order = read_scalar(os.path.join(study, "landscape-2d.vti"), "loss")
+    return compute_topology(values, field.origin, field.spacing, persistence=persistence, relative=True,
+                            order=order, name="loss")
+
+
+def _assert_same_tree(npz_path, res):
+    got = np.load(npz_path)
+    n, a = res.nodes["point_arrays"], res.arcs["cell_arrays"]
+    assert len(got["nodes_p_NodeId"]) == len(n["NodeId"]) >= 2
+    for k in ("NodeId", "VertexId", "CriticalType", "RegionSize", "RegionSpan"):
+        np.testing.assert_array_equal(got[f"nodes_p_{k}"], n[k], err_msg=k)
+    np.testing.assert_allclose(got["nodes_p_Scalar"], n["Scalar"], rtol=1e-6)
+    np.testing.assert_allclose(got["nodes_points"], res.nodes["points"], rtol=1e-6, atol=1e-9)
+    for k in ("SegmentationId", "upNodeId", "downNodeId", "RegionSize"):
+        np.testing.assert_array_equal(got[f"arcs_c_{k}"], a[k], err_msg=k)
+    assert int(got["seg_points"][0]) == int(np.prod(res.shape))
+    assert int(got["diagram_cells"][0]) == len(res.diagram["cells"])
+
+
+def _image(path):
+    import matplotlib.image as mpimg
+
+    assert os.path.exists(path), path
+    return mpimg.imread(path)[..., :3].astype(np.float64)
+
+
+def _assert_not_blank(img, what):
+    background = img[0, 0]
+    differs = np.abs(img - background).sum(-1) > 0.1
+    assert differs.mean() > 0.05, f"{what}: {differs.mean():.1%} of the pixels differ from the background"
+    assert img.std() > 0.03, f"{what}: almost uniform"
+
+
+# --- the plugin in pvpython ----------------------------------------------------------------------------
+@pytest.mark.parametrize("persistence", [0.0, 0.05])
+@pytest.mark.paraview
+@needs_pv
+def test_plugin_merge_tree_equals_core(study_a, tmp_path, persistence):
+    out = str(tmp_path / "tree.npz")
+    rc, log = _run([pvenv.find("pvpython"), DRIVER, pvenv.PLUGIN, study_a, out, "--persistence", str(persistence)], 120)
+    assert rc == 0 and "done" in log, log[-3000:]
+    _assert_same_tree(out, _core_tree(study_a, persistence))
+    if persistence:  # simplification removed minima: fewer nodes than the raw tree
+        assert len(np.load(out)["nodes_p_NodeId"]) <= len(_core_tree(study_a).nodes["points"])
+
+
+@pytest.mark.paraview
+@needs_pv
+def test_reader_errors_are_messages_not_crashes(study_a, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "study.h5").write_bytes(b"")
+    (bad / "landscape-2d.vti").write_text("<VTKFile type='ImageData'> broken")
+    script = tmp_path / "bad.py"
+    script.write_text(f"""
+from paraview import simple as pv
+pv.LoadPlugin({pvenv.PLUGIN!r}, ns=vars(pv))
+for path in ({str(tmp_path / 'missing' / 'study.h5')!r}, {str(bad / 'study.h5')!r}):
+    r = pv.GlobScopeStudyReader(FileName=path)
+    r.UpdatePipeline()
+    print("points", r.GetDataInformation(0).GetNumberOfPoints(), flush=True)
+mt = pv.GlobScopeMergeTree(Input=r)
+mt.ScalarField = ['POINTS', 'nonexistent']
+mt.UpdatePipeline()
+print("survived", flush=True)
+""")
+    rc, log = _run([pvenv.find("pvpython"), str(script)], 60)
+    assert rc == 0 and "survived" in log, log[-3000:]
+    assert "GlobScope Study Reader: " + str(tmp_path / "missing" / "study.h5") + ": no such file" in log
+    assert str(bad / "landscape-2d.vti") + ": unreadable VTK XML file" in log
+    assert log.count("points 0") == 2
+    assert "GlobScope Merge Tree: " in log
+
+
+# --- state files ----------------------------------------------------------------------------------------
+def test_state_files_use_the_plugin_reader_by_basename():
+    import xml.etree.ElementTree as ET
+
+    for name in ("landscape-2d.pvsm", "landscape-3d.pvsm", "trajectories.pvsm"):
+        root = ET.parse(os.path.join(pvenv.STATE_DIR, name)).getroot()
+        readers = [p for p in root.iter("Proxy") if p.get("type") == "GlobScopeStudyReader"]
+        assert len(readers) == 1, name
+        files = [e.get("value") for prop in readers[0].iter("Property") if prop.get("name") == "FileName"
+                 for e in prop.iter("Element")]
+        assert files and os.path.basename(files[0]) == "study.h5", (name, files)
+
+
+@pytest.mark.paraview
+@needs_pv
+def test_state_files_render_two_studies(study_a, study_b, tmp_path):
+    images = {}
+    for key, study in (("a", study_a), ("b", study_b)):
+        info = render_study(study, str(tmp_path / key), timeout=300, verbose=False)
+        assert info["renderer"] == "pvbatch"
+        assert sorted(info["images"]) == ["landscape-2d", "landscape-3d", "trajectories-2d"]
+        images[key] = {v: _image(p) for v, p in info["images"].items()}
+    for view in images["a"]:
+        a, b = images["a"][view], images["b"][view]
+        _assert_not_blank(a, f"{view} of study a")
+        _assert_not_blank(b, f"{view} of study b")
+        assert a.shape == b.shape
+        assert np.abs(a - b).mean() > 0.01, f"{view}: the two studies render the same picture"
+
+
+def _colour_pixels(img, colour, tol=0.3):
+    """Pixels whose hue is that of ``colour`` (shading scales brightness): direction within ``tol``."""
+    c = np.asarray(colour, np.float64)
+    norm = np.linalg.norm(img, axis=-1, keepdims=True)
+    cos = (img / np.maximum(norm, 1e-9)) @ (c / np.linalg.norm(c))
+    return int(((cos > 1 - tol**2 / 2) & (norm[..., 0] > 0.5 * np.linalg.norm(c))).sum())
+
+
+@pytest.mark.paraview
+@needs_pv
+def test_render_draws_connect_paths(study_a, tmp_path):
+    """`globscope connect` then `render`: the line and the curve over both landscapes, and the plane picture."""
+    from globscope_core.connect import connect
+
+    study = str(tmp_path / "connected")
+    shutil.copytree(study_a, study)
+    rep = connect(study, runs=(0, 1), epochs=4, batch_size=128, points=15, eval_samples=256, plane_resolution=17,
+                  plane_eval_samples=128, device="cpu", progress=False)
+    for f in ("connect-0-1-2d.vtp", "connect-0-1-3d.vtp", "connect-0-1-plane.vti", "connect-0-1-plane.vtp"):
+        assert os.path.exists(os.path.join(study, f)), f
+    plain = render_study(study_a, str(tmp_path / "plain"), views=["landscape-2d", "landscape-3d"], timeout=150,
+                         verbose=False)
+    info = render_study(study, str(tmp_path / "with"), timeout=200, verbose=False)
+    assert sorted(info["images"]) == ["connect-plane", "landscape-2d", "landscape-3d", "trajectories-2d"]
+    line, curve = (1.0, 0.1, 0.55), (0.15, 0.95, 0.25)  # state_files/pvstate.py CONNECT_COLOURS
+    for view in ("landscape-2d", "landscape-3d"):
+        a, b = _image(info["images"][view]), _image(plain["images"][view])
+        _assert_not_blank(a, f"{view} with connect paths")
+        assert np.abs(a - b).mean() > 0.002, f"{view}: the connect paths changed nothing"
+        for name, colour in (("line", line), ("curve", curve)):
+            got, before = _colour_pixels(a, colour), _colour_pixels(b, colour)
+            assert got > before + 300, f"{view}: {got} pixels of the {name}'s colour, {before} without the paths"
+    plane = _image(info["images"]["connect-plane"])
+    _assert_not_blank(plane, "connect-plane")
+    assert _colour_pixels(plane, line) > 1000 and _colour_pixels(plane, curve) > 1000
+    # the picture says what the numbers say: in the plane the straight line crosses higher loss than the curve
+    p = rep["latent"]["plane"]
+    assert p["line_landscape_barrier"] > p["curve_landscape_barrier"]
+    assert rep["line_summary"]["train_loss_barrier"] > rep["curve_summary"]["train_loss_barrier"]
+
+    quick = render_study(study, str(tmp_path / "quick"), paraview=False, verbose=False)  # without ParaView too
+    assert sorted(quick["images"]) == sorted(info["images"])
+    q_plane = _image(quick["images"]["connect-plane"])
+    _assert_not_blank(q_plane, "connect-plane quick look")
+    assert _colour_pixels(q_plane, line) > 500 and _colour_pixels(q_plane, curve) > 500
+
+
+def test_render_quick_look_without_paraview(study_a, tmp_path):
+    info = render_study(study_a, str(tmp_path / "q"), paraview=False, verbose=False)
+    assert info["renderer"] == "matplotlib"
+    for view, path in info["images"].items():
+        _assert_not_blank(_image(path), view)
+
+
+def test_render_errors_are_one_line(tmp_path):
+    with pytest.raises(GlobScopeError, match="no landscape-2d.vti or landscape-3d.vti"):
+        render_study(str(tmp_path), str(tmp_path / "out"))
+    p = subprocess.run([sys.executable, "-m", "globscope_core.cli", "render", str(tmp_path / "nope")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "not a study directory" in p.stderr or "no landscape" in p.stderr
+
+
+# --- client-server on loopback --------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:  # any free number; the server's own namespace has nothing else anyway
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_server(study, tmp_path, ranks):
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.fail("unshare/nsenter (util-linux) are needed to isolate pvserver")
+    env = pvenv.environment()
+    port = _free_port()
+    server = [pvenv.find("pvserver"), f"--server-port={port}"]
+    if ranks > 1:
+        server = [shutil.which("mpiexec"), "-n", str(ranks)] + server
+    inner = shlex.join(pvenv.command(server, env))
+    log = open(tmp_path / "server.log", "w")
+    # unshare execs sh, which execs timeout: proc.pid lives in the new namespace, and leads the process group
+    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec timeout -s KILL 240 {inner}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp_path))
+    try:
+        time.sleep(0.5)
+        out, png = str(tmp_path / "tree.npz"), str(tmp_path / "server.png")
+        # the client joins the server's network namespace: 127.0.0.1 there is the server's loopback
+        rc, text = _run([pvenv.find("pvpython"), DRIVER, pvenv.PLUGIN, study, out, "--connect", str(port), "--png", png],
+                        200, env=env, prefix=["nsenter", "-t", str(proc.pid), "-n", "--"])
+        assert rc == 0 and "done" in text, text[-3000:] + open(tmp_path / "server.log").read()[-2000:]
+        assert f"server processes: {ranks}" in text
+        return out, png
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.paraview
+@needs_pv
+def test_client_server_loopback(study_a, tmp_path):
+    out, png = _client_server(study_a, tmp_path, ranks=1)
+    _assert_same_tree(out, _core_tree(study_a))
+    _assert_not_blank(_image(png), "server-side render")
+
+
+@pytest.mark.paraview
+@needs_pv
+def test_client_server_mpi_two_ranks_same_tree(study_a, tmp_path):
+    if shutil.which("mpiexec") is None:
+        pytest.fail("mpiexec not found (ParaView is built with OpenMPI; install openmpi-bin)")
+    out, png = _client_server(study_a, tmp_path, ranks=2)
+    _assert_same_tree(out, _core_tree(study_a))
+    _assert_not_blank(_image(png), "server-side render on 2 ranks")
+
+
+# --- the GUI ---------------------------------------------------------------------------------------------
+@pytest.mark.paraview
+@needs_pv
+def test_globscope_paraview_opens_gui_with_the_2d_view(study_a, tmp_path):
+    if pvenv.find("paraview") is None:
+        pytest.fail("the ParaView GUI (paraview) is not installed")
+    shot = tmp_path / "gui.png"
+    env = dict(os.environ, GLOBSCOPE_SCREENSHOT=str(shot))  # the GUI script saves what it shows
+    proc = subprocess.Popen(["timeout", "-s", "KILL", "150", sys.executable, "-m", "globscope_core.cli", "paraview",
+                             study_a], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 140
+        while not shot.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        time.sleep(1)  # let the PNG be written completely
+        assert shot.exists(), "the GUI did not show the 2D view"
+        _assert_not_blank(_image(str(shot)), "GUI view")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)

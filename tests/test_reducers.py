@@ -1,0 +1,161 @@
+"""Reducers (issue 3): span basis, AE and baselines, save/load, metrics, CLI, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from globscope_core.cli import main
+from globscope_core.errors import GlobScopeError
+from globscope_core.reducers import fit_reducer, load_reducer
+from globscope_core.reducers.basis import SpanBasis
+from globscope_core.reducers.metrics import finals_apart, reconstruction, structure
+from globscope_core.store import Study
+
+FAST_AE = {"epochs": 300, "width": 64}
+
+
+def test_span_basis_is_exact_and_streams(tiny_study):
+    X = tiny_study.read_params()
+    b1, b2 = SpanBasis(), SpanBasis()
+    C1 = b1.fit(tiny_study)
+    C2 = b2.fit(tiny_study, block_rows=4)  # many blocks: the block-pair Gram must agree
+    assert b1.rank <= tiny_study.n_checkpoints - 1
+    np.testing.assert_allclose(b1.V @ b1.V.T, np.eye(b1.rank), atol=1e-4)
+    np.testing.assert_allclose(np.abs(C1), np.abs(C2), rtol=1e-3, atol=1e-3 * np.abs(C1).max())
+    back = b1.from_coords_torch(torch.as_tensor(b1.to_coords(X))).numpy()
+    assert ((back - X) ** 2).mean() < 1e-10 * max(1.0, (X**2).mean())
+
+
+@pytest.mark.parametrize("kind", ["pca", "kpca", "ae"])
+def test_fit_save_load_roundtrip(study_copy, kind):
+    cfg = FAST_AE if kind == "ae" else {}
+    r = fit_reducer(study_copy, kind, 2, **cfg)
+    path = os.path.join(study_copy.dir, "reducers", f"{kind}-2d.pt")
+    assert os.path.exists(path)
+    torch.load(path, weights_only=True)  # plain tensors, no pickled code
+    r2 = load_reducer(study_copy, f"{kind}-2d")
+    X = study_copy.read_params()
+    Z = r.transform(X)
+    assert Z.shape == (len(X), 2)
+    np.testing.assert_allclose(r2.transform(X), Z, rtol=1e-5, atol=1e-6 * np.abs(Z).max())
+    np.testing.assert_allclose(r.embedding_, Z, rtol=1e-4, atol=1e-5 * np.abs(Z).max())
+    Xr = r2.inverse_transform(Z)
+    np.testing.assert_allclose(Xr, r.inverse_transform(Z), rtol=1e-5, atol=1e-6)
+    xt = r2.inverse_transform_torch(torch.as_tensor(Z, dtype=torch.float32))
+    assert xt.dtype == torch.float32 and xt.shape == X.shape
+
+
+def test_ae_beats_baselines_and_decoded_models_work(study_copy):
+    ae = fit_reducer(study_copy, "ae", 2, save=False, epochs=800, width=64)
+    kp = fit_reducer(study_copy, "kpca", 2, save=False)
+    pca = fit_reducer(study_copy, "pca", 2, save=False)
+    e_ae, e_kp, e_pca = (reconstruction(r, study_copy) for r in (ae, kp, pca))
+    assert e_ae["mse_std"] * 20 < e_kp["mse_std"]
+    assert e_ae["mse_raw"] * 20 < e_kp["mse_raw"]
+    assert e_ae["mse_std"] < e_pca["mse_std"]
+    from globscope_core.reducers.metrics import function_space
+
+    fs = function_space(ae, study_copy, eval_samples=300)
+    assert fs["loss_gap_max"] < 0.05, fs["loss_gap_max"]
+
+
+def test_kpca_matches_sklearn(study_copy):
+    from sklearn.decomposition import KernelPCA
+
+    r = fit_reducer(study_copy, "kpca", 3, save=False, alpha=0.1)
+    C = r.coords_ / r.unit_
+    kp = KernelPCA(n_components=3, kernel="rbf", gamma=1.0, fit_inverse_transform=True, alpha=0.1,
+                   eigen_solver="dense").fit(C)
+    Z = r._encode(r.coords_)
+    np.testing.assert_allclose(np.abs(Z), np.abs(kp.transform(C)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(r.decode_coords(Z) / r.unit_, kp.inverse_transform(Z), rtol=1e-4, atol=1e-6)
+
+
+def test_umap_fit_and_saved_inverse(study_copy):
+    r = fit_reducer(study_copy, "umap", 2, check_inverse=False)
+    r2 = load_reducer(study_copy, "umap-2d")
+    X = study_copy.read_params()
+    np.testing.assert_allclose(r2.transform(X), r.embedding_, atol=1e-6)
+    Xr = r2.inverse_transform(r.embedding_)
+    assert Xr.shape == X.shape and np.isfinite(Xr).all()
+    rec = reconstruction(r2, study_copy)
+    assert 0 < rec["mse_std"] < 2.0  # a weighted average of checkpoints: bounded, not exact
+
+
+def test_structure_metrics_are_sensitive():
+    rng = np.random.default_rng(0)
+    C = rng.normal(size=(40, 6))
+    good = structure(C, C[:, :2] * 3)
+    bad = structure(C, rng.normal(size=(40, 2)))
+    assert good["trustworthiness"] > bad["trustworthiness"] + 0.1
+    assert good["distance_spearman"] > bad["distance_spearman"] + 0.3
+
+
+def test_finals_apart(tiny_study):
+    Z = np.zeros((tiny_study.n_checkpoints, 2))
+    assert finals_apart(tiny_study, Z) == 0.0  # everything collapsed: no run kept apart
+    for r in range(len(tiny_study.runs)):
+        rows = tiny_study.run_rows(r)
+        Z[rows, 0] = 10.0 * r + np.linspace(0, 1, len(rows))
+    assert finals_apart(tiny_study, Z) == 1.0
+
+
+def test_cli_fit_and_compare(study_copy, capsys):
+    d = study_copy.dir
+    assert main(["fit", d, "--reducer", "ae", "--dim", "3", "--epochs", "200", "--width", "32",
+                 "--eval-samples", "200"]) == 0
+    assert os.path.exists(os.path.join(d, "reducers", "ae-3d.pt"))
+    rep = json.load(open(os.path.join(d, "report.json")))
+    assert rep["fit-ae-3d"]["reconstruction"]["mse_raw"] > 0
+    assert main(["compare", d, "--dim", "2", "--reducers", "ae,pca,kpca", "--epochs", "200", "--width", "32",
+                 "--eval-samples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "kpca-2d" in out and "ae-2d" in out
+    rows = json.load(open(os.path.join(d, "report.json")))["compare-2d"]
+    assert [r["reducer"] for r in rows] == ["ae-2d", "pca-2d", "kpca-2d"]
+    assert all(r["peak_rss_mb"] > 0 and 0 <= r["trustworthiness"] <= 1 for r in rows)
+    with open(os.path.join(d, "compare-2d.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _study_with(tmp_path, tiny_study, transform, n=None):
+    """A copy of tiny_study whose parameter rows are transformed (written through the store API)."""
+    dst = tmp_path / "bad"
+    shutil.copytree(tiny_study.dir, dst)
+    os.remove(dst / "study.h5")
+    s = Study.create(str(dst), tiny_study.model_spec, tiny_study.dataset_spec, tiny_study.layout)
+    X = transform(tiny_study.read_params()[: n or tiny_study.n_checkpoints])
+    with s.transaction() as w:
+        r = w.add_run(seed=0)
+        w.append(r, np.arange(len(X)), X, train_loss=1.0)
+    return s
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_study, capsys):
+    def nan(X):
+        X = X.copy()
+        X[3, 7] = np.nan
+        return X
+
+    cases = [
+        (lambda X: X, 2, "checkpoints, the reducer needs"),
+        (lambda X: np.repeat(X[:1], len(X), 0), None, "identical"),
+        (nan, None, "NaN or Inf"),
+    ]
+    for i, (fn, n, msg) in enumerate(cases):
+        s = _study_with(tmp_path / str(i), tiny_study, fn, n)
+        with pytest.raises(GlobScopeError, match=msg) as ei:
+            fit_reducer(s, "ae", 2, epochs=5)
+        assert s.h5_path in str(ei.value)
+        assert not os.path.exists(os.path.join(s.dir, "reducers", "ae-2d.pt"))
+    s = _study_with(tmp_path / "dim", tiny_study, lambda X: X)
+    assert main(["fit", s.dir, "--dim", "4"]) == 2
+    assert "--dim must be 2 or 3" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(s.dir, "reducers"))
+    with pytest.raises(GlobScopeError, match="latent dimension"):
+        fit_reducer(s, "pca", 5)
