@@ -121,9 +121,15 @@ def run_stage(stage, cfg, study_dir, data_dir, device):
     elif stage == "fit":
         from globscope_core.cmd_fit import fit_study
 
+        from globscope_core.resources import default_max_rank, estimate_fit
+        from globscope_core.store import Study
+
+        s = Study.open(study_dir)
+        est = estimate_fit(s.n_params, s.n_checkpoints, max_rank=default_max_rank(s.n_params))
         r, info = fit_study(study_dir, "ae", 2, evaluate=False, progress=False, device=device)
-        out.update(basis_rank=info.get("basis_rank"), estimate=info.get("memory_estimate"),
-                   train_mse_std=info.get("train_mse_std"), basis_seconds=info.get("basis_seconds"))
+        out.update(basis_rank=info.get("basis_rank"), basis_explained=info.get("basis_explained"),
+                   estimate_bytes=int(sum(est.values())), train_mse_std=info.get("train_mse_std"),
+                   basis_seconds=info.get("basis_seconds"), reducer_seconds=info.get("reducer_seconds"))
     elif stage == "error":
         from globscope_core.reducers import load_reducer
         from globscope_core.reducers.metrics import reconstruction
@@ -139,7 +145,8 @@ def run_stage(stage, cfg, study_dir, data_dir, device):
                                  device=device, progress=False, fresh=True)
         traj = arrays_of(read_any(info["trajectories"]))
         gap = np.abs(traj["loss_decoded"] - traj["loss_eval"]) / np.maximum(traj["loss_eval"], 1e-12)
-        out.update(points=int(np.prod(info["dims"])), eval_samples=info["eval_samples"], needs=info.get("needs"),
+        out.update(points=int(np.prod(info["dims"])), eval_samples=info["eval_samples"],
+                   estimate_bytes=(info.get("needs") or {}).get("host_bytes"),
                    points_per_second=info.get("points_per_second"), loss_gap_mean=float(np.nanmean(gap)),
                    loss_gap_max=float(np.nanmax(gap)), nan_count=info.get("nan_count"))
     out["seconds"] = time.perf_counter() - t0
@@ -166,23 +173,26 @@ def fmt_gb(b):
 
 def table(results) -> str:
     lines = [
-        "| model | params | checkpoints | peak fit (GB) | peak landscape (GB) | grid | fit (s) | landscape (s) | "
-        "MSE std | MSE raw | loss gap | paper peak (GB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | checkpoints | basis k (variance kept) | peak fit GB (estimate) | "
+        "peak landscape GB (estimate) | grid, eval samples | fit s | landscape s | MSE std | MSE raw | "
+        "loss gap | paper peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        if "landscape" not in r:
+        if not all(k in r for k in ("train", "fit", "error", "landscape")):
             continue
-        cfg = ROWS[name]
+        cfg, fit, land = ROWS[name], r["fit"], r["landscape"]
         p = cfg["paper"]
-        gpu = (f" / GPU {fmt_gb(r['landscape'].get('peak_gpu_bytes'))}" if "peak_gpu_bytes" in r["landscape"] else "")
+        gpu = f", GPU {fmt_gb(land['peak_gpu_bytes'])}" if "peak_gpu_bytes" in land else ""
+        kept = fit.get("basis_explained")
         lines.append(
             f"| {p[0]} ({cfg['model']}) | {r['train']['n_params']:.3g} | {r['train']['n_checkpoints']} | "
-            f"{fmt_gb(r['fit']['peak_rss_bytes'])} | {fmt_gb(r['landscape']['peak_rss_bytes'])}{gpu} | "
-            f"{cfg['resolution']}x{cfg['resolution']}, {r['landscape']['eval_samples']} samples | "
-            f"{r['fit']['seconds']:.0f} | {r['landscape']['seconds']:.0f} | {r['error']['mse_std']:.2e} | "
-            f"{r['error']['mse_raw']:.2e} | {r['landscape']['loss_gap_mean']:.2e} | "
-            f"{'-' if p[2] is None else p[2]} |")
+            f"{fit.get('basis_rank')} ({'-' if kept is None else f'{kept:.7f}'}) | "
+            f"{fmt_gb(fit['peak_rss_bytes'])} ({fmt_gb(fit.get('estimate_bytes'))}) | "
+            f"{fmt_gb(land['peak_rss_bytes'])}{gpu} ({fmt_gb(land.get('estimate_bytes'))}) | "
+            f"{cfg['resolution']}x{cfg['resolution']}, {land['eval_samples']} | "
+            f"{fit['seconds']:.0f} | {land['seconds']:.0f} | {r['error']['mse_std']:.2e} | "
+            f"{r['error']['mse_raw']:.2e} | {land['loss_gap_mean']:.2e} | {'-' if p[2] is None else p[2]} |")
     return "\n".join(lines)
 
 

@@ -50,7 +50,10 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
     from .reducers.metrics import evaluate_reducer
     from .store import Study
 
+    from .evaluation import resolve_device
+
     _check_dim(dim)
+    resolve_device(device)  # --device cuda without a GPU: a clear error before any work
     study = Study.open(study_dir)
     if kind == "ae":
         config.setdefault("device", device)
@@ -69,15 +72,17 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
     return r, info
 
 
-def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=2000, **ae_config) -> list:
+def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=2000, device="auto", max_rank=None,
+                  **ae_config) -> list:
     """Fit every reducer, print the table, save report.json["compare-<dim>d"] and STUDY/compare-<dim>d.png."""
     from .store import Study
 
     _check_dim(dim)
     rows = []
     for kind in kinds:
-        _, info = fit_study(study_dir, kind, dim, progress=progress, eval_samples=eval_samples,
-                            **(ae_config if kind == "ae" else {}))
+        extra = {"max_rank": max_rank} if max_rank else {}
+        _, info = fit_study(study_dir, kind, dim, progress=progress, eval_samples=eval_samples, device=device,
+                            **extra, **(ae_config if kind == "ae" else {}))
         rec, fs, st = info["reconstruction"], info["function"], info["structure"]
         rows.append({"reducer": info["reducer"], "mse_raw": rec["mse_raw"], "mse_std": rec["mse_std"],
                      "loss_gap_mean": fs["loss_gap_mean"], "loss_gap_max": fs["loss_gap_max"],
@@ -153,7 +158,8 @@ def register(sub):
     _add_ae_args(p)
     p.add_argument("--eval-samples", type=int, default=2000, help="samples for the decoded models' loss")
     p.add_argument("--no-eval", action="store_true", help="skip the metrics (fit and save only)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="fit every reducer and compare them (table, report.json, PNG)")
@@ -162,6 +168,8 @@ def register(sub):
     p.add_argument("--reducers", default=",".join(KINDS), help="comma list of reducers")
     _add_ae_args(p)
     p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -176,6 +184,8 @@ def _add_ae_args(p):
 
 def cmd_fit(args):
     cfg = _ae_config(args) if args.reducer == "ae" else ({"seed": args.seed} if args.seed is not None else {})
+    if args.max_rank:
+        cfg["max_rank"] = args.max_rank
     r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
                         eval_samples=args.eval_samples, device=args.device, **cfg)
     print(f"{os.path.join(args.study, 'reducers', r.name + '.pt')}: fitted in {info['fit_seconds']:.1f} s, "
@@ -194,6 +204,7 @@ def cmd_compare(args):
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise GlobScopeError(f"--reducers: unknown {', '.join(bad)}; choose from {', '.join(KINDS)}")
-    rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, **_ae_config(args))
+    rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
+                         max_rank=args.max_rank, **_ae_config(args))
     print(format_table(rows))
     print(f"saved: {os.path.join(args.study, f'compare-{args.dim}d.png')}, report.json[compare-{args.dim}d]")

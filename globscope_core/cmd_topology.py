@@ -13,12 +13,12 @@ def register(sub):
                                    "A study directory: do its landscape-{2d,3d}.vti and report the basin of "
                                    "each run's final checkpoint (report.json, basins-2d/3d).")
     p.add_argument("input", help="a .vti file, or a study directory")
-    p.add_argument("--scalar", default="loss", help="point array to use (default: loss)")
+    p.add_argument("--scalar", help="point array to use (default: loss for a file, log_loss for a study)")
     p.add_argument("--out", help="output directory (for a .vti input; a study writes STUDY/topology-{2d,3d})")
     p.add_argument("--persistence", type=float, help="remove leaf branches with persistence <= this "
                    "(default: 0 for a file, 0.05 relative for a study)")
     p.add_argument("--relative", action="store_true", help="the threshold is a fraction of the field's range")
-    p.add_argument("--absolute", action="store_true", help="(study) the threshold is in loss units")
+    p.add_argument("--absolute", action="store_true", help="(study) the threshold is in units of the scalar")
     p.add_argument("--tree", choices=["join", "split"], default="join")
     p.add_argument("--dim", type=int, choices=[2, 3], action="append", help="(study) which landscapes; default all present")
     p.add_argument("--nan-as-inf", action="store_true", help="treat NaN values as +inf instead of refusing (a study always does)")
@@ -35,11 +35,11 @@ def cmd_topology(args) -> int:
         pers = topology_io.DEFAULT_PERSISTENCE if args.persistence is None else args.persistence
         relative = not args.absolute if args.persistence is None else (args.relative or not args.absolute)
         for d in dims:
-            topology_io.study_topology(args.input, d, pers, relative, args.scalar, args.tree)
+            topology_io.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree)
         return 0
     if not args.out:
         raise GlobScopeError("--out DIR is required for a .vti input")
-    res = topology_io.topology_of_file(args.input, args.scalar, args.out, args.persistence or 0.0, args.relative,
+    res = topology_io.topology_of_file(args.input, args.scalar or "loss", args.out, args.persistence or 0.0, args.relative,
                                        args.tree, "inf" if args.nan_as_inf else "error")
     print(json.dumps(dict(topology_io.summary(res), out=args.out)))
     return 0

@@ -387,9 +387,11 @@ def write_latent_vtp(path: str, view: dict, field_data: dict) -> None:
     lines = [list(range(0, m)), list(range(m, len(z)))]
     ends = [[0], [m - 1]]
     arrays = {"t": view["t"], "path": view["path"].astype(np.int32), "loss": view["loss"],
-              "loss_decoded": view["loss_decoded"]}
+              "loss_decoded": view["loss_decoded"],
+              "log_loss_decoded": np.log10(view["loss_decoded"]).astype(np.float32)}  # height in log views
     if view.get("loss_landscape") is not None:
         arrays["loss_landscape"] = view["loss_landscape"]
+        arrays["log_loss_landscape"] = np.log10(view["loss_landscape"]).astype(np.float32)
     write_vtp(path, pts, lines=lines, verts=ends, point_arrays=arrays,
               cell_arrays={"path": np.array([END_VERTEX, END_VERTEX, PATH_LINE, PATH_CURVE], np.int32)},
               field_data=field_data)

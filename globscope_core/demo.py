@@ -60,7 +60,7 @@ def cmd_demo(args):
         print(f"  ({time.time() - t:.0f} s)")
 
         t = _stage(f"merge tree and basins {dim}D")
-        section = study_topology(study.dir, dim=dim)
+        section = study_topology(study.dir, dim=dim, verbose=False)
         print(format_basins(section, dim))
         print(f"  ({time.time() - t:.0f} s)")
 

@@ -7,7 +7,8 @@ Each grid point is decoded by the reducer into a full parameter vector and evalu
 forward pass (batched.py), on a fixed evaluation subset of the study's train or test split.
 
 Point arrays: ``loss`` (mean cross-entropy, active scalar; NaN where the decoded model gives a
-non-finite loss), ``accuracy``, ``trust`` (Euclidean distance, in latent units, from the grid point to
+non-finite loss), ``log_loss`` (log10 of it: losses of decoded models span decades, so views and merge
+trees use it; the tree of a monotone transform is the same), ``accuracy``, ``trust`` (Euclidean distance, in latent units, from the grid point to
 the nearest encoded checkpoint: large values mark where the decoder extrapolates).
 
 Resumable: the grid is cut into chunks of ``chunk_points`` points, each written to
@@ -96,6 +97,21 @@ def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, re
         raise GlobScopeError(f"{study.dir}: {what}; it needs about {_gib(need_disk)} of disk, "
                              f"{_gib(free_disk)} is free: lower --resolution or free space")
     return {"memory_bytes": int(need_mem), "disk_bytes": int(need_disk)}
+
+
+def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution, dim) -> dict:
+    """Refuse, before evaluating, a landscape whose decoding and evaluation would not fit (resources.py)."""
+    from .batched import ACTIVATION_BUDGET
+    from .resources import estimate_landscape, require
+
+    basis = getattr(reducer, "basis", None)
+    rank = basis.rank if basis is not None else 0
+    parts = estimate_landscape(study.n_params, rank, chunk_points, n_points, x.numel() * 4, ACTIVATION_BUDGET)
+    gpu = None
+    if device.type == "cuda":  # decoding and evaluation happen on the GPU, the field on the host
+        gpu = {k: parts.pop(k) for k in ("reducer basis [k, P]", "decoded chunk [B, P]", "activations")}
+    return require(parts, f"landscape {study.dir} at resolution {resolution} in {dim}D", device, gpu,
+                   hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)")
 
 
 # --- the resumable chunk store ------------------------------------------------------------------
@@ -231,6 +247,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
     from tqdm import tqdm
 
     study = study if isinstance(study, Study) else Study.open(study)
+    resolve_device(device)  # --device cuda without a GPU: a clear error before any work
     reducer = load_reducer(study, reducer_name)
     dim = int(reducer.dim)
     tag = f"{dim}d"
@@ -271,6 +288,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         sizes = [min(chunk_points, n_points - k * chunk_points) for k in range(n_chunks)]
 
         x, y = eval_data(study, split, eval_samples, seed=eval_seed)
+        needs.update(_memory_check(study, reducer, chunk_points, n_points, x, dist.device, resolution, dim))
         rpath = reducer_name if reducer_name.endswith(".pt") else reducer_path(study.dir, reducer_name)
         config = {"version": PARTIAL_VERSION, "study_id": study_id(study), "reducer": reducer.name,
                   "reducer_sha256": _sha256(rpath), "resolution": resolution, "dims": list(dims),
@@ -372,8 +390,8 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     name = os.path.basename(study.dir.rstrip("/"))
     vti = os.path.join(study.dir, f"landscape-{tag}.vti")
     field = ImageField(dims, origin, spacing,
-                       {"loss": loss.astype(np.float32), "accuracy": acc.astype(np.float32),
-                        "trust": trust.astype(np.float32)},
+                       {"loss": loss.astype(np.float32), "log_loss": np.log10(loss).astype(np.float32),
+                        "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32)},
                        {"study": name, "study_id": config["study_id"], "reducer": reducer.name,
                         "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),
                         "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum())},
@@ -406,13 +424,14 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
     pts = np.zeros((len(order), 3))
     pts[:, :dim] = Z[order]
     loss_dec, acc_dec, loss_eval = [], [], []
-    for s in range(0, len(order), 128):
-        z = torch.as_tensor(Z[order[s : s + 128]], dtype=torch.float32, device=ev.device)
+    tb = int(max(1, min(128, (256 << 20) // (4 * study.n_params))))  # rows per batch: ~256 MiB of weights
+    for s in range(0, len(order), tb):
+        z = torch.as_tensor(Z[order[s : s + tb]], dtype=torch.float32, device=ev.device)
         with torch.no_grad():
             a, b = ev.evaluate(reducer.inverse_transform_torch(z))
         loss_dec.append(a)
         acc_dec.append(b)
-        loss_eval.append(ev.evaluate(torch.from_numpy(study.read_params(order[s : s + 128])))[0])
+        loss_eval.append(ev.evaluate(torch.from_numpy(study.read_params(order[s : s + tb])))[0])
     lines, verts, cell_run, start = [], [], [], 0
     for r, rows in rows_per_run:
         lines.append(list(range(start, start + len(rows))))
@@ -425,6 +444,7 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
               point_arrays={"run": study.run[order].astype(np.int32), "step": study.step[order].astype(np.int64),
                             "loss": study.metrics[f"{split}_loss"][order].astype(np.float64),
                             "loss_eval": cat(loss_eval), "loss_decoded": cat(loss_dec),
+                            "log_loss_decoded": np.log10(cat(loss_dec)).astype(np.float32),  # height in log views
                             "accuracy_decoded": cat(acc_dec)},
               cell_arrays={"run": np.asarray(cell_run, np.int32)},
               field_data={"study": os.path.basename(study.dir.rstrip("/")), "reducer": reducer.name, "split": split})

@@ -4,9 +4,10 @@ Each ``estimate_*`` returns ``{part: bytes}`` for the big allocations of one sta
 in the refusal, so the user sees *what* is large); ``require(parts, what, device)`` compares the sum
 with the memory the process may use and raises a one-line GlobScopeError when it does not fit.
 
-Memory the process may use (host): the smallest of psutil's available memory, the cgroup limit (a
-container's "memory it was given") and ``GLOBSCOPE_MEMORY_LIMIT`` (e.g. ``4G``, ``512M``: a cap the
-user sets, also used by the tests). On a GPU, ``torch.cuda.mem_get_info`` for the device parts.
+Memory the process may hold (host): the smallest of psutil's available memory plus what the process
+holds already, the cgroup limit (a container's "memory it was given") and ``GLOBSCOPE_MEMORY_LIMIT``
+(e.g. ``4G``, ``512M``: a cap the user sets, also used by the tests). On a GPU, the free memory of
+``torch.cuda.mem_get_info`` plus what torch has reserved, for the device parts.
 
 The estimates are upper bounds of the stage's own big arrays plus a fixed base for the Python, torch
 and h5py runtime; bench/bench_scale.py prints them next to the measured peaks.
@@ -48,11 +49,14 @@ def _cgroup_limit() -> int | None:
 
 
 def host_memory() -> tuple[int, str]:
-    """(bytes this process may still use, where that number comes from)."""
+    """(bytes this process may hold in all, where that number comes from).
+
+    What it holds already counts as its own: the available RAM plus this process's resident set, so a
+    check made after the study or reducer is loaded compares the stage's whole need with it."""
     import psutil
 
-    vm = psutil.virtual_memory()
-    candidates = [(int(vm.available), "available RAM")]
+    own = int(psutil.Process().memory_info().rss)
+    candidates = [(int(psutil.virtual_memory().available) + own, "available RAM")]
     cg = _cgroup_limit()
     if cg is not None:
         candidates.append((cg, "cgroup memory limit"))
@@ -66,7 +70,7 @@ def gpu_memory(device) -> tuple[int, str]:
     import torch
 
     free, _total = torch.cuda.mem_get_info(device)
-    return int(free), f"free memory on {device}"
+    return int(free) + int(torch.cuda.memory_reserved(device)), f"free memory on {device}"
 
 
 def require(parts: dict, what: str, device=None, gpu_parts: dict | None = None, hint: str = "") -> dict:
@@ -124,18 +128,19 @@ def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = Non
                  max_rank: int | None = None) -> dict:
     """The streamed span basis (reducers/basis.py, streaming.py) and a reducer on its coordinates.
 
-    An upper bound: the Gram pass (panel + stream block) and the basis pass (V + block) are summed."""
+    The Gram pass (a float64 panel + a float32 stream block) and the basis pass (V + a row block) come one
+    after the other: the larger of the two counts."""
     from .streaming import BLOCK_BYTES, PANEL_BYTES, rows_for
 
     N, P = n_checkpoints, n_params
     k = basis_rank(N, max_rank)
     block = min(N, block_rows or rows_for(64 << 20, P, N))
-    return {"base": BASE_BYTES,
-            "basis V [k, P]": k * P * F32,
-            "mean, scale, sums [P]": P * (2 * F32 + 3 * F64),
-            "Gram panel and stream block": rows_for(PANEL_BYTES, P, N, 8) * P * F64 + rows_for(BLOCK_BYTES, P, N) * P * F32,
-            "row block": block * P * (F32 + F64),
-            "Gram and coordinates [N, N]": 4 * N * N * F64}
+    gram_pass = {"Gram panel and stream block": rows_for(PANEL_BYTES, P, N, 8) * P * F64
+                 + rows_for(BLOCK_BYTES, P, N) * P * (F32 + F64)}
+    basis_pass = {"basis V [k, P]": k * P * F32, "row block": block * P * (F32 + F64)}
+    larger = basis_pass if sum(basis_pass.values()) >= sum(gram_pass.values()) else gram_pass
+    return {"base": BASE_BYTES, "mean, scale, sums [P]": P * (2 * F32 + 3 * F64),
+            "Gram and coordinates [N, N]": 4 * N * N * F64, **larger}
 
 
 def estimate_landscape(n_params: int, rank: int, chunk_points: int, n_points: int, eval_bytes: int,

@@ -2,7 +2,7 @@
 
 The study stores whole rows per HDF5 chunk, so every pass reads rows. The Gram matrix G = S S^T of
 N rows needs every pair of rows: a *panel* of rows is held (in float64: small eigenvalues matter)
-while the rows after it stream past in float32 blocks, so the study is read about N / panel_rows
+while the rows after it stream past in blocks, so the study is read about N / panel_rows
 times and every product is a fat matrix product, not a row at a time. Panels and stream blocks are
 sized in bytes, not rows, which keeps the memory flat whatever the model size (a 5e6-parameter row
 is 19 MB).
@@ -13,20 +13,21 @@ import numpy as np
 from tqdm import tqdm
 
 PANEL_BYTES = 1 << 30  # rows held (float64) while the others stream past
-BLOCK_BYTES = 512 << 20  # rows streamed at a time (float32)
-SLICE_COLS = 1 << 16  # columns converted to float64 at a time
+BLOCK_BYTES = 512 << 20  # rows streamed at a time (float32, plus a float64 copy)
 
 
 def rows_for(n_bytes: int, n_params: int, at_most: int, itemsize: int = 4) -> int:
     return int(max(1, min(at_most, n_bytes // max(1, itemsize * n_params))))
 
 
-def gram64(A64: np.ndarray, B: np.ndarray, cols: int = SLICE_COLS) -> np.ndarray:
-    """A64 @ B.T in float64 for float64 rows A64 and float32 rows B (B converted a column slice at a time)."""
-    out = np.zeros((len(A64), len(B)))
-    for c in range(0, A64.shape[1], cols):
-        out += A64[:, c : c + cols] @ B[:, c : c + cols].astype(np.float64).T
-    return out
+def gram64(A64: np.ndarray, B: np.ndarray, buf: np.ndarray | None = None) -> np.ndarray:
+    """A64 @ B.T in float64 for float64 rows A64 and float32 rows B, converting B into ``buf`` (reused
+    across calls: a fresh float64 array per block costs more in page faults than the product)."""
+    if buf is None or buf.shape[0] < len(B) or buf.shape[1] != B.shape[1]:
+        buf = np.empty(B.shape, np.float64)
+    Bd = buf[: len(B)]
+    Bd[...] = B
+    return A64 @ Bd.T
 
 
 def gram_matrix(src, transform, panel_bytes: int = PANEL_BYTES, block_bytes: int = BLOCK_BYTES,
@@ -37,20 +38,23 @@ def gram_matrix(src, transform, panel_bytes: int = PANEL_BYTES, block_bytes: int
     panel_rows = rows_for(panel_bytes, P, N, itemsize=8)
     block_rows = rows_for(block_bytes, P, N)
     G = np.zeros((N, N))
+    buf = np.empty((min(block_rows, N), P))
+    panel = np.empty((panel_rows, P))  # reused: fresh pages for every panel cost more than the copy
     starts = list(range(0, N, panel_rows))
     bar = tqdm(total=sum(N - s for s in starts), desc=desc, unit="row", disable=not progress)
     for s0 in starts:
         rows_i = np.arange(s0, min(N, s0 + panel_rows))
-        Si = np.concatenate([transform(B).astype(np.float64) for _, B in src.iter_params(block_rows, rows_i)])
+        Si = panel[: len(rows_i)]
+        for idx, B in src.iter_params(block_rows, rows_i):
+            Si[idx - s0] = transform(B)
         end = s0 + len(rows_i)
         # the panel with itself, then every later row streamed past it
         G[np.ix_(rows_i, rows_i)] = Si @ Si.T
         bar.update(len(rows_i))
         for idx, B in src.iter_params(block_rows, np.arange(end, N)):
-            g = gram64(Si, transform(B))
+            g = gram64(Si, transform(B), buf)
             G[np.ix_(rows_i, idx)] = g
             G[np.ix_(idx, rows_i)] = g.T
             bar.update(len(idx))
-        del Si
     bar.close()
     return G

@@ -47,9 +47,9 @@ def write_topology(res: TopologyResult, out_dir: str, field: vtkio.ImageField | 
     return paths
 
 
-def read_scalar(path: str, scalar: str):
-    """(ImageField, (nz, ny, nx) values, order or None) of a .vti file, with clear errors."""
-    f = vtkio.read_vti(path)
+def read_scalar(path: str, scalar: str, f: vtkio.ImageField | None = None):
+    """(ImageField, (nz, ny, nx) values, order or None) of a .vti file (or of ``f``, read from it), with clear errors."""
+    f = f or vtkio.read_vti(path)
     if scalar not in f.point_arrays:
         have = ", ".join(sorted(f.point_arrays)) or "none"
         raise GlobScopeError(f"{path}: no point array '{scalar}' (arrays: {have})")
@@ -104,11 +104,14 @@ def final_points(path: str) -> tuple:
 
 
 def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PERSISTENCE, relative: bool = True,
-                   scalar: str = "loss", tree: str = "join", verbose: bool = True) -> dict:
+                   scalar: str = "log_loss", tree: str = "join", verbose: bool = True) -> dict:
     """Simplified merge tree of ``landscape-{dim}d.vti`` and the basin of each run's final checkpoint.
 
     Writes ``STUDY/topology-{dim}d/`` and the report section ``basins-{dim}d``; returns that section.
-    NaN losses (diverged decoded models) are treated as +inf.
+    NaN losses (diverged decoded models) are treated as +inf. The default scalar is ``log_loss``
+    (falling back to ``loss`` for older files): same tree as ``loss``, but a relative persistence
+    threshold means a fraction of the decades the landscape spans, not of its largest loss, which
+    far-extrapolated grid corners can make huge. Reported basin losses are always plain losses.
     """
     from .store import update_report
 
@@ -117,7 +120,10 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     if not os.path.exists(land):
         raise GlobScopeError(f"{land}: file does not exist (run `globscope landscape` first)")
     t0 = time.perf_counter()
-    field, values, order = read_scalar(land, scalar)
+    field = vtkio.read_vti(land)
+    if scalar == "log_loss" and "log_loss" not in field.point_arrays:
+        scalar = "loss"
+    field, values, order = read_scalar(land, scalar, field)
     n_nan = int(np.isnan(values).sum()) if values.dtype.kind == "f" else 0
     try:
         res = compute_topology(values, field.origin, field.spacing, tree=tree, persistence=persistence,
@@ -133,8 +139,7 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     ijk = np.clip(ijk, 0, np.array([nx, ny, nz]) - 1)
     vert = ijk[:, 0] + ijk[:, 1] * nx + ijk[:, 2] * nx * ny
     seg = res.segmentation["SegmentationId"][vert]
-    g = res.simplified_values.ravel()
-    f = values.ravel()
+    f = np.asarray(field.point_arrays.get("loss", values)).ravel()  # losses, whatever the tree's scalar
     coords = lambda v: (np.asarray(res.origin) + np.array([v % nx, v // nx % ny, v // (nx * ny)]) *  # noqa: E731
                         np.asarray(res.spacing))[:dim].round(6).tolist()
     per_run = []
@@ -142,13 +147,13 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
         m = int(res.basin_minimum[s]) if s >= 0 else int(v)
         p = float(res.basin_persistence[s]) if s >= 0 else float("inf")
         per_run.append({"run": int(r), "segment": int(s), "basin_minimum_vertex": m,
-                        "basin_minimum_loss": float(g[m]), "basin_minimum_position": coords(m),
+                        "basin_minimum_loss": float(f[m]), "basin_minimum_position": coords(m),
                         "basin_persistence": p if np.isfinite(p) else None,  # None: the global basin
                         "final_loss_on_grid": float(f[v]), "outside_grid": bool(out)})
     basins = {}
     for b in per_run:
         basins.setdefault(b["basin_minimum_vertex"], []).append(b["run"])
-    section = dict(summary(res), persistence=persistence, relative=relative, nan_values=n_nan,
+    section = dict(summary(res), scalar=scalar, persistence=persistence, relative=relative, nan_values=n_nan,
                    directory=os.path.relpath(out_dir, study_dir), seconds=round(time.perf_counter() - t0, 3),
                    n_basins_with_runs=len(basins), runs=per_run,
                    basins=[{"minimum_vertex": m, "runs": rs} for m, rs in sorted(basins.items())])
@@ -161,7 +166,7 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
 def format_basins(section: dict, dim: int) -> str:
     lines = [f"basins-{dim}d: {section['nodes']} nodes, {section['leaves']} leaves after removing "
              f"{section['pairs'] - section['pairs_kept']} of {section['pairs']} pairs "
-             f"(persistence <= {section['threshold']:.4g}); runs in {section['n_basins_with_runs']} basin(s)"]
+             f"({section.get('scalar', 'loss')} persistence <= {section['threshold']:.4g}); runs in {section['n_basins_with_runs']} basin(s)"]
     for b in section["runs"]:
         pers = "global" if b["basin_persistence"] is None else f"{b['basin_persistence']:.4g}"
         lines.append(f"  run {b['run']:3d}: basin of vertex {b['basin_minimum_vertex']} at "

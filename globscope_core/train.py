@@ -89,6 +89,7 @@ def train_study(out: str, dataset: dict, model_name: str, model_kwargs: dict | N
             r = w.add_run(**cfg, complete=True)
             for step, vec, m in rows:
                 w.append(r, step, vec, **m)
+        del rows  # else the next run's checkpoints pile up on this run's: twice the memory
     bar.close()
     return study
 

@@ -10,6 +10,12 @@ root on PYTHONPATH (globscope_core.pvenv sets them). Three uses:
 State files name their sources (e.g. "Surface Warp"); after loading on another study, ``fit`` sets the
 sizes that depend on the data (warp scale, tube radius, sphere size, iso-levels) and rescales colour maps.
 
+The views show ``log_loss`` (log10 of the loss), not ``loss``: decoded models' losses span decades, and a
+linear scale lets one far grid corner flatten every basin. The 2D surface is warped, coloured and contoured
+(levels evenly spaced) by it; runs and connect paths are lifted by their ``log_loss_decoded``, tree nodes and
+arcs by their ``Scalar`` (the tree is computed on ``log_loss``); the 3D view volume-renders and isosurfaces it.
+Landscape files without ``log_loss`` (written before it existed) are not supported: rerun `globscope landscape`.
+
 `globscope connect`'s paths (connect-A-B-{2,3}d.vtp) come through the study reader's last port, empty when
 the study has none: the 2D and 3D views draw them as tubes (pink straight line, green curve) and show their
 legend only when there are some, so a study without them renders exactly as before. The view
@@ -35,6 +41,10 @@ PLUGIN = os.path.join(os.path.dirname(HERE), "plugin", "GlobScopePlugin.py")
 STATES = {"landscape-2d": "landscape-2d.pvsm", "landscape-3d": "landscape-3d.pvsm",
           "trajectories-2d": "trajectories.pvsm"}
 SIZE = [1200, 900]
+# losses of decoded models span decades (0.03 in the basins, 30+ at far grid corners): the views warp, colour,
+# contour and volume-render log10 of them, or one corner would flatten every basin
+LOSS = "log_loss"
+TITLES = {LOSS: "log10 loss"}
 
 
 def load_plugin():
@@ -55,7 +65,7 @@ def _show(src, view, color_by=None, preset=None, solid=None, opacity=1.0, rep="S
         if preset:
             lut.ApplyPreset(preset, True)
         bar = pv.GetScalarBar(lut, view)
-        bar.Title = color_by
+        bar.Title = TITLES.get(color_by, color_by)
         bar.ComponentTitle = ""
         bar.TitleColor = bar.LabelColor = [0.1, 0.1, 0.1]
     else:
@@ -77,7 +87,7 @@ def _trajectory_parts(r, view, warp, color_by, preset):
     traj = _port(r, 1)
     if warp:
         traj = pv.WarpByScalar(registrationName="Trajectory Warp", Input=traj)
-        traj.Scalars = ["POINTS", "loss_decoded"]
+        traj.Scalars = ["POINTS", "log_loss_decoded"]
         traj.Normal = [0, 0, 1]
         traj.UseNormal = 1
     lift = pv.Transform(registrationName="Trajectory Lift", Input=traj)
@@ -102,7 +112,7 @@ def _tree_parts(r, view, warp):
         arcs = pv.WarpByScalar(registrationName="Arc Warp", Input=arcs)
         nodes = pv.WarpByScalar(registrationName="Node Warp", Input=nodes)
         for w in (arcs, nodes):
-            w.Scalars = ["POINTS", "Scalar"]
+            w.Scalars = ["POINTS", "Scalar"]  # the tree's scalar: log_loss (globscope topology's default)
             w.Normal = [0, 0, 1]
             w.UseNormal = 1
     arcs = pv.Transform(registrationName="Arc Lift", Input=arcs)
@@ -141,9 +151,9 @@ def _connect_paths(src, view, prefix=""):
 def _connect_parts(r, view, warp):
     """The connect paths of the study (the reader's last port; empty, so invisible, when there are none)."""
     paths = _port(r, 6)
-    if warp:  # onto the warped surface, like the trajectories: the loss of the decoded point is its height
+    if warp:  # onto the warped surface, like the trajectories: the log loss of the decoded point is its height
         paths = pv.WarpByScalar(registrationName="Connect Warp", Input=paths)
-        paths.Scalars = ["POINTS", "loss_decoded"]
+        paths.Scalars = ["POINTS", "log_loss_decoded"]
         paths.Normal = [0, 0, 1]
         paths.UseNormal = 1
     _connect_paths(pv.Transform(registrationName="Connect Lift", Input=paths), view)
@@ -175,15 +185,15 @@ def build_2d(study, view=None):
     v = _view(view)
     r = _reader(study, 2)
     surf = pv.WarpByScalar(registrationName="Surface Warp", Input=r)
-    surf.Scalars = ["POINTS", "loss"]
-    d = _show(surf, v, "loss", "Viridis (matplotlib)")
+    surf.Scalars = ["POINTS", LOSS]
+    d = _show(surf, v, LOSS, "Viridis (matplotlib)")
     d.SetScalarBarVisibility(v, True)
     contour = pv.Contour(registrationName="Loss Contours", Input=r)
-    contour.ContourBy = ["POINTS", "loss"]
+    contour.ContourBy = ["POINTS", LOSS]
     contour.ComputeScalars = 1
-    contour.Isosurfaces = [1.0]
+    contour.Isosurfaces = [0.0]
     cwarp = pv.WarpByScalar(registrationName="Contour Warp", Input=contour)
-    cwarp.Scalars = ["POINTS", "loss"]
+    cwarp.Scalars = ["POINTS", LOSS]
     _show(pv.Transform(registrationName="Contour Lift", Input=cwarp), v, solid=[0.1, 0.1, 0.1])
     _trajectory_parts(r, v, True, "run", "Rainbow Uniform")
     _tree_parts(r, v, True)
@@ -196,13 +206,13 @@ def build_2d(study, view=None):
 def build_3d(study):
     v = _view()
     r = _reader(study, 3)
-    vol = _show(r, v, "loss", "Viridis (matplotlib)", rep="Volume")
+    vol = _show(r, v, LOSS, "Viridis (matplotlib)", rep="Volume")
     vol.SetScalarBarVisibility(v, True)
     iso = pv.Contour(registrationName="Loss Isosurfaces", Input=r)
-    iso.ContourBy = ["POINTS", "loss"]
+    iso.ContourBy = ["POINTS", LOSS]
     iso.ComputeScalars = 1
-    iso.Isosurfaces = [1.0]
-    _show(iso, v, "loss", None, opacity=0.35)
+    iso.Isosurfaces = [0.0]
+    _show(iso, v, LOSS, None, opacity=0.35)
     _trajectory_parts(r, v, False, "run", "Rainbow Uniform")
     _tree_parts(r, v, False)
     _connect_parts(r, v, False)
@@ -215,10 +225,10 @@ def build_3d(study):
 def build_traj(study):
     v = _view()
     r = _reader(study, 2)
-    d = _show(r, v, "loss", "Grayscale")
+    d = _show(r, v, LOSS, "Grayscale")
     contour = pv.Contour(registrationName="Loss Contours", Input=r)
-    contour.ContourBy = ["POINTS", "loss"]
-    contour.Isosurfaces = [1.0]
+    contour.ContourBy = ["POINTS", LOSS]
+    contour.Isosurfaces = [0.0]
     _show(pv.Transform(registrationName="Contour Lift", Input=contour), v, solid=[0.35, 0.35, 0.35])
     _trajectory_parts(r, v, False, "step", "Plasma (matplotlib)")
     pv.GetDisplayProperties(pv.FindSource("Trajectory Tubes"), v).SetScalarBarVisibility(v, True)
@@ -250,9 +260,9 @@ def fit(view, name):
     r.UpdatePipeline()
     b = r.GetDataInformation(0).GetBounds()
     extent = max(b[1] - b[0], b[3] - b[2], (b[5] - b[4]) if name == "landscape-3d" else 0.0) or 1.0
-    lo, hi = _range(r, 0, "loss") or (0.0, 1.0)
+    lo, hi = _range(r, 0, LOSS) or (0.0, 1.0)
     span = (hi - lo) or 1.0
-    warp = 0.45 * extent / span  # the surface's height is 45% of its width
+    warp = 0.45 * extent / span  # the surface's height (its decades of loss) is 45% of its width
     for w in ("Surface Warp", "Contour Warp", "Trajectory Warp", "Arc Warp", "Node Warp", "Connect Warp"):
         s = pv.FindSource(w)
         if s is not None:
@@ -274,7 +284,7 @@ def fit(view, name):
         s = pv.FindSource(g)
         if s is not None:
             s.ScaleFactor = frac * extent
-    levels = [lo + span * q for q in (0.04, 0.1, 0.18, 0.28, 0.4, 0.55, 0.7, 0.85)]
+    levels = [lo + span * i / 10 for i in range(1, 10)]  # evenly spaced in log10 loss
     for c in ("Loss Contours",):
         s = pv.FindSource(c)
         if s is not None:
@@ -287,14 +297,14 @@ def fit(view, name):
         if _coloured(rep) and rep.Visibility:
             src.UpdatePipeline()
             rep.RescaleTransferFunctionToDataRange(False, True)
-    bars = {"trajectories-2d": ("loss", "step")}.get(name, ("loss",))
+    bars = {"trajectories-2d": (LOSS, "step")}.get(name, (LOSS,))
     for src in pv.GetSources().values():  # one legend per colour that matters, no overlapping bars
         rep = sm.GetRepresentation(src, view)
         if _coloured(rep):
             rep.SetScalarBarVisibility(view, bool(rep.Visibility) and rep.ColorArrayName[1] in bars)
     _fit_connect_legend(view, r, 3 if name == "landscape-3d" else 2)
     if name == "landscape-3d":  # volume: low loss opaque, high loss clear
-        pwf = pv.GetOpacityTransferFunction("loss")
+        pwf = pv.GetOpacityTransferFunction(LOSS)
         pwf.Points = [lo, 0.55, 0.5, 0.0, lo + 0.25 * span, 0.08, 0.5, 0.0, hi, 0.0, 0.5, 0.0]
     view.ResetCamera()
     cam = view.GetActiveCamera()

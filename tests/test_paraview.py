@@ -20,7 +20,7 @@ import pytest
 
 from globscope_core import pvenv
 from globscope_core.errors import GlobScopeError
-from globscope_core.render import render_study
+from globscope_core.render import available_views, render_study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "paraview", "pv_tree.py")
@@ -152,6 +152,21 @@ def test_state_files_use_the_plugin_reader_by_basename():
         assert files and os.path.basename(files[0]) == "study.h5", (name, files)
 
 
+def test_state_files_show_log_loss():
+    """Colours, warps, contours and volumes use log10 loss (decades of loss), never the linear loss."""
+    import xml.etree.ElementTree as ET
+
+    for name in ("landscape-2d.pvsm", "landscape-3d.pvsm", "trajectories.pvsm"):
+        root = ET.parse(os.path.join(pvenv.STATE_DIR, name)).getroot()
+        used = {(p.get("name"), e.get("value")) for p in root.iter("Property")
+                if p.get("name") in ("ColorArrayName", "SelectInputScalars") for e in p.iter("Element")}
+        arrays = {v for _, v in used}
+        assert ("ColorArrayName", "log_loss") in used and ("SelectInputScalars", "log_loss") in used, name
+        assert not arrays & {"loss", "loss_decoded"}, (name, arrays & {"loss", "loss_decoded"})
+        if name == "landscape-2d.pvsm":  # runs and connect paths sit on the log surface
+            assert "log_loss_decoded" in arrays
+
+
 @pytest.mark.paraview
 @needs_pv
 def test_state_files_render_two_studies(study_a, study_b, tmp_path):
@@ -185,14 +200,23 @@ def test_render_draws_connect_paths(study_a, tmp_path):
 
     study = str(tmp_path / "connected")
     shutil.copytree(study_a, study)
-    rep = connect(study, runs=(0, 1), epochs=4, batch_size=128, points=15, eval_samples=256, plane_resolution=17,
+    rep = connect(study, runs=(0, 1), epochs=4, batch_size=128, points=11, eval_samples=256, plane_resolution=13,
                   plane_eval_samples=128, device="cpu", progress=False)
     for f in ("connect-0-1-2d.vtp", "connect-0-1-3d.vtp", "connect-0-1-plane.vti", "connect-0-1-plane.vtp"):
         assert os.path.exists(os.path.join(study, f)), f
+    from globscope_core.vtkio import arrays_of, read_any
+
+    for f in ("connect-0-1-2d.vtp", "trajectories-2d.vtp"):  # the heights of the paths and runs in the log views
+        arr = arrays_of(read_any(os.path.join(study, f)))
+        np.testing.assert_allclose(arr["log_loss_decoded"], np.log10(arr["loss_decoded"]), rtol=1e-5, err_msg=f)
+        if "loss_landscape" in arr:
+            np.testing.assert_allclose(arr["log_loss_landscape"], np.log10(arr["loss_landscape"]), rtol=1e-5)
     plain = render_study(study_a, str(tmp_path / "plain"), views=["landscape-2d", "landscape-3d"], timeout=150,
                          verbose=False)
-    info = render_study(study, str(tmp_path / "with"), timeout=200, verbose=False)
-    assert sorted(info["images"]) == ["connect-plane", "landscape-2d", "landscape-3d", "trajectories-2d"]
+    assert available_views(study) == ["landscape-2d", "landscape-3d", "trajectories-2d", "connect-plane"]
+    assert "connect-plane" not in available_views(study_a)
+    info = render_study(study, str(tmp_path / "with"), views=["landscape-2d", "landscape-3d", "connect-plane"],
+                        timeout=200, verbose=False)
     line, curve = (1.0, 0.1, 0.55), (0.15, 0.95, 0.25)  # state_files/pvstate.py CONNECT_COLOURS
     for view in ("landscape-2d", "landscape-3d"):
         a, b = _image(info["images"][view]), _image(plain["images"][view])
@@ -210,7 +234,7 @@ def test_render_draws_connect_paths(study_a, tmp_path):
     assert rep["line_summary"]["train_loss_barrier"] > rep["curve_summary"]["train_loss_barrier"]
 
     quick = render_study(study, str(tmp_path / "quick"), paraview=False, verbose=False)  # without ParaView too
-    assert sorted(quick["images"]) == sorted(info["images"])
+    assert sorted(quick["images"]) == ["connect-plane", "landscape-2d", "landscape-3d", "trajectories-2d"]
     q_plane = _image(quick["images"]["connect-plane"])
     _assert_not_blank(q_plane, "connect-plane quick look")
     assert _colour_pixels(q_plane, line) > 500 and _colour_pixels(q_plane, curve) > 500

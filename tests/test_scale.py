@@ -64,11 +64,13 @@ def test_sizes_and_limits(monkeypatch):
     # the paper's CNN with 500 checkpoints and an exact basis: the basis alone is 9.5 GB
     parts = resources.estimate_fit(4_718_118, 500, block_rows=8)
     assert 9.4e9 < parts["basis V [k, P]"] < 9.5e9
-    with pytest.raises(GlobScopeError, match=r"fit x: needs about 10\.\d\d GiB of memory \(basis V \[k, P\] 8\.79 GiB"):
+    with pytest.raises(GlobScopeError, match=r"fit x: needs about 9\.\d\d GiB of memory \(basis V \[k, P\] 8\.79 GiB"):
         resources.require(parts, "fit x")
     # a truncated basis is what makes it fit
-    small = resources.estimate_fit(4_718_118, 500, block_rows=8, max_rank=32)
-    assert sum(small.values()) < sum(parts.values()) / 4
+    k = resources.default_max_rank(4_718_118)
+    assert 100 < k and k * 4_718_118 * 4 <= 2 << 30
+    small = resources.estimate_fit(4_718_118, 500, max_rank=k)
+    assert sum(small.values()) < 4.5e9  # the issue's target
     assert resources.require({"a": 1 << 20}, "ok")["host_bytes"] == 1 << 20
 
 
@@ -97,6 +99,19 @@ def test_device_cuda_without_gpu_is_a_clear_error_everywhere(tiny_study, tmp_pat
         rc, _, err = run_cli(*args, "--device", "cuda")
         one_line_error(rc, err, "no CUDA GPU is available")
     assert not os.path.exists(os.path.join(s, "reducers", "pca-2d.pt"))
+
+
+def test_streamed_gram_matrix_equals_the_whole_product(tiny_study):
+    """Panels held against streamed blocks (sized in bytes) give S S^T exactly, in float64."""
+    from globscope_core.streaming import gram_matrix
+
+    X = tiny_study.read_params()
+    mean = X.mean(0)
+    S = (X - mean).astype(np.float64)
+    P = tiny_study.n_params
+    for panel, block in ((5, 2), (7, 7), (100, 3), (1, 1)):  # rows; uneven splits on purpose
+        G = gram_matrix(tiny_study, lambda B: B - mean, panel_bytes=panel * 8 * P, block_bytes=block * 4 * P)
+        np.testing.assert_allclose(G, S @ S.T, rtol=1e-12, atol=1e-9)
 
 
 # --- checkpoints of any floating precision -------------------------------------------------------------
@@ -155,10 +170,10 @@ def test_import_refuses_integer_and_overflowing_checkpoints(tiny_study, tmp_path
 @pytest.fixture(scope="module")
 def bn_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("bn")
-    write_cifar10(str(root / "cifar"))
+    write_cifar10(str(root / "cifar"), n_train=40)
     rc, out, err = run_cli("train", "--dataset", "cifar10", "--data-dir", root / "cifar", "--model", "resnet20",
-                           "--model-arg", "width=8", "--runs", "2", "--epochs", "2", "--batch-size", "16",
-                           "--every", "2", "--eval-samples", "32", "--out", root / "s", "--device", "cpu")
+                           "--model-arg", "width=8", "--runs", "2", "--epochs", "2", "--batch-size", "20",
+                           "--every", "1", "--eval-samples", "32", "--out", root / "s", "--device", "cpu")
     assert rc == 0, err
     return Study.open(str(root / "s"))
 
@@ -167,7 +182,7 @@ def test_resnet_study_stores_batchnorm_statistics(bn_study):
     names = [e.name for e in bn_study.layout.entries]
     assert "bn.running_mean" in names and "bn.running_var" in names
     assert not any(n.endswith("num_batches_tracked") for n in names)
-    assert bn_study.n_checkpoints == 2 * 5  # steps 0, 2, 4, 6, 8 of 8 (64 samples / 16, 2 epochs)
+    assert bn_study.n_checkpoints == 2 * 5  # steps 0..4 (40 samples / 20 a batch, 2 epochs)
     X = bn_study.read_params()
     e = next(e for e in bn_study.layout.entries if e.name == "bn.running_var")
     var = X[:, e.offset : e.offset + e.numel]
@@ -225,7 +240,8 @@ def test_fit_and_landscape_refuse_before_starting(study_copy):
     d = study_copy.dir
     limit = {"GLOBSCOPE_MEMORY_LIMIT": "100M"}
     rc, _, err = run_cli("fit", d, "--reducer", "pca", "--no-eval", env=limit)
-    one_line_error(rc, err, "fit pca-2d", "needs about", "basis V [k, P]", "only 100 MiB is there", "--max-rank")
+    one_line_error(rc, err, "fit pca-2d", "21 checkpoints x 2,410 parameters", "needs about", "only 100 MiB is there",
+                   "--max-rank")
     assert not os.path.exists(os.path.join(d, "reducers", "pca-2d.pt"))
     rc, _, err = run_cli("fit", d, "--reducer", "pca", "--no-eval")
     assert rc == 0, err

@@ -20,11 +20,24 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
     if kind not in REDUCER_KINDS:
         raise GlobScopeError(f"unknown reducer '{kind}'; choose one of {', '.join(sorted(REDUCER_KINDS))}")
     r = REDUCER_KINDS[kind](dim=dim, **config)
+    if isinstance(r, SpanReducer) and hasattr(study, "n_params"):
+        _check_memory(r, study, config)
     r.fit(study, progress=progress) if isinstance(r, SpanReducer) else r.fit(study)
     r.study_id = study_id(study)
     if save:
         r.save(reducer_path(study.dir, r.name))
     return r
+
+
+def _check_memory(r, study, config) -> None:
+    """Refuse, before any work, a fit that would not fit in memory (resources.py)."""
+    from ..resources import estimate_fit, require
+    from .base import default_max_rank
+
+    rank = config.get("max_rank") or default_max_rank(study.n_params)
+    require(estimate_fit(study.n_params, study.n_checkpoints, config.get("block_rows"), rank),
+            f"fit {r.name} on {getattr(study, 'h5_path', 'the checkpoints')} ({study.n_checkpoints} checkpoints x "
+            f"{study.n_params:,} parameters)", hint="keep fewer basis directions (--max-rank K)")
 
 
 __all__ = ["REDUCER_KINDS", "Reducer", "SpanReducer", "fit_reducer", "load_reducer", "reducer_path", "study_id"]

@@ -29,8 +29,8 @@ from ..errors import GlobScopeError
 from .base import SpanReducer, register_reducer
 
 DEFAULTS = {"width": "auto", "depth": 2, "epochs": 1500, "lr": 2e-3, "seed": 0, "device": "auto",
-            "distance_weight": 0.05, "ridge": 1e-9, "refit_last_layer": True,
-            "residual_kernel": True, "kernel_ridge": 1e-10}
+            "distance_weight": 0.05, "ridge": 1e-9, "refit_last_layer": False,
+            "residual_kernel": True, "kernel_ridge": 1e-6}
 
 
 def _mlp(n_in, width, depth, n_out):

@@ -94,9 +94,14 @@ class Reducer:
             raise GlobScopeError(f"{path}: unknown reducer kind {exc}") from None
         except Exception as exc:
             raise GlobScopeError(f"{path}: not a GlobScope reducer file ({type(exc).__name__})") from None
-        r = cls(dim=int(payload["dim"]), **json.loads(payload["config"]))
-        r.study_id = payload.get("study_id") or None
-        r.load_state(payload["state"])
+        try:
+            r = cls(dim=int(payload["dim"]), **json.loads(payload["config"]))
+            r.study_id = payload.get("study_id") or None
+            r.load_state(payload["state"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            # e.g. a file written by an older GlobScope whose layout this version no longer reads
+            raise GlobScopeError(f"{path}: incomplete or outdated reducer file ({type(exc).__name__}: {exc}); "
+                                 "refit it with 'globscope fit'") from None
         return r
 
 
@@ -120,7 +125,7 @@ class SpanReducer(Reducer):
         self.basis = SpanBasis()
         block_rows = self.config.get("block_rows")
         C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress,
-                           max_rank=self.config.get("max_rank"))
+                           max_rank=self.config.get("max_rank") or default_max_rank(_n_params(X)))
         t1 = time.perf_counter()
         self._fit_coords(C, progress=progress)
         self.embedding_ = np.asarray(self._encode(C), dtype=np.float64)
@@ -167,6 +172,17 @@ class SpanReducer(Reducer):
 
     def _load_state(self, state: dict) -> None:
         pass
+
+
+def _n_params(X) -> int:
+    return int(X.n_params) if hasattr(X, "n_params") else int(np.shape(X)[1])
+
+
+def default_max_rank(n_params: int) -> int:
+    """Basis rows kept unless ``max_rank`` is given: what fits in 2 GiB (resources.default_max_rank)."""
+    from ..resources import default_max_rank as budget_rank
+
+    return budget_rank(n_params)
 
 
 def study_id(study: Study) -> str:

@@ -113,21 +113,11 @@ class SpanBasis:
         scale = np.where(std > floor, std, 1.0).astype(np.float32)
         self.mean, self.scale = mean, scale
 
-        # pass 2: Gram matrix of the standardized rows
-        G = np.zeros((N, N))
-        starts = list(range(0, N, block_rows))
-        pbar = tqdm(total=nb * (nb + 1) // 2, desc="basis 2/3 Gram", disable=not progress)
-        for bi, s0 in enumerate(starts):
-            rows_i = np.arange(s0, min(N, s0 + block_rows))
-            Si = self.standardize(next(src.iter_params(block_rows, rows_i))[1])
-            for idx, B in src.iter_params(block_rows, np.arange(s0, N)):
-                Sj = Si if idx[0] == s0 else self.standardize(B)
-                g = Si.astype(np.float64) @ Sj.T.astype(np.float64)  # float64: small eigenvalues matter
-                G[np.ix_(rows_i, idx)] = g
-                G[np.ix_(idx, rows_i)] = g.T
-                pbar.update(1)
-            del Si
-        pbar.close()
+        # pass 2: Gram matrix of the standardized rows, a held panel against streamed blocks
+        # (streaming.py: the study is read ~N/panel times, products in float64)
+        from ..streaming import gram_matrix
+
+        G = gram_matrix(src, self.standardize, progress=progress, desc="basis 2/3 Gram")
 
         evals, U = np.linalg.eigh(G)
         order = np.argsort(evals)[::-1]
