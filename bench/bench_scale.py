@@ -101,7 +101,7 @@ def write_cifar(directory, classes, n_train, n_test):
 
 
 # --- one stage in this process (run as a subprocess by the driver) -----------------------------------
-def run_stage(stage, cfg, study_dir, data_dir, device):
+def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
     import torch
 
     from globscope_core import data
@@ -142,7 +142,16 @@ def run_stage(stage, cfg, study_dir, data_dir, device):
         from globscope_core.vtkio import arrays_of, read_any
 
         info = compute_landscape(study_dir, "ae-2d", cfg["resolution"], eval_samples=cfg["eval_samples"],
-                                 device=device, progress=False, fresh=True)
+                                 device=device, progress=False, fresh=True, max_chunks=max_chunks)
+        if not info.get("complete"):  # a partial grid: memory is per chunk; time is extrapolated
+            done = info["points_computed_now"]
+            total = cfg["resolution"] ** 2
+            out.update(partial=f"{info['chunks_done']} of {info['chunks']} chunks", points=total,
+                       eval_samples=info["eval_samples"], estimate_bytes=(info.get("needs") or {}).get("host_bytes"),
+                       loss_gap_mean=float("nan"), extrapolated_seconds=(time.perf_counter() - t0) * total / max(1, done))
+            out["seconds"] = time.perf_counter() - t0
+            out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return out
         traj = arrays_of(read_any(info["trajectories"]))
         gap = np.abs(traj["loss_decoded"] - traj["loss_eval"]) / np.maximum(traj["loss_eval"], 1e-12)
         out.update(points=int(np.prod(info["dims"])), eval_samples=info["eval_samples"],
@@ -156,9 +165,9 @@ def run_stage(stage, cfg, study_dir, data_dir, device):
     return out
 
 
-def stage_subprocess(stage, name, cfg, study_dir, data_dir, device):
+def stage_subprocess(stage, name, cfg, study_dir, data_dir, device, max_chunks=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--models", name, "--study", study_dir,
-           "--data", data_dir, "--device", device]
+           "--data", data_dir, "--device", device] + (["--max-chunks", str(max_chunks)] if max_chunks else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
@@ -191,8 +200,11 @@ def table(results) -> str:
             f"{fmt_gb(fit['peak_rss_bytes'])} ({fmt_gb(fit.get('estimate_bytes'))}) | "
             f"{fmt_gb(land['peak_rss_bytes'])}{gpu} ({fmt_gb(land.get('estimate_bytes'))}) | "
             f"{cfg['resolution']}x{cfg['resolution']}, {land['eval_samples']} | "
-            f"{fit['seconds']:.0f} | {land['seconds']:.0f} | {r['error']['mse_std']:.2e} | "
-            f"{r['error']['mse_raw']:.2e} | {land['loss_gap_mean']:.2e} | {'-' if p[2] is None else p[2]} |")
+            f"{fit['seconds']:.0f} | " + (f"{land['seconds']:.0f}" if "partial" not in land else
+            f"{land['partial']} in {land['seconds']:.0f} (full grid ~{land['extrapolated_seconds']:.0f})") +
+            f" | {r['error']['mse_std']:.2e} | "
+            f"{r['error']['mse_raw']:.2e} | {land['loss_gap_mean']:.2e} | {'-' if p[2] is None else p[2]} |"
+            .replace("| nan |", "| - |"))
     return "\n".join(lines)
 
 
@@ -219,6 +231,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--fresh", action="store_true", help="retrain the studies")
     ap.add_argument("--stages", default="train,fit,error,landscape")
+    ap.add_argument("--max-chunks", type=int, help="landscape: stop after this many chunks (peak memory is per "
+                    "chunk; the time is extrapolated and the table says so)")
     ap.add_argument("--stage", help="internal: run one stage in this process")
     ap.add_argument("--study")
     ap.add_argument("--data")
@@ -229,7 +243,7 @@ def main():
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
 
     if a.stage:
-        print(json.dumps(run_stage(a.stage, ROWS[names[0]], a.study, a.data, a.device)))
+        print(json.dumps(run_stage(a.stage, ROWS[names[0]], a.study, a.data, a.device, a.max_chunks)))
         return
 
     os.makedirs(a.out, exist_ok=True)
@@ -251,7 +265,7 @@ def main():
         row = results.setdefault(name, {})
         for stage in a.stages.split(","):
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {stage} ...", flush=True)
-            row[stage] = stage_subprocess(stage, name, cfg, study_dir, data_dir, a.device)
+            row[stage] = stage_subprocess(stage, name, cfg, study_dir, data_dir, a.device, a.max_chunks)
             print(f"    {stage}: {row[stage]['seconds']:.1f} s, peak RSS {fmt_gb(row[stage]['peak_rss_bytes'])} GB",
                   flush=True)
             results = save_stage(jpath, name, stage, row[stage])

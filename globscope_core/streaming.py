@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 PANEL_BYTES = 1 << 30  # rows held (float64) while the others stream past
-BLOCK_BYTES = 512 << 20  # rows streamed at a time (float32, plus a float64 copy)
+BLOCK_BYTES = 128 << 20  # rows streamed at a time (float32, plus a float64 copy); 512 MiB: +2 GB peak, -14% time
 
 
 def rows_for(n_bytes: int, n_params: int, at_most: int, itemsize: int = 4) -> int:
