@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .errors import GlobScopeError
 from .evaluation import resolve_device, subset
-from .store import Study, atomic_write_bytes
+from .store import Study
 
 CURVES = ("bezier", "polychain")
 N_POINTS = 61

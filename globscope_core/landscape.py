@@ -24,7 +24,6 @@ writes the one field.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -40,7 +39,7 @@ from .errors import GlobScopeError
 from .evaluation import resolve_device
 from .reducers import load_reducer
 from .reducers.base import reducer_path, study_id
-from .store import Study
+from .store import Study, atomic_write_bytes
 
 PARTIAL_VERSION = 1
 
@@ -143,27 +142,14 @@ class PartialStore:
         os.makedirs(self.dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.dir, "chunk-*")):
             os.remove(stale)  # chunks without a config belong to no known run
-        self._atomic(self.config_path, json.dumps(config, indent=1).encode())
-
-    def _atomic(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        atomic_write_bytes(self.config_path, json.dumps(config, indent=1).encode())
 
     def write_chunk(self, k: int, loss: np.ndarray, acc: np.ndarray) -> None:
         import io
 
         buf = io.BytesIO()
         np.savez(buf, loss=np.asarray(loss, np.float64), accuracy=np.asarray(acc, np.float64))
-        self._atomic(self.chunk_path(k), buf.getvalue())
+        atomic_write_bytes(self.chunk_path(k), buf.getvalue())
 
     def read_chunk(self, k: int, size: int):
         """(loss, accuracy) of chunk ``k``, or None when missing or damaged (it is then recomputed)."""

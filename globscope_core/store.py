@@ -49,11 +49,16 @@ def _fsync_path(path: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write a file by temporary name + fsync + rename, so readers never see half of it."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk leaves no stray temporary behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class Study:
