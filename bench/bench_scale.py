@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = {
     "mnist-mlp": dict(model="mnist-mlp", dataset="mnist", runs=5, train=3200, batch=32, optimizer="sgd", lr=0.01,
                       eval_samples=256, resolution=65, paper=("MLP-MNIST", 1.35e5, 0.5)),
-    "resnet56": dict(model="resnet56", dataset="cifar10", runs=4, train=1600, batch=32, optimizer="sgd", lr=0.05,
+    "resnet56": dict(model="resnet56", dataset="cifar10", runs=4, train=1600, batch=32, optimizer="sgd", lr=0.01,
                      eval_samples=32, resolution=33, paper=("ResNet56-CIFAR10", 8.56e5, 3.3)),
     "cnn10": dict(model="cifar-cnn", dataset="cifar10", runs=5, train=3200, batch=32, optimizer="sgd", lr=0.01,
                   eval_samples=16, resolution=65, paper=("CNN-CIFAR10", 4.73e6, 18.0)),

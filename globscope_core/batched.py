@@ -26,6 +26,10 @@ from .models import MLP, build_model
 
 # activations kept alive at once per forward (bytes); sample batches are sized to fit it
 ACTIVATION_BUDGET = 256 << 20
+# CPU fast path: one layer's activations of a (models x samples) tile, sized to stay in the L2/L3
+# cache. Streaming whole-batch activations through memory ran at half the GEMM rate (bench/).
+CPU_TILE_BYTES = 2 << 20
+CPU_TILE_SAMPLES = 256
 
 
 def eval_data(study, split: str = "test", eval_samples: int | None = None, seed: int = 0):
@@ -76,6 +80,8 @@ class BatchedEvaluator:
             raise GlobScopeError("evaluation set is empty")
         self.layers = _mlp_layers(self.model, self.layout) if fast else None
         self.fast = self.layers is not None
+        # fast path input, flat and transposed once: [features, samples]
+        self.xt = self.x.reshape(len(self.x), -1).t().contiguous() if self.fast else None
 
     @property
     def flops_per_model(self) -> float:
@@ -84,10 +90,19 @@ class BatchedEvaluator:
             return float("nan")
         return 2.0 * len(self.x) * sum(w.numel for w, _ in self.layers)
 
-    def _sample_batch(self, n_models: int) -> int:
+    def _tiles(self, n_models: int) -> tuple[int, int]:
+        """(models per group, samples per block) of one forward pass.
+
+        GPU, or the general path: every model at once, samples as many as ACTIVATION_BUDGET allows.
+        CPU fast path: small tiles whose activations stay in cache, so each layer is one GEMM-bound
+        kernel call rather than a pass over memory.
+        """
         width = max(max(w.shape) for w, _ in self.layers) if self.fast else 1024
+        if self.fast and self.device.type == "cpu":
+            samples = min(len(self.x), CPU_TILE_SAMPLES)
+            return max(1, min(n_models, CPU_TILE_BYTES // (4 * width * samples))), samples
         per_sample = 3 * 4 * n_models * width
-        return int(max(1, min(len(self.x), ACTIVATION_BUDGET // per_sample)))
+        return n_models, int(max(1, min(len(self.x), ACTIVATION_BUDGET // per_sample)))
 
     @torch.no_grad()
     def evaluate(self, params) -> tuple[np.ndarray, np.ndarray]:
@@ -101,20 +116,27 @@ class BatchedEvaluator:
             return np.zeros(0), np.zeros(0)
         loss_sum = torch.zeros(n_models, dtype=torch.float64, device=self.device)
         correct = torch.zeros(n_models, dtype=torch.float64, device=self.device)
-        bs = self._sample_batch(n_models)
-        if self.fast:
-            weights = self._mlp_weights(params)
-            forward = lambda xb: self._forward_mlp(weights, xb)  # noqa: E731
-        else:
-            state = {e.name: v.to(getattr(torch, e.dtype)) for e, v in
-                     zip(self.layout.entries, self.layout.unflatten_batch(params).values())}
-            forward = lambda xb: self._forward_general(state, xb)  # noqa: E731
-        for s in range(0, len(self.x), bs):
-            xb, yb = self.x[s : s + bs], self.y[s : s + bs]
-            logits = forward(xb)  # [B, n, C]
-            picked = logits.gather(2, yb.view(1, -1, 1).expand(n_models, -1, 1)).squeeze(2)
-            loss_sum += (torch.logsumexp(logits, 2) - picked).sum(1, dtype=torch.float64)
-            correct += (logits.argmax(2) == yb).sum(1, dtype=torch.float64)
+        group, bs = self._tiles(n_models)
+        for g in range(0, n_models, group):
+            rows = params[g : g + group].contiguous()
+            if self.fast:
+                weights = self._mlp_weights(rows)
+                forward = lambda s, e: self._forward_mlp(weights, self.xt[:, s:e])  # noqa: E731
+            else:
+                state = {e.name: v.to(getattr(torch, e.dtype)) for e, v in
+                         zip(self.layout.entries, self.layout.unflatten_batch(rows).values())}
+                for name in state:
+                    # a decoded grid point can have a slightly negative BatchNorm variance, which
+                    # would make every output NaN; a variance is >= 0 by definition
+                    if name.endswith("running_var"):
+                        state[name] = state[name].clamp(min=0)
+                forward = lambda s, e: self._forward_general(state, self.x[s:e])  # noqa: E731
+            for s in range(0, len(self.x), bs):
+                yb = self.y[s : s + bs]
+                logits = forward(s, s + bs)  # [group, samples, classes]
+                picked = logits.gather(2, yb.view(1, -1, 1).expand(len(rows), -1, 1)).squeeze(2)
+                loss_sum[g : g + group] += (torch.logsumexp(logits, 2) - picked).sum(1, dtype=torch.float64)
+                correct[g : g + group] += (logits.argmax(2) == yb).sum(1, dtype=torch.float64)
         n = len(self.x)
         loss = (loss_sum / n).cpu().numpy()
         acc = (correct / n).cpu().numpy()
@@ -132,14 +154,14 @@ class BatchedEvaluator:
         out[0] = (W0.reshape(B * W0.shape[1], W0.shape[2]), b0)  # one copy per batch, not per sample block
         return out
 
-    def _forward_mlp(self, weights: list, x: torch.Tensor) -> torch.Tensor:
+    def _forward_mlp(self, weights: list, xt: torch.Tensor) -> torch.Tensor:
         # Activations are kept transposed, [B, features, samples]: every product then reads the
         # stored weights as they are and writes a contiguous result, so bias and ReLU run in place.
-        n = x.shape[0]
+        n = xt.shape[1]
         (W0, b0), rest = weights[0], weights[1:]
         B = b0.shape[0]
         # shared input: one GEMM for all models, [B*out0, in] @ [in, n]
-        h = torch.mm(W0, x.reshape(n, -1).t()).view(B, -1, n)
+        h = torch.mm(W0, xt).view(B, -1, n)
         h.add_(b0)
         if not rest:  # a single linear layer
             return h.transpose(1, 2)
@@ -149,8 +171,10 @@ class BatchedEvaluator:
             h.add_(b)
         h.relu_()
         W, b = rest[-1]
-        # last layer untransposed, [B, n, classes]: the loss then reduces over contiguous rows
-        return torch.baddbmm(b.transpose(1, 2), h.transpose(1, 2), W.transpose(1, 2))
+        # last layer as [B, classes, n] = W @ h (few output rows: fast; the transposed form
+        # h^T @ W^T, few output columns, ran 14x slower on CPU), then turned to [B, n, classes]
+        # so that the loss reduces over contiguous rows
+        return torch.baddbmm(b, W, h).transpose(1, 2).contiguous()
 
     def _forward_general(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, vmap

@@ -137,7 +137,7 @@ def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = Non
     block = min(N, block_rows or rows_for(64 << 20, P, N))
     gram_pass = {"Gram panel and stream block": rows_for(PANEL_BYTES, P, N, 8) * P * F64
                  + rows_for(BLOCK_BYTES, P, N) * P * (3 * F32 + F64)}  # read, standardized, temp, float64
-    basis_pass = {"basis V [k, P]": k * P * F32, "row block": block * P * (F32 + F64)}
+    basis_pass = {"basis V [k, P]": k * P * F32, "row block": block * P * (F32 + F64), "column slice": 64 << 20}
     larger = basis_pass if sum(basis_pass.values()) >= sum(gram_pass.values()) else gram_pass
     return {"base": BASE_BYTES, "mean, scale, sums [P]": P * (2 * F32 + 3 * F64),
             "Gram and coordinates [N, N]": 4 * N * N * F64, **larger}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from globscope_core import cli, models
+from globscope_core import batched, cli, models
 from globscope_core.batched import BatchedEvaluator, eval_data, evaluate_flat
 from globscope_core.errors import GlobScopeError
 from globscope_core.evaluation import evaluate_model
@@ -66,6 +66,20 @@ def test_batched_paths_match_one_model_at_a_time(tiny_study):
     assert fast.flops_per_model == 2 * len(x) * (64 * 32 + 32 * 10)
 
 
+def test_cpu_tiles_split_models_and_samples_without_changing_results(tiny_study, monkeypatch):
+    x, y = eval_data(tiny_study, "test", 100)
+    params = torch.from_numpy(tiny_study.read_params(np.arange(0, tiny_study.n_checkpoints, 2)))
+    whole = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu").evaluate(params)
+    # tiles of 3 models x 32 samples: ragged last group and last sample block
+    monkeypatch.setattr(batched, "CPU_TILE_SAMPLES", 32)
+    monkeypatch.setattr(batched, "CPU_TILE_BYTES", 4 * 64 * 32 * 3)
+    ev = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
+    assert ev._tiles(len(params)) == (3, 32) and len(params) % 3 and len(x) % 32
+    tiled = ev.evaluate(params)
+    np.testing.assert_allclose(tiled[0], whole[0], rtol=1e-6)
+    np.testing.assert_array_equal(tiled[1], whole[1])
+
+
 class _BNNet(nn.Module):
     def __init__(self, input_shape, num_classes):
         super().__init__()
@@ -93,6 +107,19 @@ def test_general_path_uses_decoded_batchnorm_statistics(tiny_study):
     ref = np.array([evaluate_model(layout.load_into(model, p), x, y) for p in params])
     np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5)
     np.testing.assert_allclose(acc, ref[:, 1])
+
+    # a decoded point with slightly negative variances (decoders extrapolate) is evaluated with them
+    # clamped at 0, not turned into NaN, and the caller's batch is left as it was
+    var = next(e for e in layout.entries if e.name.endswith("running_var"))
+    bad = params.clone()
+    bad[0, var.offset : var.offset + var.numel] = -1e-3
+    before = bad.clone()
+    clamped = bad.clone()
+    clamped[0, var.offset : var.offset + var.numel] = 0
+    loss_bad, _ = ev.evaluate(bad)
+    assert np.isfinite(loss_bad).all() and torch.equal(bad, before)
+    ref0 = evaluate_model(layout.load_into(model, clamped[0]), x, y)[0]
+    np.testing.assert_allclose(loss_bad[0], ref0, rtol=1e-5)
 
 
 # --- the grid and its files ----------------------------------------------------------------------

@@ -114,6 +114,20 @@ def test_streamed_gram_matrix_equals_the_whole_product(tiny_study):
         np.testing.assert_allclose(G, S @ S.T, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path of the Gram pass)")
+def test_streamed_gram_matrix_on_gpu_equals_the_host_one(tiny_study):
+    from globscope_core.streaming import gram_matrix
+
+    X = tiny_study.read_params()
+    mean = X.mean(0)
+    P = tiny_study.n_params
+    host = gram_matrix(tiny_study, lambda B: B - mean)
+    for panel, block in ((None, 3), (5, 2), (1, 1)):
+        G = gram_matrix(tiny_study, lambda B: B - mean, panel_bytes=panel and panel * 8 * P,
+                        block_bytes=block * 4 * P, device=torch.device("cuda"))
+        np.testing.assert_allclose(G, host, rtol=1e-12, atol=1e-9)
+
+
 # --- checkpoints of any floating precision -------------------------------------------------------------
 def test_import_mixed_precision_checkpoints(tiny_study, tmp_path):
     row = tiny_study.run_rows(0)[-1]

@@ -119,13 +119,15 @@ class SpanReducer(Reducer):
     def fit(self, X, progress: bool = False):
         import time
 
+        from ..evaluation import resolve_device
         from .basis import SpanBasis
 
         t0 = time.perf_counter()
         self.basis = SpanBasis()
         block_rows = self.config.get("block_rows")
         C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress,
-                           max_rank=self.config.get("max_rank") or default_max_rank(_n_params(X)))
+                           max_rank=self.config.get("max_rank") or default_max_rank(_n_params(X)),
+                           device=resolve_device(self.config.get("device", "cpu")))
         t1 = time.perf_counter()
         self._fit_coords(C, progress=progress)
         self.embedding_ = np.asarray(self._encode(C), dtype=np.float64)

@@ -73,11 +73,12 @@ class SpanBasis:
 
     # --- fitting --------------------------------------------------------------------------
     def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False,
-            max_rank: int | None = None):
+            max_rank: int | None = None, device=None):
         """Returns the coordinates C [N, k] (float64) of every checkpoint, in row order.
 
         ``max_rank`` keeps only the leading directions (a truncated basis: k x P memory instead of
-        N x P, at the cost of the variance left out, see ``explained``)."""
+        N x P, at the cost of the variance left out, see ``explained``). ``device``: a CUDA device
+        computes the Gram matrix there (fewer passes over the study); everything else runs on the host."""
         src = as_source(source)
         name = describe(src)
         N, P = src.n_checkpoints, src.n_params
@@ -117,7 +118,7 @@ class SpanBasis:
         # (streaming.py: the study is read ~N/panel times, products in float64)
         from ..streaming import gram_matrix
 
-        G = gram_matrix(src, self.standardize, progress=progress, desc="basis 2/3 Gram")
+        G = gram_matrix(src, self.standardize, progress=progress, desc="basis 2/3 Gram", device=device)
 
         evals, U = np.linalg.eigh(G)
         order = np.argsort(evals)[::-1]
@@ -130,10 +131,14 @@ class SpanBasis:
         k = len(evals)
         W = (U / np.sqrt(evals)).T.astype(np.float32)  # [k, N]: V = W @ S
 
-        # pass 3: the basis itself
+        # pass 3: the basis itself, V += W[:, rows] @ S[rows], in column slices: a whole [k, P]
+        # product would be a second V in memory (2 GB for a 4.7e6-parameter CNN)
         V = np.zeros((k, P), np.float32)
+        cols = max(1, (64 << 20) // (4 * k))
         for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 3/3 span", disable=not progress):
-            V += W[:, idx] @ self.standardize(B)
+            S = self.standardize(B)
+            for c in range(0, P, cols):
+                V[:, c : c + cols] += W[:, idx] @ S[:, c : c + cols]
         self.V = V
         self.explained = evals / total_var  # fraction of the standardized variance per direction
         return U * np.sqrt(evals)  # C = S V^T = U L^1/2
