@@ -193,11 +193,12 @@ def table(results) -> str:
         cfg, fit, land = ROWS[name], r["fit"], r["landscape"]
         p = cfg["paper"]
         gpu = f", GPU {fmt_gb(land['peak_gpu_bytes'])}" if "peak_gpu_bytes" in land else ""
+        fit_gpu = f", GPU {fmt_gb(fit['peak_gpu_bytes'])}" if "peak_gpu_bytes" in fit else ""
         kept = fit.get("basis_explained")
         lines.append(
             f"| {p[0]} ({cfg['model']}) | {r['train']['n_params']:.3g} | {r['train']['n_checkpoints']} | "
             f"{fit.get('basis_rank')} ({'-' if kept is None else f'{kept:.7f}'}) | "
-            f"{fmt_gb(fit['peak_rss_bytes'])} ({fmt_gb(fit.get('estimate_bytes'))}) | "
+            f"{fmt_gb(fit['peak_rss_bytes'])}{fit_gpu} ({fmt_gb(fit.get('estimate_bytes'))}) | "
             f"{fmt_gb(land['peak_rss_bytes'])}{gpu} ({fmt_gb(land.get('estimate_bytes'))}) | "
             f"{cfg['resolution']}x{cfg['resolution']}, {land['eval_samples']} | "
             f"{fit['seconds']:.0f} | " + (f"{land['seconds']:.0f}" if "partial" not in land else
@@ -230,7 +231,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--fresh", action="store_true", help="retrain the studies")
-    ap.add_argument("--stages", default="train,fit,error,landscape")
+    ap.add_argument("--stages", default="train,fit,error,landscape", help='comma list; "" rewrites scale.md only')
     ap.add_argument("--max-chunks", type=int, help="landscape: stop after this many chunks (peak memory is per "
                     "chunk; the time is extrapolated and the table says so)")
     ap.add_argument("--stage", help="internal: run one stage in this process")
@@ -247,10 +248,11 @@ def main():
         return
 
     os.makedirs(a.out, exist_ok=True)
-    jpath = os.path.join(a.out, "scale.json")
+    jpath = os.path.join(a.out, "scale.json" if a.device == "cpu" else "scale-cuda.json")
     results = json.load(open(jpath)) if os.path.exists(jpath) else {}
     results = {k: v for k, v in results.items() if k in ROWS}
-    for name in names:
+    stages = [st for st in a.stages.split(",") if st]  # --stages "" only rewrites scale.md
+    for name in names if stages else []:
         cfg = ROWS[name]
         data_dir = os.path.join(a.work, "data", cfg["dataset"])
         if cfg["dataset"] == "mnist":
@@ -263,19 +265,23 @@ def main():
 
             shutil.rmtree(study_dir)
         row = results.setdefault(name, {})
-        for stage in a.stages.split(","):
+        for stage in stages:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {stage} ...", flush=True)
             row[stage] = stage_subprocess(stage, name, cfg, study_dir, data_dir, a.device, a.max_chunks)
             print(f"    {stage}: {row[stage]['seconds']:.1f} s, peak RSS {fmt_gb(row[stage]['peak_rss_bytes'])} GB",
                   flush=True)
             results = save_stage(jpath, name, stage, row[stage])
     md = ["# Computational requirements (bench/bench_scale.py)", "",
-          f"Device: {a.device}; peak memory is the stage process's peak resident set (ru_maxrss), GB = 1e9 bytes.",
+          "Peak memory is the stage process's peak resident set (ru_maxrss, host memory), GB = 1e9 bytes; on a "
+          "GPU also the peak of torch.cuda.max_memory_allocated.",
           "Data: synthetic images in the standard file formats written by the benchmark (no download); "
           "short trajectories: one epoch per run, a checkpoint every optimizer step.",
           "Landscape: evaluation subsets and grids as listed (small, to fit 2 shared CPU cores); "
-          "loss gap: mean relative loss difference of decoded vs. original checkpoints on that subset.", "",
-          table(results), ""]
+          "loss gap: mean relative loss difference of decoded vs. original checkpoints on that subset.", ""]
+    for device, name in (("CPU (--device cpu)", "scale.json"), ("GPU (--device cuda)", "scale-cuda.json")):
+        path = os.path.join(a.out, name)
+        if os.path.exists(path):
+            md += [f"## {device}", "", table({k: v for k, v in json.load(open(path)).items() if k in ROWS}), ""]
     with open(os.path.join(a.out, "scale.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))

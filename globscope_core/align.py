@@ -106,18 +106,19 @@ class ActivationMatching(Aligner):
 
     name = "activation-matching"
 
-    def __init__(self, spec: PermutationSpec, build_model, x: torch.Tensor, batch_size: int = 1024):
+    def __init__(self, spec: PermutationSpec, build_model, x: torch.Tensor, batch_size: int = 1024, device="cpu"):
         super().__init__(spec)
         missing = [p for p in spec.perm_names if p not in spec.activations]
         if missing:
             raise GlobScopeError(f"activation matching: the permutation spec names no activation for {', '.join(missing)}")
-        self.build_model, self.x, self.batch_size = build_model, x, batch_size
+        self.build_model, self.batch_size, self.device = build_model, batch_size, torch.device(device)
+        self.x = x.to(self.device)
 
     @torch.no_grad()
     def _activations(self, state: dict) -> dict:
         model = self.build_model()
         model.load_state_dict(state, strict=False)
-        model.eval()
+        model.to(self.device).eval()
         modules = dict(model.named_modules())
         feats: dict = {p: [] for p in self.spec.activations}
         hooks = []
@@ -136,7 +137,7 @@ class ActivationMatching(Aligner):
         finally:
             for h in hooks:
                 h.remove()
-        return {p: torch.cat(v).numpy() for p, v in feats.items()}
+        return {p: torch.cat(v).cpu().numpy() for p, v in feats.items()}
 
     def find(self, ref_state: dict, other_state: dict) -> dict:
         fa, fb = self._activations(ref_state), self._activations(other_state)
@@ -153,13 +154,13 @@ def _make_weight_matching(spec, study, max_iter=100, seed=0, **_):
     return WeightMatching(spec, max_iter=max_iter, seed=seed)
 
 
-def _make_activation_matching(spec, study, act_samples=1024, seed=0, **_):
+def _make_activation_matching(spec, study, act_samples=1024, seed=0, device="cpu", **_):
     from .data import load_dataset
     from .evaluation import subset
 
     ds = load_dataset(study.dataset_spec)
     x, _ = subset(ds.train_x, ds.train_y, act_samples, seed=seed)
-    return ActivationMatching(spec, study.build_model, x)
+    return ActivationMatching(spec, study.build_model, x, device=device)
 
 
 ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _make_activation_matching}
@@ -172,18 +173,19 @@ def make_aligner(method: str, spec: PermutationSpec, study, **options) -> Aligne
 
 
 # --- interpolation barriers ----------------------------------------------------------------------
-def losses_of_rows(study, rows: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+def losses_of_rows(study, rows: np.ndarray, x: torch.Tensor, y: torch.Tensor, device="cpu") -> np.ndarray:
     """Mean cross-entropy of each flat parameter row [B, P] of ``study``'s model on (x, y), batched."""
     from .batched import evaluate_flat
 
-    return evaluate_flat(study, torch.as_tensor(np.asarray(rows, dtype=np.float32)), x, y)[0].astype(np.float64)
+    rows = torch.as_tensor(np.asarray(rows, dtype=np.float32))
+    return evaluate_flat(study, rows, x, y, device=device)[0].astype(np.float64)
 
 
-def interpolation_curve(study, a: np.ndarray, b: np.ndarray, alphas: np.ndarray, x, y) -> np.ndarray:
+def interpolation_curve(study, a: np.ndarray, b: np.ndarray, alphas: np.ndarray, x, y, device="cpu") -> np.ndarray:
     """Loss along (1 - alpha) a + alpha b (the whole flat state; BatchNorm running statistics are
     interpolated too, which is not what a recomputed BN would give: REPAIR-style resets are not done)."""
     path = (1.0 - alphas[:, None]) * a[None].astype(np.float64) + alphas[:, None] * b[None].astype(np.float64)
-    return losses_of_rows(study, path.astype(np.float32), x, y)
+    return losses_of_rows(study, path.astype(np.float32), x, y, device)
 
 
 def barrier(curve: np.ndarray, alphas: np.ndarray) -> float:
@@ -203,19 +205,21 @@ def _final_row(study, run: int) -> int:
 
 def align_study(study_dir: str, out: str, reference: int = 0, method: str = "weight-matching",
                 alphas: int = 25, eval_samples: int | None = 2000, seed: int = 0, progress: bool = True,
-                plot: bool = True, **options) -> dict:
+                plot: bool = True, device="auto", **options) -> dict:
     """Write ``out``: ``study_dir`` with every run permuted to run ``reference``. Returns the report.
 
     Report ("align" in out/report.json): per run the barrier of the straight line to the
     reference's final model (train split, ``eval_samples`` samples, ``alphas`` weights) before and
     after alignment, and the L2 distance between the final models before and after.
     The permutations are saved in out/permutations.npz (arrays named ``run{r}/{perm}``).
+    ``device``: where activations and barrier losses are computed (weight matching itself is numpy).
     """
     from .data import load_dataset
-    from .evaluation import subset
+    from .evaluation import resolve_device, subset
     from .store import Study
 
     t0 = time.time()
+    dev = resolve_device(device)  # --device cuda without a GPU: a clear error before any work
     src = Study.open(study_dir)
     n_runs = len(src.runs)
     if not 0 <= reference < n_runs:
@@ -223,7 +227,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     if os.path.abspath(out) == src.dir:
         raise GlobScopeError(f"{out}: the aligned study must be a new directory, not the source study")
     spec = spec_for_model(src.model_spec, src.layout, src.build_model())
-    aligner = make_aligner(method, spec, src, seed=seed, **options)
+    aligner = make_aligner(method, spec, src, seed=seed, device=dev, **options)
 
     if os.path.exists(os.path.join(out, "study.h5")):
         dst = Study.open(out)
@@ -262,8 +266,8 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
                 perms_out[f"run{r}/{p}"] = np.asarray(q, dtype=np.int64)
             if r != reference:
                 aligned = final[index]
-                before = interpolation_curve(src, final, ref_final, al, x, y)
-                after = interpolation_curve(src, aligned, ref_final, al, x, y)
+                before = interpolation_curve(src, final, ref_final, al, x, y, dev)
+                after = interpolation_curve(src, aligned, ref_final, al, x, y, dev)
                 runs_report.append({
                     "run": r, "barrier_before": barrier(before, al), "barrier_after": barrier(after, al),
                     "distance_before": float(np.linalg.norm(final - ref_final)),
@@ -337,7 +341,8 @@ def plot_barriers(report: dict, path: str) -> str:
 
 # --- the global view before and after -----------------------------------------------------------
 def compare_basins(raw_dir: str, aligned_dir: str, reducer: str = "pca", dim: int = 2, resolution: int | None = None,
-                   eval_samples: int | None = 1024, persistence: float | None = None, progress: bool = True) -> dict:
+                   eval_samples: int | None = 1024, persistence: float | None = None, progress: bool = True,
+                   device="auto") -> dict:
     """The same pipeline (fit -> landscape -> topology basins) on the raw and the aligned study.
 
     The basins of both fields are counted with one absolute persistence threshold: ``persistence``
@@ -355,8 +360,9 @@ def compare_basins(raw_dir: str, aligned_dir: str, reducer: str = "pca", dim: in
     out = {"reducer": name, "dim": dim}
     for key, d in (("raw", raw_dir), ("aligned", aligned_dir)):
         study = Study.open(d)
-        fit_reducer(study, reducer, dim)  # fitted afresh: both studies get the very same pipeline
-        land = compute_landscape(study, name, resolution, eval_samples=eval_samples, progress=progress)
+        # fitted afresh: both studies get the very same pipeline
+        fit_reducer(study, reducer, dim, **({"device": device} if reducer == "ae" else {}))
+        land = compute_landscape(study, name, resolution, eval_samples=eval_samples, progress=progress, device=device)
         if key == "raw":
             basins = study_topology(study.dir, dim=dim, verbose=False, relative=True,
                                     persistence=DEFAULT_PERSISTENCE if persistence is None else persistence)

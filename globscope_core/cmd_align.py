@@ -18,6 +18,7 @@ def register(sub):
                    help="also run fit, landscape and topology on both studies and compare their basins")
     p.add_argument("--reducer", default="pca", help="reducer kind for --compare-basins (pca, ae, ...)")
     p.add_argument("--resolution", type=int, default=65, help="landscape resolution for --compare-basins")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (activations, losses, landscapes)")
     p.set_defaults(func=cmd_align)
 
 
@@ -30,7 +31,7 @@ def cmd_align(args):
         raise GlobScopeError(f"--alphas must be at least 2, not {args.alphas}")
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
-                      act_samples=args.act_samples)
+                      act_samples=args.act_samples, device=args.device)
     print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)")
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
     for d in rep["runs"]:
@@ -41,6 +42,7 @@ def cmd_align(args):
     if args.compare_basins:
         from .align import compare_basins
 
-        cmp = compare_basins(args.study, args.out, reducer=args.reducer, resolution=args.resolution)
+        cmp = compare_basins(args.study, args.out, reducer=args.reducer, resolution=args.resolution,
+                             device=args.device)
         print(f"  basins of the final models: raw {cmp['raw']['n_basins']}, aligned {cmp['aligned']['n_basins']}"
               + (f"   side by side: {cmp['image']}" if cmp.get("image") else ""))

@@ -108,7 +108,9 @@ def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution,
     parts = estimate_landscape(study.n_params, rank, chunk_points, n_points, x.numel() * 4, ACTIVATION_BUDGET)
     gpu = None
     if device.type == "cuda":  # decoding and evaluation happen on the GPU, the field on the host
-        gpu = {k: parts.pop(k) for k in ("reducer basis [k, P]", "decoded chunk [B, P]", "activations")}
+        gpu = {k: parts.pop(k) for k in ("decoded chunk [B, P]", "activations")}
+        gpu["reducer basis [k, P]"] = parts["reducer basis [k, P]"]  # loaded on the host, copied to the GPU
+        parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
     return require(parts, f"landscape {study.dir} at resolution {resolution} in {dim}D", device, gpu,
                    hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)")
 

@@ -94,11 +94,13 @@ def test_device_cuda_without_gpu_is_a_clear_error_everywhere(tiny_study, tmp_pat
         ("import", tmp_path / "i", ckpt, "--dataset", "digits", "--model", "mlp", "--model-arg", "widths=[32]"),
         ("fit", s, "--reducer", "pca"),
         ("landscape", s, "--reducer", "pca-2d"),
+        ("align", s, "--out", tmp_path / "a"),
     ]
     for args in cases:
         rc, _, err = run_cli(*args, "--device", "cuda")
         one_line_error(rc, err, "no CUDA GPU is available")
     assert not os.path.exists(os.path.join(s, "reducers", "pca-2d.pt"))
+    assert not os.path.exists(tmp_path / "a")
 
 
 def test_streamed_gram_matrix_equals_the_whole_product(tiny_study):
