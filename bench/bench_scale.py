@@ -45,7 +45,7 @@ ROWS = {
     "cnn100": dict(model="cifar-cnn", dataset="cifar100", runs=3, train=1600, batch=32, optimizer="sgd", lr=0.01,
                    eval_samples=16, resolution=33, paper=("CNN-CIFAR100", 4.91e6, 18.7)),
     "vit": dict(model="vit", dataset="cifar10", runs=4, train=640, batch=32, optimizer="adam", lr=3e-4,
-                eval_samples=16, resolution=17, paper=("ViT (paper: next)", 1e7, None)),
+                eval_samples=16, resolution=11, paper=("ViT (paper: next)", 1e7, None)),
 }
 TEST_SAMPLES = 512
 

@@ -24,7 +24,7 @@ def register(sub):
                         "reducer of each landscape-{2,3}d.vti, else ae-{2,3}d, else pca-{2,3}d")
     p.add_argument("--refit", action="store_true",
                    help="refit the reducer(s) with the curve and line points included (and recompute the "
-                        "landscape when the landscape stage is installed), so the paths are drawn faithfully")
+                        "landscape and its merge tree where they exist), so the paths are drawn faithfully")
     p.add_argument("--plane-resolution", type=int, default=41,
                    help="grid points per axis of the loss in the plane through A, B and the bend (0: none)")
     p.add_argument("--plane-eval-samples", type=int, default=1024, help="samples for the plane's loss")

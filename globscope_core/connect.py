@@ -728,7 +728,13 @@ def _recompute_landscape(study: Study, reducer_name: str, vti: str, progress: bo
     if "eval_samples" in fd:
         kw["eval_samples"] = int(np.atleast_1d(fd["eval_samples"])[0])
     compute_landscape(study, reducer_name, int(f.dims[0]), **kw)
-    return "; landscape recomputed with the refitted reducer"
+    dim = 3 if f.dims[2] > 1 else 2
+    if not os.path.isdir(os.path.join(study.dir, f"topology-{dim}d")):
+        return "; landscape recomputed with the refitted reducer"
+    from .topology_io import study_topology
+
+    study_topology(study.dir, dim=dim, verbose=False)  # the old merge tree described the old field
+    return "; landscape and merge tree recomputed with the refitted reducer"
 
 
 def load_control_points(path: str) -> tuple[np.ndarray, dict]:

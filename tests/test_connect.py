@@ -304,11 +304,17 @@ def test_refit_puts_the_curve_into_the_reducer_and_recomputes_the_landscape(stud
 
     d = study_copy.dir
     fit_reducer(study_copy, "pca", 2)
+    from globscope_core.topology_io import study_topology
+
     compute_landscape(study_copy, "pca-2d", 9, eval_samples=64, progress=False)
+    study_topology(d, dim=2, verbose=False)
+    seg = os.path.join(d, "topology-2d", "segmentation.vti")
+    before = os.stat(seg).st_mtime_ns
     report = C.connect(d, runs=(0, 1), epochs=1, batch_size=256, points=5, refit=True, plane_resolution=0,
                        progress=False)
     lat = report["latent"]["2d"]
-    assert "refitted" in lat["note"] and "landscape recomputed" in lat["note"]
+    assert "refitted" in lat["note"] and "landscape and merge tree recomputed" in lat["note"]
+    assert os.stat(seg).st_mtime_ns > before  # the merge tree of the new field, not the old one
     assert lat["landscape"] == "landscape-2d.vti" and np.isfinite(lat["curve_landscape_gap"])
     study = Study.open(d)
     load_reducer(study, "pca-2d")  # fitted on the study as it is now, with the curve rows
