@@ -31,6 +31,39 @@ def test_span_basis_is_exact_and_streams(tiny_study):
     assert ((back - X) ** 2).mean() < 1e-10 * max(1.0, (X**2).mean())
 
 
+def test_decoded_batchnorm_variances_keep_a_floor(tmp_path):
+    """Variances decode to no less than the smallest a checkpoint had; other coordinates are free."""
+    from globscope_core import models
+    from globscope_core.data import make_spec
+    from globscope_core.flat import StateLayout
+
+    spec = models.make_spec("resnet20", (1, 8, 8), 10)
+    layout = StateLayout.from_module(models.build_model(spec))
+    var = np.zeros(layout.size, bool)
+    for e in layout.entries:
+        var[e.offset : e.offset + e.numel] = e.name.endswith("running_var")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, layout.size)).astype(np.float32)
+    X[:, var] = 0.5 + rng.random((8, int(var.sum()))).astype(np.float32)
+    study = Study.create(str(tmp_path / "s"), spec, make_spec("digits"), layout)
+    with study.transaction() as w:
+        run = w.add_run(seed=0)
+        for i, row in enumerate(X):
+            w.append(run, i, row, train_loss=1.0)
+    red = fit_reducer(Study.open(study.dir), "pca", 2)
+    lower = red.basis.lower
+    np.testing.assert_array_equal(lower[var], X[:, var].min(0))
+    assert np.all(np.isneginf(lower[~var]))
+    # far out in the latent space the linear decoder would give negative variances
+    far = torch.as_tensor(100 * np.abs(red.embedding_).max() * np.array([[1.0, -1.0], [-1.0, 1.0]]),
+                          dtype=torch.float32)
+    raw = red.basis.mean + (red.decode_coords(far.numpy()) @ red.basis.V) * red.basis.scale
+    assert (raw[:, var] < 0).any() and (raw[:, ~var] < X[:, ~var].min(0)).any()
+    out = load_reducer(Study.open(study.dir), "pca-2d").inverse_transform_torch(far).numpy()
+    assert np.all(out[:, var] >= X[:, var].min(0))
+    np.testing.assert_allclose(out[:, ~var], raw[:, ~var], rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["pca", "kpca", "ae"])
 def test_fit_save_load_roundtrip(study_copy, kind):
     cfg = FAST_AE if kind == "ae" else {}

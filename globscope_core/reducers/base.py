@@ -127,7 +127,7 @@ class SpanReducer(Reducer):
         block_rows = self.config.get("block_rows")
         C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress,
                            max_rank=self.config.get("max_rank") or default_max_rank(_n_params(X)),
-                           device=resolve_device(self.config.get("device", "cpu")))
+                           device=resolve_device(self.config.get("device", "cpu")), floor_mask=_variance_mask(X))
         t1 = time.perf_counter()
         self._fit_coords(C, progress=progress)
         self.embedding_ = np.asarray(self._encode(C), dtype=np.float64)
@@ -174,6 +174,18 @@ class SpanReducer(Reducer):
 
     def _load_state(self, state: dict) -> None:
         pass
+
+
+def _variance_mask(X):
+    """[P] bool, True at BatchNorm running variances (their decoded values get a floor), or None."""
+    layout = getattr(X, "layout", None)
+    if layout is None:
+        return None
+    mask = np.zeros(layout.size, bool)
+    for e in layout.entries:
+        if e.name.endswith("running_var"):
+            mask[e.offset : e.offset + e.numel] = True
+    return mask if mask.any() else None
 
 
 def _n_params(X) -> int:

@@ -5,7 +5,7 @@ Every reducer works on the coordinates of the checkpoints in this basis, so none
 
   standardized   s = (x - mean) / scale       per-coordinate standardization across checkpoints
   coordinates    c = s @ V.T                  V: [k, P], orthonormal rows spanning the standardized rows
-  decoding       x = mean + (c @ V) * scale
+  decoding       x = mean + (c @ V) * scale, then x >= lower where a lower bound is set (see ``fit``)
 
 Because V is orthonormal, ``||c - c'||^2 / P`` is exactly the mean squared error in standardized
 parameter space, so reducers can be trained and scored on c alone.
@@ -60,8 +60,8 @@ def default_block_rows(n_params: int, budget_bytes: int = 64 << 20) -> int:
 class SpanBasis:
     """mean, scale [P] and an orthonormal basis V [k, P] of the standardized checkpoints."""
 
-    def __init__(self, mean=None, scale=None, V=None):
-        self.mean, self.scale, self.V = mean, scale, V
+    def __init__(self, mean=None, scale=None, V=None, lower=None):
+        self.mean, self.scale, self.V, self.lower = mean, scale, V, lower
 
     @property
     def rank(self) -> int:
@@ -73,12 +73,16 @@ class SpanBasis:
 
     # --- fitting --------------------------------------------------------------------------
     def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False,
-            max_rank: int | None = None, device=None):
+            max_rank: int | None = None, device=None, floor_mask=None):
         """Returns the coordinates C [N, k] (float64) of every checkpoint, in row order.
 
         ``max_rank`` keeps only the leading directions (a truncated basis: k x P memory instead of
         N x P, at the cost of the variance left out, see ``explained``). ``device``: a CUDA device
-        computes the Gram matrix there (fewer passes over the study); everything else runs on the host."""
+        computes the Gram matrix there (fewer passes over the study); everything else runs on the host.
+        ``floor_mask`` [P] bool: coordinates (BatchNorm variances) whose decoded value is kept at or
+        above the smallest value any checkpoint had there. A decoder between or beyond checkpoints can
+        give a negative variance, and a variance near 0 blows the activations up layer after layer
+        (a ResNet-56 landscape was 76% NaN without this floor)."""
         src = as_source(source)
         name = describe(src)
         N, P = src.n_checkpoints, src.n_params
@@ -88,7 +92,7 @@ class SpanBasis:
         nb = -(-N // block_rows)
 
         # pass 1: mean and scale; also rejects NaN/Inf before anything is computed with them
-        shift = total = sq = None
+        shift = total = sq = lowest = None
         for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 1/3 mean", disable=not progress):
             bad = ~np.isfinite(B)
             if bad.any():
@@ -98,6 +102,8 @@ class SpanBasis:
             if shift is None:
                 shift = B[0].astype(np.float64)
                 total, sq = np.zeros(P), np.zeros(P)
+                lowest = np.full(P, np.inf, np.float32)
+            np.minimum(lowest, B.min(0), out=lowest)
             D = B.astype(np.float64) - shift
             total += D.sum(0)
             sq += np.einsum("ij,ij->j", D, D)
@@ -113,6 +119,9 @@ class SpanBasis:
         floor = 1e-6 * float(np.median(std[std > 0]))
         scale = np.where(std > floor, std, 1.0).astype(np.float32)
         self.mean, self.scale = mean, scale
+        self.lower = None
+        if floor_mask is not None and np.any(floor_mask):
+            self.lower = np.where(floor_mask, lowest, -np.inf).astype(np.float32)
 
         # pass 2: Gram matrix of the standardized rows, a held panel against streamed blocks
         # (streaming.py: the study is read ~N/panel times, products in float64)
@@ -162,7 +171,8 @@ class SpanBasis:
         """Basis coordinates [n, k] -> flattened checkpoints [n, P] (float32, on c's device)."""
         dev = c.device
         V = self._cached("V", dev)
-        return (c.to(torch.float32) @ V) * self._cached("scale", dev) + self._cached("mean", dev)
+        x = (c.to(torch.float32) @ V) * self._cached("scale", dev) + self._cached("mean", dev)
+        return x if self.lower is None else torch.maximum(x, self._cached("lower", dev))
 
     def _cached(self, name, device):
         cache = self.__dict__.setdefault("_torch_cache", {})
@@ -173,9 +183,14 @@ class SpanBasis:
 
     # --- persistence ---------------------------------------------------------------------
     def state(self) -> dict:
-        return {"basis_mean": torch.from_numpy(self.mean), "basis_scale": torch.from_numpy(self.scale),
-                "basis_V": torch.from_numpy(self.V)}
+        st = {"basis_mean": torch.from_numpy(self.mean), "basis_scale": torch.from_numpy(self.scale),
+              "basis_V": torch.from_numpy(self.V)}
+        if self.lower is not None:
+            st["basis_lower"] = torch.from_numpy(self.lower)
+        return st
 
     @classmethod
     def from_state(cls, state: dict) -> "SpanBasis":
-        return cls(state["basis_mean"].numpy(), state["basis_scale"].numpy(), state["basis_V"].numpy())
+        lower = state.get("basis_lower")
+        return cls(state["basis_mean"].numpy(), state["basis_scale"].numpy(), state["basis_V"].numpy(),
+                   None if lower is None else lower.numpy())
