@@ -27,7 +27,7 @@ from .models import MLP, build_model
 # activations kept alive at once per forward (bytes); sample batches are sized to fit it
 ACTIVATION_BUDGET = 256 << 20
 # CPU fast path: one layer's activations of a (models x samples) tile, sized to stay in the L2/L3
-# cache. Streaming whole-batch activations through memory reached 0.28 of the GEMM rate, tiles 0.51
+# cache. Streaming whole-batch activations through memory reached 0.28 of the GEMM rate, tiles 0.59
 # (bench/bench_landscape.py, whole digits train set).
 CPU_TILE_BYTES = 2 << 20
 CPU_TILE_SAMPLES = 256

@@ -59,8 +59,9 @@ def _sha256(path: str) -> str:
 
 def encode_checkpoints(study: Study, reducer) -> np.ndarray:
     """Latent coordinates [N, dim] of every checkpoint (streamed in row blocks)."""
+    rows = max(1, (64 << 20) // (4 * study.n_params))  # small blocks: standardizing one copies it twice
     return np.concatenate([np.asarray(reducer.transform(block), dtype=np.float64)
-                           for _, block in study.iter_params()])
+                           for _, block in study.iter_params(rows)])
 
 
 def grid_bounds(Z: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
@@ -318,6 +319,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                                      f"{len(done) + len(results)} finished chunks are kept in {store.dir}: "
                                      "free space and rerun the same command to resume") from None
             results[k] = (loss, acc)
+            del params  # before the next chunk is decoded: one decoded chunk in memory, not two
             bar.update(sizes[k] * dist.world)
         bar.close()
         t_eval = time.time() - t_eval
@@ -412,7 +414,7 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
     pts = np.zeros((len(order), 3))
     pts[:, :dim] = Z[order]
     loss_dec, acc_dec, loss_eval = [], [], []
-    tb = int(max(1, min(128, (256 << 20) // (4 * study.n_params))))  # rows per batch: ~256 MiB of weights
+    tb = int(max(1, min(128, (64 << 20) // (4 * study.n_params))))  # rows per batch: ~64 MiB of weights
     for s in range(0, len(order), tb):
         z = torch.as_tensor(Z[order[s : s + tb]], dtype=torch.float32, device=ev.device)
         with torch.no_grad():

@@ -171,8 +171,13 @@ class SpanBasis:
         """Basis coordinates [n, k] -> flattened checkpoints [n, P] (float32, on c's device)."""
         dev = c.device
         V = self._cached("V", dev)
-        x = (c.to(torch.float32) @ V) * self._cached("scale", dev) + self._cached("mean", dev)
-        return x if self.lower is None else torch.maximum(x, self._cached("lower", dev))
+        x = c.to(torch.float32) @ V
+        if x.requires_grad:  # out of place, for autograd
+            x = x * self._cached("scale", dev) + self._cached("mean", dev)
+            return x if self.lower is None else torch.maximum(x, self._cached("lower", dev))
+        # in place: a decoded chunk is ~256 MiB, every temporary copy would be another one
+        x.mul_(self._cached("scale", dev)).add_(self._cached("mean", dev))
+        return x if self.lower is None else x.clamp_(min=self._cached("lower", dev))
 
     def _cached(self, name, device):
         cache = self.__dict__.setdefault("_torch_cache", {})
