@@ -266,12 +266,31 @@ def _free_port():
 def _client_server(study, tmp_path, ranks):
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.fail("unshare/nsenter (util-linux) are needed to isolate pvserver")
+    # Under mpiexec, a pvserver rank on Xvfb sometimes fails to open the display ("bad X server
+    # connection", seen in 2 of 5 runs on this machine, also with a display of its own): an X start-up
+    # race outside our code. Such a run is retried; any other failure fails at once.
+    for attempt in range(3):
+        rc, text, server_log = _client_server_once(study, tmp_path / f"try{attempt}", ranks)
+        if rc == 0 or "bad X server connection" not in server_log:
+            break
+    assert rc == 0 and "done" in text, text[-3000:] + server_log[-2000:]
+    assert f"server processes: {ranks}" in text
+    return str(tmp_path / f"try{attempt}" / "tree.npz"), str(tmp_path / f"try{attempt}" / "server.png")
+
+
+def _client_server_once(study, tmp_path, ranks):
+    tmp_path.mkdir()
     env = pvenv.environment()
     port = _free_port()
     server = [pvenv.find("pvserver"), f"--server-port={port}"]
     if ranks > 1:
         server = [shutil.which("mpiexec"), "-n", str(ranks)] + server
-    inner = shlex.join(pvenv.command(server, env))
+    if pvenv.needs_xvfb(env):
+        # the server's own display number: two `xvfb-run -a` started together (server, then the
+        # client) can pick the same free number
+        num = next(n for n in range(400 + port % 400, 1200) if not os.path.exists(f"/tmp/.X{n}-lock"))
+        server = [shutil.which("xvfb-run"), "-n", str(num), "-s", "-screen 0 1280x1024x24"] + server
+    inner = shlex.join(server)
     log = open(tmp_path / "server.log", "w")
     # unshare execs sh, which execs timeout: proc.pid lives in the new namespace, and leads the process group
     proc = subprocess.Popen(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec timeout -s KILL 240 {inner}"],
@@ -282,9 +301,7 @@ def _client_server(study, tmp_path, ranks):
         # the client joins the server's network namespace: 127.0.0.1 there is the server's loopback
         rc, text = _run([pvenv.find("pvpython"), DRIVER, pvenv.PLUGIN, study, out, "--connect", str(port), "--png", png],
                         200, env=env, prefix=["nsenter", "-t", str(proc.pid), "-n", "--"])
-        assert rc == 0 and "done" in text, text[-3000:] + open(tmp_path / "server.log").read()[-2000:]
-        assert f"server processes: {ranks}" in text
-        return out, png
+        ok = rc == 0 and "done" in text
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -292,6 +309,7 @@ def _client_server(study, tmp_path, ranks):
             pass
         proc.wait(timeout=30)
         log.close()
+    return (0 if ok else rc or 1), text, open(tmp_path / "server.log").read()
 
 
 @pytest.mark.paraview
