@@ -267,8 +267,8 @@ def _client_server(study, tmp_path, ranks):
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.fail("unshare/nsenter (util-linux) are needed to isolate pvserver")
     # Under mpiexec, a pvserver rank on Xvfb sometimes fails to open the display ("bad X server
-    # connection"; here 1 of 3 runs with `xvfb-run -a`, 3 of 5 with a display of its own): an X start-up
-    # race outside our code. Such a run is retried; any other failure fails at once.
+    # connection"; here 1 of 3 runs with `xvfb-run -a`, 3 of 5 with a display of its own), a
+    # failure in pvserver itself, cause not found. Such a run is retried; any other failure fails at once.
     for attempt in range(3):
         rc, text, server_log = _client_server_once(study, tmp_path / f"try{attempt}", ranks)
         if rc == 0 or "bad X server connection" not in server_log:
