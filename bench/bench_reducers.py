@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 def demo_table(study_dir, work, dims):
-    from globscope_core.cmd_fit import compare_study, format_table
+    from globscope_core.fitting import compare_study, format_table
 
     dst = os.path.join(work, "demo")
     shutil.rmtree(dst, ignore_errors=True)
@@ -65,7 +65,7 @@ def child(study_dir, mode, block_rows, max_rank):
     from globscope_core.reducers.metrics import reconstruction
     from globscope_core.store import Study
 
-    from globscope_core.cmd_fit import PeakRSS
+    from globscope_core.fitting import PeakRSS
 
     s = Study.open(study_dir)
     t = time.perf_counter()

@@ -119,7 +119,7 @@ def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
         out.update(n_params=s.n_params, n_checkpoints=s.n_checkpoints, steps_per_run=steps,
                    final_train_loss=float(np.mean([s.metrics["train_loss"][r] for r in s.final_rows().values()])))
     elif stage == "fit":
-        from globscope_core.cmd_fit import fit_study
+        from globscope_core.fitting import fit_study
 
         from globscope_core.resources import default_max_rank, estimate_fit
         from globscope_core.store import Study

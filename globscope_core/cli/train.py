@@ -1,9 +1,7 @@
-"""Subcommands of the foundation: train, import, info."""
+"""Subcommands of the foundation: train, import, info (torch is imported only by the commands that use it)."""
 from __future__ import annotations
 
-from . import data as data_mod
-from .errors import GlobScopeError
-from .models import parse_kwargs
+from ..errors import GlobScopeError
 
 
 def _csv(kind):
@@ -17,7 +15,7 @@ def _csv(kind):
 
 
 def add_dataset_args(p, required=True):
-    p.add_argument("--dataset", required=required, help="digits, mnist, cifar10, cifar100, or module:callable")
+    p.add_argument("--dataset", required=required, help="digits, mnist-5k (built in), mnist, cifar10, cifar100 (local files), or module:callable")
     p.add_argument("--data-dir", help="directory with the data files (MNIST IDX, CIFAR python batches)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the digits train/test split")
 
@@ -64,11 +62,14 @@ def register(sub):
 
 
 def _dataset_spec(args):
+    from .. import data as data_mod  # imports torch: only for the commands that need it
+
     return data_mod.make_spec(args.dataset, args.data_dir, args.data_seed)
 
 
 def cmd_train(args):
-    from .train import final_summary, train_study
+    from ..models import parse_kwargs
+    from ..train import final_summary, train_study
 
     study = train_study(args.out, _dataset_spec(args), args.model, parse_kwargs(args.model_arg), runs=args.runs,
                         epochs=args.epochs, batch_size=args.batch_size, optimizers=args.optimizer, lrs=args.lr,
@@ -80,7 +81,8 @@ def cmd_train(args):
 
 
 def cmd_import(args):
-    from .importer import import_checkpoints
+    from ..importer import import_checkpoints
+    from ..models import parse_kwargs
 
     dataset = _dataset_spec(args) if args.dataset else None
     study = import_checkpoints(args.study, args.files, args.model, parse_kwargs(args.model_arg), dataset,
@@ -89,8 +91,8 @@ def cmd_import(args):
 
 
 def cmd_info(args):
-    from .store import Study
-    from .train import final_summary
+    from ..store import Study
+    from ..train import final_summary
 
     s = Study.open(args.study)
     print(f"study      {s.dir}")

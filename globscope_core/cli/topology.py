@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import GlobScopeError
+from ..errors import GlobScopeError
 
 
 def register(sub):
@@ -26,7 +26,7 @@ def register(sub):
 
 
 def cmd_topology(args) -> int:
-    from . import topology_io
+    from .. import topology_io
 
     if os.path.isdir(args.input):
         dims = args.dim or [d for d in (2, 3) if os.path.exists(os.path.join(args.input, f"landscape-{d}d.vti"))]

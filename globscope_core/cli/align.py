@@ -23,10 +23,10 @@ def register(sub):
 
 
 def cmd_align(args):
-    from .align import align_study
+    from ..align import align_study
 
     if args.alphas < 2:
-        from .errors import GlobScopeError
+        from ..errors import GlobScopeError
 
         raise GlobScopeError(f"--alphas must be at least 2, not {args.alphas}")
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
@@ -40,7 +40,7 @@ def cmd_align(args):
     print(f"  mean: {rep['mean_barrier_before']:.4f} -> {rep['mean_barrier_after']:.4f}"
           + (f"   plot: {args.out}/{rep['plot']}" if rep.get("plot") else ""))
     if args.compare_basins:
-        from .align import compare_basins
+        from ..align import compare_basins
 
         cmp = compare_basins(args.study, args.out, reducer=args.reducer, resolution=args.resolution,
                              device=args.device)

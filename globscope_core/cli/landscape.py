@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import GlobScopeError
+from ..errors import GlobScopeError
 
 
 def _bounds(text):
@@ -38,7 +38,7 @@ def register(sub):
 def cmd_landscape(args):
     import os
 
-    from .landscape import compute_landscape
+    from ..landscape import compute_landscape
 
     info = compute_landscape(args.study, args.reducer, args.resolution, split=args.split,
                              eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,

@@ -1,8 +1,9 @@
 """The ``globscope`` command: one subcommand per stage, plus ``demo``.
 
-Each stage module defines ``register(subparsers)``, which adds its subcommand and sets
+Each module of this package defines ``register(subparsers)``, which adds its subcommand and sets
 ``func`` to a function taking the parsed arguments. Errors the user can fix are
-GlobScopeError: printed as one line, exit status 2.
+GlobScopeError: printed as one line, exit status 2. The modules import torch and the
+algorithms inside the command functions, so `topology`, `info`, `render` and `paraview` start fast.
 """
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import importlib
 import os
 import sys
 
-from .errors import GlobScopeError
+from ..errors import GlobScopeError
 
 # stage modules that contribute subcommands, in the order of the pipeline
 STAGES = [
-    "globscope_core.commands",
-    "globscope_core.cmd_fit",
-    "globscope_core.cmd_landscape",
-    "globscope_core.cmd_topology",
-    "globscope_core.cmd_align",
-    "globscope_core.cmd_connect",
-    "globscope_core.cmd_render",
-    "globscope_core.demo",
+    "globscope_core.cli.train",      # train, import, info
+    "globscope_core.cli.fit",        # fit, compare
+    "globscope_core.cli.landscape",
+    "globscope_core.cli.topology",
+    "globscope_core.cli.align",
+    "globscope_core.cli.connect",
+    "globscope_core.cli.render",     # render, paraview
+    "globscope_core.cli.demo",
 ]
 
 

@@ -35,7 +35,7 @@ def register(sub):
 
 
 def cmd_connect(args):
-    from .connect import connect
+    from ..connect import connect
 
     r = connect(args.study, runs=args.runs, curve=args.curve, bends=args.bends, epochs=args.epochs, lr=args.lr,
                 optimizer=args.optimizer, batch_size=args.batch_size, weight_decay=args.weight_decay,

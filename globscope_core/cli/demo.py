@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import time
 
-from . import data
-
 
 def register(sub):
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits data")
@@ -28,11 +26,12 @@ def _stage(name):
 
 
 def cmd_demo(args):
-    from .landscape import compute_landscape
-    from .reducers import fit_reducer, reducer_path
-    from .render import render_study
-    from .topology_io import format_basins, study_topology
-    from .train import final_summary, train_study
+    from .. import data
+    from ..landscape import compute_landscape
+    from ..reducers import fit_reducer, reducer_path
+    from ..render import render_study
+    from ..topology_io import format_basins, study_topology
+    from ..train import final_summary, train_study
 
     t_all = time.time()
     out = args.out

@@ -1,0 +1,76 @@
+"""``globscope fit`` (one reducer) and ``globscope compare`` (all reducers, the poster's table)."""
+from __future__ import annotations
+
+import os
+
+from ..errors import GlobScopeError
+from ..fitting import KINDS, compare_study, fit_study, format_table
+
+
+def _ae_config(args) -> dict:
+    cfg = {}
+    for key in ("width", "depth", "epochs", "lr", "seed"):
+        v = getattr(args, key, None)
+        if v is not None:
+            cfg[key] = v
+    return cfg
+
+
+def register(sub):
+    p = sub.add_parser("fit", help="fit a reducer (latent space + decoder) on a study's checkpoints")
+    p.add_argument("study")
+    p.add_argument("--reducer", default="ae", choices=KINDS)
+    p.add_argument("--dim", type=int, default=2, help="latent dimension: 2 or 3")
+    _add_ae_args(p)
+    p.add_argument("--eval-samples", type=int, default=2000, help="samples for the decoded models' loss")
+    p.add_argument("--no-eval", action="store_true", help="skip the metrics (fit and save only)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="fit every reducer and compare them (table, report.json, PNG)")
+    p.add_argument("study")
+    p.add_argument("--dim", type=int, default=2)
+    p.add_argument("--reducers", default=",".join(KINDS), help="comma list of reducers")
+    _add_ae_args(p)
+    p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
+    p.set_defaults(func=cmd_compare)
+
+
+def _add_ae_args(p):
+    g = p.add_argument_group("autoencoder")
+    g.add_argument("--width", type=int, help="hidden width (default 128)")
+    g.add_argument("--depth", type=int, help="hidden layers in encoder and decoder (default 2)")
+    g.add_argument("--epochs", type=int, help="full-batch epochs (default 1500)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+
+
+def cmd_fit(args):
+    cfg = _ae_config(args) if args.reducer == "ae" else ({"seed": args.seed} if args.seed is not None else {})
+    if args.max_rank:
+        cfg["max_rank"] = args.max_rank
+    r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
+                        eval_samples=args.eval_samples, device=args.device, **cfg)
+    print(f"{os.path.join(args.study, 'reducers', r.name + '.pt')}: fitted in {info['fit_seconds']:.1f} s, "
+          f"peak memory {info['peak_rss_mb']:.0f} MB")
+    if "reconstruction" in info:
+        rec, fs, st = info["reconstruction"], info["function"], info["structure"]
+        print(f"  reconstruction MSE: raw {rec['mse_raw']:.3e}, standardized {rec['mse_std']:.3e}")
+        print(f"  decoded loss gap: mean {fs['loss_gap_mean']:.2e}, max {fs['loss_gap_max']:.2e}, "
+              f"within 1%: {fs['within_1pct'] * 100:.0f}% of checkpoints")
+        print(f"  trustworthiness {st['trustworthiness']:.3f}, continuity {st['continuity']:.3f}, "
+              f"distance Spearman {st['distance_spearman']:.3f}, finals apart {st['finals_apart']}")
+
+
+def cmd_compare(args):
+    kinds = [k for k in args.reducers.split(",") if k]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise GlobScopeError(f"--reducers: unknown {', '.join(bad)}; choose from {', '.join(KINDS)}")
+    rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
+                         max_rank=args.max_rank, **_ae_config(args))
+    print(format_table(rows))
+    print(f"saved: {os.path.join(args.study, f'compare-{args.dim}d.png')}, report.json[compare-{args.dim}d]")
