@@ -27,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -42,6 +43,7 @@ from .reducers.base import reducer_path, study_id
 from .store import Study, atomic_write_bytes
 
 PARTIAL_VERSION = 1
+MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~180 GB of field arrays at 2^31 points)
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -267,7 +269,12 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         spacing_d = (hi - lo) / (resolution - 1)
         origin = tuple(lo.tolist()) + ((0.0,) if dim == 2 else ())
         spacing = tuple(spacing_d.tolist()) + ((1.0,) if dim == 2 else ())
-        n_points = int(np.prod(dims))
+        n_points = math.prod(dims)  # Python ints: np.prod wraps around silently at 2^63
+        if n_points > MAX_GRID_POINTS:
+            raise GlobScopeError(f"--resolution {resolution} in {dim}D is {n_points:,} grid points, more than a "
+                                 f"landscape may have ({MAX_GRID_POINTS:,}): lower it")
+        if chunk_points is not None and int(chunk_points) < 1:
+            raise GlobScopeError(f"--chunk-points must be a positive integer, not {chunk_points}")
         if chunk_points is None:
             # one chunk = one batch of decoded models: about 256 MiB of parameters, at most 256 models
             chunk_points = int(max(1, min(256, (256 << 20) // (4 * study.n_params))))

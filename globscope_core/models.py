@@ -51,6 +51,8 @@ def mlp(input_shape, num_classes, widths=(256, 256)):
     in_features = 1
     for s in input_shape:
         in_features *= int(s)
+    if isinstance(widths, (str, bytes)) or not all(type(w) is int and w > 0 for w in widths):
+        raise ValueError(f"widths must be a list of positive integers, not {widths!r}")
     return MLP(in_features, int(num_classes), tuple(widths))
 
 
@@ -91,7 +93,7 @@ def build_model(spec: dict) -> nn.Module:
         raise GlobScopeError(f"unknown model '{name}'; registered: {', '.join(registered())}, or module:callable")
     try:
         model = fn(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # wrong names, types or values of the user's arguments
         raise GlobScopeError(f"model '{name}': bad constructor arguments {kwargs}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise GlobScopeError(f"model '{name}' did not return a torch.nn.Module")
@@ -105,7 +107,7 @@ def parse_kwargs(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         key, sep, val = item.partition("=")
-        if not sep:
+        if not sep or not key.isidentifier():
             raise GlobScopeError(f"model argument '{item}' is not KEY=VALUE")
         try:
             out[key] = json.loads(val)

@@ -1,34 +1,35 @@
 """``globscope align``: permute every run of a study to a reference run (permutation symmetry)."""
 from __future__ import annotations
 
+from ..fitting import KINDS
+from .args import at_least, device, new_or_dir, nonnegative_int, positive_int, study_dir
+
 
 def register(sub):
     p = sub.add_parser("align", help="permute every run to a reference run (weight or activation matching)")
-    p.add_argument("study")
-    p.add_argument("--reference", type=int, default=0, help="run the others are aligned to (default 0)")
+    p.add_argument("study", type=study_dir, help="study directory")
+    p.add_argument("--reference", type=nonnegative_int, default=0, help="run the others are aligned to (default 0)")
     p.add_argument("--method", default="weight-matching",
                    help="weight-matching (default) or activation-matching (or a method registered in align.ALIGNERS)")
-    p.add_argument("--out", required=True, help="directory of the aligned study (new)")
-    p.add_argument("--alphas", type=int, default=25, help="interpolation weights for the barriers")
-    p.add_argument("--eval-samples", type=int, default=2000, help="train samples for the barrier losses")
-    p.add_argument("--act-samples", type=int, default=1024, help="train samples for activation matching")
-    p.add_argument("--max-iter", type=int, default=100, help="weight matching: most sweeps over the permutations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=new_or_dir, help="directory of the aligned study (new)")
+    p.add_argument("--alphas", type=at_least(2), default=25, help="interpolation weights for the barriers")
+    p.add_argument("--eval-samples", type=positive_int, default=2000, help="train samples for the barrier losses")
+    p.add_argument("--act-samples", type=positive_int, default=1024, help="train samples for activation matching")
+    p.add_argument("--max-iter", type=positive_int, default=100,
+                   help="weight matching: most sweeps over the permutations")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the matching's random order")
     p.add_argument("--compare-basins", action="store_true",
                    help="also run fit, landscape and topology on both studies and compare their basins")
-    p.add_argument("--reducer", default="pca", help="reducer kind for --compare-basins (pca, ae, ...)")
-    p.add_argument("--resolution", type=int, default=65, help="landscape resolution for --compare-basins")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (activations, losses, landscapes)")
+    p.add_argument("--reducer", default="pca", choices=KINDS,
+                   help="reducer kind for --compare-basins")
+    p.add_argument("--resolution", type=at_least(2), default=65, help="landscape resolution for --compare-basins")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N (activations, losses, landscapes)")
     p.set_defaults(func=cmd_align)
 
 
 def cmd_align(args):
     from ..align import align_study
 
-    if args.alphas < 2:
-        from ..errors import GlobScopeError
-
-        raise GlobScopeError(f"--alphas must be at least 2, not {args.alphas}")
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
                       act_samples=args.act_samples, device=args.device)

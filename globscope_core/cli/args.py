@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 
 
 def _number(kind, text: str, what: str):
@@ -70,3 +72,98 @@ def csv_of(kind):
 
     parse.__name__ = f"list of {getattr(kind, '__name__', 'values')}"
     return parse
+
+
+def at_least(low: int):
+    """An integer >= ``low`` (e.g. grid points per axis: at_least(2))."""
+
+    def parse(text: str) -> int:
+        v = _number(int, text, "an integer")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {v}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def zero_or_at_least(low: int):
+    """0 (meaning: none / off) or an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        v = _number(int, text, "an integer")
+        if v != 0 and v < low:
+            raise argparse.ArgumentTypeError(f"must be 0 or at least {low}, not {v}")
+        return v
+
+    parse.__name__ = f"0 or integer >= {low}"
+    return parse
+
+
+def one_of(*choices: str):
+    """A string from ``choices``; with csv_of, a comma list of them (argparse's choices= cannot check lists)."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(choices)}")
+        return text
+
+    parse.__name__ = "one of " + ", ".join(choices)
+    return parse
+
+
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
+def device(text: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps (checked without importing torch; whether a GPU is there is checked later)."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device (use auto, cpu, cuda, cuda:N or mps)")
+    return text
+
+
+def bounds(text: str) -> list:
+    """lo,hi per axis: an even count of finite numbers with lo < hi (the count per dimension is checked later)."""
+    vals = []
+    for t in text.split(","):
+        try:
+            vals.append(_number(float, t.strip(), "a number"))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"in '{text}': {exc}") from None
+    if len(vals) not in (4, 6):
+        raise argparse.ArgumentTypeError(f"expected lo,hi per axis (4 numbers in 2D, 6 in 3D), got {len(vals)} in '{text}'")
+    bad = [i for i in range(0, len(vals), 2) if not vals[i] < vals[i + 1]]
+    if bad:
+        raise argparse.ArgumentTypeError(f"lo must be below hi on every axis ('{text}', axis {bad[0] // 2})")
+    return vals
+
+
+def existing_file(text: str) -> str:
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a directory, not a file")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
+    return text
+
+
+def new_or_dir(text: str) -> str:
+    """A directory that may not exist yet (it is created), but not a file."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
+    return text
+
+
+def study_dir(text: str) -> str:
+    """An existing study directory (one with study.h5); the file's content is checked when it is opened."""
+    existing_dir(text)
+    if not os.path.isfile(os.path.join(text, "study.h5")):
+        raise argparse.ArgumentTypeError(f"{text}: not a study (no study.h5; make one with `globscope train --out {text}`)")
+    return text

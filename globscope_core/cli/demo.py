@@ -8,15 +8,17 @@ from __future__ import annotations
 import os
 import time
 
+from .args import at_least, device, new_or_dir, positive_int
+
 
 def register(sub):
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits data")
-    p.add_argument("--out", default="demo-study", help="study directory (default: ./demo-study)")
-    p.add_argument("--runs", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--resolution-2d", type=int, default=65)
-    p.add_argument("--resolution-3d", type=int, default=33)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=new_or_dir, default="demo-study", help="study directory (default: ./demo-study)")
+    p.add_argument("--runs", type=positive_int, default=6, help="MLPs trained")
+    p.add_argument("--epochs", type=positive_int, default=40, help="epochs per run")
+    p.add_argument("--resolution-2d", type=at_least(2), default=65, help="2D landscape: grid points per axis")
+    p.add_argument("--resolution-3d", type=at_least(2), default=33, help="3D landscape: grid points per axis")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_demo)
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from ..errors import GlobScopeError
 from ..fitting import KINDS, compare_study, fit_study, format_table
+from .args import csv_of, device, nonnegative_int, one_of, positive_float, positive_int, study_dir
 
 
 def _ae_config(args) -> dict:
@@ -18,34 +18,35 @@ def _ae_config(args) -> dict:
 
 def register(sub):
     p = sub.add_parser("fit", help="fit a reducer (latent space + decoder) on a study's checkpoints")
-    p.add_argument("study")
-    p.add_argument("--reducer", default="ae", choices=KINDS)
-    p.add_argument("--dim", type=int, default=2, help="latent dimension: 2 or 3")
+    p.add_argument("study", type=study_dir, help="study directory")
+    p.add_argument("--reducer", default="ae", choices=KINDS, help="reducer kind")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="latent dimension: 2 or 3")
     _add_ae_args(p)
-    p.add_argument("--eval-samples", type=int, default=2000, help="samples for the decoded models' loss")
+    p.add_argument("--eval-samples", type=positive_int, default=2000, help="samples for the decoded models' loss")
     p.add_argument("--no-eval", action="store_true", help="skip the metrics (fit and save only)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-rank", type=positive_int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="fit every reducer and compare them (table, report.json, PNG)")
-    p.add_argument("study")
-    p.add_argument("--dim", type=int, default=2)
-    p.add_argument("--reducers", default=",".join(KINDS), help="comma list of reducers")
+    p.add_argument("study", type=study_dir, help="study directory")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="latent dimension: 2 or 3")
+    p.add_argument("--reducers", type=csv_of(one_of(*KINDS)), default=list(KINDS),
+                   help=f"comma list of reducers (default: {','.join(KINDS)})")
     _add_ae_args(p)
-    p.add_argument("--eval-samples", type=int, default=2000)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
+    p.add_argument("--eval-samples", type=positive_int, default=2000, help="samples for the decoded models' loss")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-rank", type=positive_int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_compare)
 
 
 def _add_ae_args(p):
     g = p.add_argument_group("autoencoder")
-    g.add_argument("--width", type=int, help="hidden width (default 128)")
-    g.add_argument("--depth", type=int, help="hidden layers in encoder and decoder (default 2)")
-    g.add_argument("--epochs", type=int, help="full-batch epochs (default 1500)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--width", type=positive_int, help="hidden width (default 128)")
+    g.add_argument("--depth", type=positive_int, help="hidden layers in encoder and decoder (default 2)")
+    g.add_argument("--epochs", type=positive_int, help="full-batch epochs (default 1500)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (default 2e-3)")
+    g.add_argument("--seed", type=nonnegative_int, help="seed (default 0)")
 
 
 def cmd_fit(args):
@@ -66,10 +67,7 @@ def cmd_fit(args):
 
 
 def cmd_compare(args):
-    kinds = [k for k in args.reducers.split(",") if k]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise GlobScopeError(f"--reducers: unknown {', '.join(bad)}; choose from {', '.join(KINDS)}")
+    kinds = list(dict.fromkeys(args.reducers))  # checked by the option's type; each once
     rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
                          max_rank=args.max_rank, **_ae_config(args))
     print(format_table(rows))

@@ -6,30 +6,25 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import GlobScopeError
-
-
-def _bounds(text):
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise GlobScopeError(f"--bounds '{text}': expected comma-separated numbers lo,hi per axis") from None
+from .args import at_least, bounds, device, nonnegative_float, nonnegative_int, positive_int, study_dir
 
 
 def register(sub):
     p = sub.add_parser("landscape", help="evaluate the loss on a latent grid; write landscape-Xd.vti and trajectories-Xd.vtp")
-    p.add_argument("study")
+    p.add_argument("study", type=study_dir, help="study directory")
     p.add_argument("--reducer", required=True, help="fitted reducer name (ae-2d, pca-3d, ...) or a .pt path")
-    p.add_argument("--resolution", type=int, help="grid points per axis (default 65 in 2D, 33 in 3D)")
+    p.add_argument("--resolution", type=at_least(2), help="grid points per axis (default 65 in 2D, 33 in 3D)")
     p.add_argument("--split", choices=("train", "test"), default="test", help="data split to evaluate on")
-    p.add_argument("--eval-samples", type=int, default=1024, help="evaluation subset size (0 = the whole split)")
-    p.add_argument("--margin", type=float, default=0.2,
+    p.add_argument("--eval-samples", type=nonnegative_int, default=1024,
+                   help="evaluation subset size (0 = the whole split)")
+    p.add_argument("--margin", type=nonnegative_float, default=0.2,
                    help="grid bounds: box around the encoded checkpoints widened by this fraction of its extent")
-    p.add_argument("--bounds", type=_bounds, help="explicit bounds lo,hi per axis (overrides --margin)")
-    p.add_argument("--chunk-points", type=int, help="grid points per chunk (one batch of decoded models)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--bounds", type=bounds, help="explicit bounds lo,hi per axis (overrides --margin)")
+    p.add_argument("--chunk-points", type=positive_int,
+                   help="grid points per chunk (one batch of decoded models; default: ~256 MiB of parameters)")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--fresh", action="store_true", help="discard unfinished results instead of resuming")
-    p.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)  # stop early: tests of resume
+    p.add_argument("--max-chunks", type=nonnegative_int, help=argparse.SUPPRESS)  # stop early: tests of resume
     p.add_argument("--no-trajectories", action="store_true", help="do not write trajectories-Xd.vtp")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_landscape)

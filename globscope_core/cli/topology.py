@@ -5,6 +5,7 @@ import json
 import os
 
 from ..errors import GlobScopeError
+from .args import nonnegative_float
 
 
 def register(sub):
@@ -12,17 +13,28 @@ def register(sub):
                        description="FILE.vti: write DIR/nodes.vtu, arcs.vtu, segmentation.vti, diagram.vtu. "
                                    "A study directory: do its landscape-{2d,3d}.vti and report the basin of "
                                    "each run's final checkpoint (report.json, basins-2d/3d).")
-    p.add_argument("input", help="a .vti file, or a study directory")
+    p.add_argument("input", type=_input, help="a .vti file, or a study directory")
     p.add_argument("--scalar", help="point array to use (default: loss for a file, log_loss for a study)")
     p.add_argument("--out", help="output directory (for a .vti input; a study writes STUDY/topology-{2d,3d})")
-    p.add_argument("--persistence", type=float, help="remove leaf branches with persistence <= this "
+    p.add_argument("--persistence", type=nonnegative_float, help="remove leaf branches with persistence <= this "
                    "(default: 0 for a file, 0.05 relative for a study)")
-    p.add_argument("--relative", action="store_true", help="the threshold is a fraction of the field's range")
-    p.add_argument("--absolute", action="store_true", help="(study) the threshold is in units of the scalar")
-    p.add_argument("--tree", choices=["join", "split"], default="join")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--relative", action="store_true", help="the threshold is a fraction of the field's range")
+    scale.add_argument("--absolute", action="store_true", help="(study) the threshold is in units of the scalar")
+    p.add_argument("--tree", choices=["join", "split"], default="join", help="join (minima) or split (maxima) tree")
     p.add_argument("--dim", type=int, choices=[2, 3], action="append", help="(study) which landscapes; default all present")
     p.add_argument("--nan-as-inf", action="store_true", help="treat NaN values as +inf instead of refusing (a study always does)")
     p.set_defaults(func=cmd_topology)
+
+
+def _input(text):
+    import argparse
+
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    if not os.path.isdir(text) and not text.endswith(".vti"):
+        raise argparse.ArgumentTypeError(f"{text}: expected a .vti file or a study directory")
+    return text
 
 
 def cmd_topology(args) -> int:

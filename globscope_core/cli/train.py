@@ -1,23 +1,14 @@
 """Subcommands of the foundation: train, import, info (torch is imported only by the commands that use it)."""
 from __future__ import annotations
 
-from ..errors import GlobScopeError
-
-
-def _csv(kind):
-    def parse(text):
-        try:
-            return [kind(v) for v in text.split(",") if v]
-        except ValueError:
-            raise GlobScopeError(f"cannot parse '{text}' as a comma-separated list") from None
-
-    return parse
+from .args import (csv_of, device, existing_dir, new_or_dir, nonnegative_float, nonnegative_int, one_of,
+                   positive_float, positive_int, study_dir, existing_file)
 
 
 def add_dataset_args(p, required=True):
     p.add_argument("--dataset", required=required, help="digits, mnist-5k (built in), mnist, cifar10, cifar100 (local files), or module:callable")
-    p.add_argument("--data-dir", help="directory with the data files (MNIST IDX, CIFAR python batches)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the digits train/test split")
+    p.add_argument("--data-dir", type=existing_dir, help="directory with the data files (MNIST IDX, CIFAR python batches)")
+    p.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the digits train/test split")
 
 
 def add_model_args(p, required=True):
@@ -30,34 +21,37 @@ def register(sub):
     p = sub.add_parser("train", help="train several runs and store their trajectories")
     add_dataset_args(p)
     add_model_args(p)
-    p.add_argument("--out", required=True, help="study directory")
-    p.add_argument("--runs", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", type=_csv(str), default=["sgd"], help="comma list, cycled over runs (sgd, adam, adamw)")
-    p.add_argument("--lr", type=_csv(float), default=[0.05], help="comma list, cycled over runs")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--every", type=int, help="checkpoint every k steps (default: every epoch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of run 0; run i uses seed+i")
-    p.add_argument("--eval-samples", type=int, default=10000, help="samples for train/test loss at checkpoints")
+    p.add_argument("--out", required=True, type=new_or_dir, help="study directory")
+    p.add_argument("--runs", type=positive_int, default=6, help="runs in the ensemble")
+    p.add_argument("--epochs", type=positive_int, default=40, help="epochs per run")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size")
+    p.add_argument("--optimizer", type=csv_of(one_of("sgd", "adam", "adamw")), default=["sgd"],
+                   help="comma list, cycled over runs (sgd, adam, adamw) (default: sgd)")
+    p.add_argument("--lr", type=csv_of(positive_float), default=[0.05], help="comma list, cycled over runs "
+                   "(default: 0.05)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="weight decay")
+    p.add_argument("--every", type=positive_int, help="checkpoint every k steps (default: every epoch)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of run 0; run i uses seed+i")
+    p.add_argument("--eval-samples", type=positive_int, default=10000,
+                   help="samples for train/test loss at checkpoints")
     p.add_argument("--label", default="", help="free label stored with each run")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue a study: train only the missing runs")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import", help="add existing checkpoints (state_dict or safetensors) as one run")
-    p.add_argument("study")
-    p.add_argument("files", nargs="+", help="checkpoint files in trajectory order")
+    p.add_argument("study", type=new_or_dir, help="study directory (created when it does not exist)")
+    p.add_argument("files", nargs="+", type=existing_file, help="checkpoint files in trajectory order")
     add_dataset_args(p, required=False)
     add_model_args(p, required=False)
-    p.add_argument("--steps", type=_csv(int), help="comma list of steps, one per file (default 0,1,2,...)")
-    p.add_argument("--label", default="imported")
-    p.add_argument("--eval-samples", type=int, default=10000)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=csv_of(nonnegative_int), help="comma list of steps, one per file (default 0,1,2,...)")
+    p.add_argument("--label", default="imported", help="label stored with the run")
+    p.add_argument("--eval-samples", type=positive_int, default=10000, help="samples for train/test loss")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("info", help="print what a study holds")
-    p.add_argument("study")
+    p.add_argument("study", type=study_dir, help="study directory")
     p.set_defaults(func=cmd_info)
 
 
