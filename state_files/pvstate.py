@@ -7,8 +7,10 @@ root on PYTHONPATH (globscope_core.pvenv sets them). Three uses:
     pvbatch  state_files/pvstate.py render STUDY OUTDIR [VIEW...]   # load each state on STUDY, write PNGs
     paraview --script=state_files/pvstate.py              # GUI: GLOBSCOPE_STUDY=STUDY, 2D state applied
 
-State files name their sources (e.g. "Surface Warp"); after loading on another study, ``fit`` sets the
-sizes that depend on the data (warp scale, tube radius, sphere size, iso-levels) and rescales colour maps.
+State files name their sources (e.g. "Surface Warp"); after loading on another study, ``fit_view``
+(state_files/fit_view.py, also for LoadState by hand) sets the camera, the sizes that depend on the data (warp
+scale, tube radius, sphere size, iso-levels), rescales colour maps and writes the connect caption of that study.
+No caption is saved in the state files: ``make`` clears it.
 
 The views show ``log_loss`` (log10 of the loss), not ``loss``: decoded models' losses span decades, and a
 linear scale lets one far grid corner flatten every basin. The 2D surface is warped, coloured and contoured
@@ -43,7 +45,9 @@ STATES = {"landscape-2d": "landscape-2d.pvsm", "landscape-3d": "landscape-3d.pvs
 SIZE = [1200, 900]
 # losses of decoded models span decades (0.03 in the basins, 30+ at far grid corners): the views warp, colour,
 # contour and volume-render log10 of them, or one corner would flatten every basin
-LOSS = "log_loss"
+sys.path.insert(0, HERE)  # fit_view.py, next to this file
+from fit_view import LOSS, _range, connect_caption, fit_view  # noqa: E402
+
 TITLES = {LOSS: "log10 loss"}
 
 
@@ -130,7 +134,6 @@ def _tree_parts(r, view, warp):
 
 # pink: unlike the dark red tree arcs, the rainbow runs and viridis; green: thicker than the runs' tubes
 CONNECT_COLOURS = {"line": [1.0, 0.1, 0.55], "curve": [0.15, 0.95, 0.25]}
-CONNECT_LEGEND = "pink: straight line A-B    green: trained low-loss curve"
 
 
 def _connect_paths(src, view, prefix=""):
@@ -157,12 +160,12 @@ def _connect_parts(r, view, warp):
         paths.Normal = [0, 0, 1]
         paths.UseNormal = 1
     _connect_paths(pv.Transform(registrationName="Connect Lift", Input=paths), view)
-    legend = pv.Text(registrationName="Connect Legend", Text=CONNECT_LEGEND)
+    legend = pv.Text(registrationName="Connect Legend", Text="")  # fit_view writes the loaded study's caption
     d = pv.Show(legend, view)
     d.Color = [0.1, 0.1, 0.1]
     d.FontSize = 16
     d.WindowLocation = "Upper Left Corner"
-    d.Visibility = 0  # fit() shows it when the study has connect paths
+    d.Visibility = 0  # fit_view shows it when the study has connect paths
 
 
 def _view(v=None):
@@ -241,112 +244,6 @@ def build_traj(study):
 BUILDERS = {"landscape-2d": build_2d, "landscape-3d": build_3d, "trajectories-2d": build_traj}
 
 
-# --- fitting a loaded state to its data ----------------------------------------------------------------
-def _range(src, port, name, kind="POINTS"):
-    info = src.GetDataInformation(port) if port else src.GetDataInformation()
-    attrs = info.DataInformation.GetPointDataInformation() if kind == "POINTS" else None
-    a = attrs.GetArrayInformation(name) if attrs else None
-    return a.GetComponentRange(0) if a is not None else None
-
-
-def _coloured(rep):
-    """A representation coloured by an array (text has no ColorArrayName at all)."""
-    return rep is not None and rep.GetProperty("ColorArrayName") is not None and bool(rep.ColorArrayName[1])
-
-
-def fit(view, name):
-    """Sizes and colour ranges from the data now loaded (any study, any latent scale)."""
-    r = pv.FindSource("Study")
-    r.UpdatePipeline()
-    b = r.GetDataInformation(0).GetBounds()
-    extent = max(b[1] - b[0], b[3] - b[2], (b[5] - b[4]) if name == "landscape-3d" else 0.0) or 1.0
-    lo, hi = _range(r, 0, LOSS) or (0.0, 1.0)
-    span = (hi - lo) or 1.0
-    warp = 0.45 * extent / span  # the surface's height (its decades of loss) is 45% of its width
-    for w in ("Surface Warp", "Contour Warp", "Trajectory Warp", "Arc Warp", "Node Warp", "Connect Warp"):
-        s = pv.FindSource(w)
-        if s is not None:
-            s.ScaleFactor = warp
-    lift = 0.0 if name == "landscape-3d" else 0.008 * extent  # above the surface, not inside it
-    for t in ("Trajectory Lift", "Arc Lift", "Node Lift", "Contour Lift"):
-        s = pv.FindSource(t)
-        if s is not None:
-            s.Transform.Translate = [0, 0, lift]
-    connect_lift = pv.FindSource("Connect Lift")  # above the trajectories: the paths end on runs' finals
-    if connect_lift is not None:
-        connect_lift.Transform.Translate = [0, 0, 2 * lift]
-    for t, frac in (("Trajectory Tubes", 0.006), ("Tree Arcs", 0.004), ("Connect Line Tube", 0.009),
-                    ("Connect Curve Tube", 0.009)):
-        s = pv.FindSource(t)
-        if s is not None:
-            s.Radius = frac * extent
-    for g, frac in (("Final Spheres", 0.035), ("Tree Nodes", 0.025)):
-        s = pv.FindSource(g)
-        if s is not None:
-            s.ScaleFactor = frac * extent
-    levels = [lo + span * i / 10 for i in range(1, 10)]  # evenly spaced in log10 loss
-    for c in ("Loss Contours",):
-        s = pv.FindSource(c)
-        if s is not None:
-            s.Isosurfaces = levels
-    iso = pv.FindSource("Loss Isosurfaces")
-    if iso is not None:
-        iso.Isosurfaces = [lo + span * q for q in (0.12, 0.3)]
-    for src in pv.GetSources().values():  # colour maps follow the new data
-        rep = sm.GetRepresentation(src, view)  # (GetDisplayProperties would create and show one)
-        if _coloured(rep) and rep.Visibility:
-            src.UpdatePipeline()
-            rep.RescaleTransferFunctionToDataRange(False, True)
-    bars = {"trajectories-2d": (LOSS, "step")}.get(name, (LOSS,))
-    for src in pv.GetSources().values():  # one legend per colour that matters, no overlapping bars
-        rep = sm.GetRepresentation(src, view)
-        if _coloured(rep):
-            rep.SetScalarBarVisibility(view, bool(rep.Visibility) and rep.ColorArrayName[1] in bars)
-    _fit_connect_legend(view, r, 3 if name == "landscape-3d" else 2)
-    if name == "landscape-3d":  # volume: low loss opaque, high loss clear
-        pwf = pv.GetOpacityTransferFunction(LOSS)
-        pwf.Points = [lo, 0.55, 0.5, 0.0, lo + 0.25 * span, 0.08, 0.5, 0.0, hi, 0.0, 0.5, 0.0]
-    view.ResetCamera()
-    cam = view.GetActiveCamera()
-    cam.Zoom(1.25 if name == "trajectories-2d" else 1.1)
-
-
-def _barriers(study, key):
-    """Train-loss barriers (line, curve) of report.json's section ``key``, or None."""
-    import json
-
-    try:
-        with open(os.path.join(study, "report.json")) as f:
-            sec = json.load(f)[key]
-        return sec["line_summary"]["train_loss_barrier"], sec["curve_summary"]["train_loss_barrier"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def connect_caption(study, keys, with_key=True):
-    """The colour legend and, per connect key, the train-loss barriers of report.json."""
-    lines = [CONNECT_LEGEND]
-    for key in keys:
-        b = _barriers(study, key)
-        if b is not None:
-            lines.append(f"{key + ': ' if with_key else ''}train-loss barrier: line {b[0]:.3g}, curve {b[1]:.3g}")
-    return "\n".join(lines)
-
-
-def _fit_connect_legend(view, r, dim):
-    legend = pv.FindSource("Connect Legend")
-    if legend is None:
-        return
-    n = r.GetDataInformation(6).GetNumberOfPoints()
-    if n:
-        from globscope_core.render import connect_files
-
-        study = os.path.dirname(r.FileName)
-        keys = [os.path.basename(p)[: -len("-2d.vtp")] for p in connect_files(study, f"{dim}d")]
-        legend.Text = connect_caption(study, keys)
-    sm.GetRepresentation(legend, view).Visibility = int(n > 0)
-
-
 def check_files(study, name):
     """LoadState only logs a missing file; say it clearly instead."""
     r = pv.FindSource("Study")
@@ -365,7 +262,7 @@ def load(name, study):
     pv.LoadState(os.path.join(HERE, STATES[name]), data_directory=study, restrict_to_data_directory=True)
     check_files(study, name)
     view = pv.GetActiveViewOrCreate("RenderView")
-    fit(view, name)
+    fit_view(view, name)
     return view
 
 
@@ -452,7 +349,11 @@ def make(study):
         pv.ResetSession()
         load_plugin()
         view = builder(study)
-        fit(view, name)
+        fit_view(view, name)
+        legend = pv.FindSource("Connect Legend")
+        if legend is not None:  # captions belong to the study a state is loaded on, not to this one
+            legend.Text = ""
+            sm.GetRepresentation(legend, view).Visibility = 0
         pv.SaveState(os.path.join(HERE, STATES[name]))
         print("saved", STATES[name], flush=True)
 
@@ -461,7 +362,7 @@ if os.environ.get("GLOBSCOPE_GUI") == "1":  # paraview --script (globscope parav
     # the 2D view built in the GUI's own view: LoadState from a --script crashes the 5.11 GUI (found by trying)
     load_plugin()
     gui_view = build_2d(os.path.abspath(os.environ["GLOBSCOPE_STUDY"]), pv.GetActiveViewOrCreate("RenderView"))
-    fit(gui_view, "landscape-2d")
+    fit_view(gui_view, "landscape-2d")
     pv.Render(gui_view)
     if os.environ.get("GLOBSCOPE_SCREENSHOT"):  # lets a test see what the GUI shows
         pv.SaveScreenshot(os.environ["GLOBSCOPE_SCREENSHOT"], gui_view, ImageResolution=[800, 600])

@@ -354,3 +354,80 @@ def test_globscope_paraview_opens_gui_with_the_2d_view(study_a, tmp_path):
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+
+
+# --- a state file loaded by hand shows the study it is loaded on (state_files/fit_view.py) -------------------
+def test_state_files_carry_no_study_caption():
+    """Captions come from the study a state is loaded on: none is saved in the state files."""
+    for name in ("landscape-2d.pvsm", "landscape-3d.pvsm", "trajectories.pvsm"):
+        text = open(os.path.join(pvenv.STATE_DIR, name)).read()
+        assert "train-loss barrier" not in text and "connect-0-1:" not in text, name
+
+
+@pytest.mark.paraview
+@needs_pv
+def test_fit_view_follows_the_loaded_study(study_a, tmp_path):
+    """LoadState by hand onto two studies 10x apart in latent extent (one with a connect curve), then fit_view:
+    camera, warp, sphere size, colour range and caption follow each study's data, not the state's."""
+    from globscope_core.connect import connect
+    from globscope_core.landscape import compute_landscape
+    from globscope_core.store import Study
+    from globscope_core.topology_io import study_topology
+    from globscope_core.vtkio import read_vti
+
+    wide = str(tmp_path / "wide")
+    shutil.copytree(study_a, wide)
+    for dim, res in ((2, 33), (3, 13)):
+        f = read_vti(os.path.join(study_a, f"landscape-{dim}d.vti"))
+        lo = np.asarray(f.origin[:dim])
+        hi = lo + np.asarray(f.spacing[:dim]) * (np.asarray(f.dims[:dim]) - 1)
+        c, h = (lo + hi) / 2, (hi - lo) / 2 * 10  # ten times the extent, same centre
+        compute_landscape(Study.open(wide), f"pca-{dim}d", resolution=res, eval_samples=256, device="cpu",
+                          progress=False, fresh=True, bounds=np.stack([c - h, c + h], 1).reshape(-1).tolist())
+        study_topology(wide, dim, verbose=False)
+    rep = connect(wide, runs=(0, 2), epochs=2, points=5, eval_samples=128, plane_resolution=0, device="cpu",
+                  progress=False)
+    rc, log = _run([pvenv.find("pvbatch"), os.path.join(HERE, "paraview", "pv_fit_view.py"), pvenv.PLUGIN,
+                    pvenv.STATE_DIR, study_a, wide], 300)
+    assert rc == 0 and "done" in log, log[-3000:]
+    import json
+
+    got = {(d["study"], d["view"]): d for d in (json.loads(ln[4:]) for ln in log.splitlines() if ln.startswith("FIT "))}
+    assert len(got) == 6, sorted(got)
+    ratio = {}
+    for (study, view), d in got.items():
+        dim = 3 if view == "landscape-3d" else 2
+        assert d["file"] == os.path.join(study, "study.h5")
+        f = read_vti(os.path.join(study, f"landscape-{dim}d.vti"))
+        lo = np.asarray(f.origin[:dim])
+        hi = lo + np.asarray(f.spacing[:dim]) * (np.asarray(f.dims[:dim]) - 1)
+        extent = float((hi - lo).max())
+        ll = np.asarray(f.point_arrays["log_loss"], np.float64)
+        span = float(np.nanmax(ll) - np.nanmin(ll))
+        what = f"{view} on {os.path.basename(study)}"
+        np.testing.assert_allclose(d["lut"], [np.nanmin(ll), np.nanmax(ll)], rtol=1e-4, atol=1e-6, err_msg=what)
+        np.testing.assert_allclose(d["focal"][:2], ((lo + hi) / 2)[:2], atol=0.1 * extent, err_msg=what)
+        np.testing.assert_allclose(d["center_of_rotation"], d["focal"], atol=1e-6 * extent, err_msg=what)
+        np.testing.assert_allclose(d["sphere"], 0.035 * extent, rtol=1e-6, err_msg=what)
+        if view == "landscape-2d":
+            np.testing.assert_allclose(d["warp"], 0.45 * extent / span, rtol=1e-4, err_msg=what)
+        ratio[(study, view)] = _camera_size(d, view) / extent
+        if view != "trajectories-2d":  # the caption is the loaded study's, or absent
+            if study == wide:
+                b = rep["line_summary"]["train_loss_barrier"], rep["curve_summary"]["train_loss_barrier"]
+                assert d["caption_visible"] == 1, what
+                assert f"connect-0-2: train-loss barrier: line {b[0]:.3g}, curve {b[1]:.3g}" in d["caption"], what
+            else:
+                assert d["caption_visible"] == 0 and d["caption"] == "", (what, d["caption"])
+            assert "connect-0-1" not in d["caption"], what
+    for view in ("landscape-2d", "landscape-3d", "trajectories-2d"):
+        a, w = ratio[(study_a, view)], ratio[(wide, view)]
+        assert 0.5 < w / a < 2, f"{view}: camera distance / extent {a:.3g} vs {w:.3g}: not fitted to the data"
+        # LoadState alone keeps the camera of the study the state was built on: far too close for the wide one
+        raw, fitted = _camera_size(got[(wide, view)]["raw"], view), _camera_size(got[(wide, view)], view)
+        assert raw < 0.5 * fitted, f"{view}: camera size {raw:.3g} after LoadState, {fitted:.3g} fitted"
+
+
+def _camera_size(d, view):
+    """How much of the scene the camera takes in: parallel scale (top view) or distance to the focal point."""
+    return d["parallel_scale"] if view == "trajectories-2d" else float(np.linalg.norm(np.subtract(d["position"], d["focal"])))
