@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -68,6 +69,7 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
     if pvbatch is not None:
         _pvbatch(pvbatch, study_dir, out_dir, views, timeout, verbose)
         how = "pvbatch"
+        verbose = False  # _pvbatch said "wrote" for each image as it came
     else:
         if verbose:
             why = "quick looks asked for" if paraview is False else "ParaView (pvbatch) not found"
@@ -88,19 +90,38 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
 
 
 def _pvbatch(pvbatch, study_dir, out_dir, views, timeout, verbose):
+    """Run pvstate.py's render; with ``verbose``, a line per image as pvbatch writes it (~20 s each)."""
     env = pvenv.environment()
     script = os.path.join(pvenv.STATE_DIR, "pvstate.py")
     argv = pvenv.command([pvbatch, script, "render", study_dir, out_dir] + views, env)
+    if verbose:
+        print(f"pvbatch: rendering {len(views)} view(s) of {study_dir} (about 20 s each)", flush=True)
+    t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    log = []
+
+    def follow():  # a thread: the main one keeps the timeout
+        done = 0
+        for line in proc.stdout:
+            log.append(line)
+            if verbose and line.startswith("wrote "):
+                done += 1
+                print(f"  [{done}/{len(views)}] wrote {line[6:].strip()} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
     try:
-        log, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:  # the whole group: xvfb-run, Xvfb and pvbatch
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.wait()
         raise GlobScopeError(f"{study_dir}: pvbatch did not finish within {timeout} s") from None
+    finally:
+        reader.join(timeout=10)
     if proc.returncode != 0:
-        tail = [ln for ln in log.splitlines() if ln.strip()][-3:]
+        tail = [ln.strip() for ln in log if ln.strip()][-3:]
         raise GlobScopeError(f"{study_dir}: pvbatch failed (exit {proc.returncode}): {' | '.join(tail)}")
 
 

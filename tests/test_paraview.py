@@ -169,11 +169,16 @@ def test_state_files_show_log_loss():
 
 @pytest.mark.paraview
 @needs_pv
-def test_state_files_render_two_studies(study_a, study_b, tmp_path):
+def test_state_files_render_two_studies(study_a, study_b, tmp_path, capsys):
     images = {}
     for key, study in (("a", study_a), ("b", study_b)):
-        info = render_study(study, str(tmp_path / key), timeout=300, verbose=False)
+        info = render_study(study, str(tmp_path / key), timeout=300, verbose=key == "a")
         assert info["renderer"] == "pvbatch"
+        if key == "a":  # progress: a line per image as pvbatch writes it
+            out = capsys.readouterr().out
+            assert "pvbatch: rendering 3 view(s)" in out, out
+            for k in (1, 2, 3):
+                assert f"[{k}/3] wrote {tmp_path / key}" in out, out
         assert sorted(info["images"]) == ["landscape-2d", "landscape-3d", "trajectories-2d"]
         images[key] = {v: _image(p) for v, p in info["images"].items()}
     for view in images["a"]:
