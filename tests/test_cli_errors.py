@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from globscope_core.cli import main
 
@@ -79,6 +80,8 @@ CASES = [
     (["import", "{S}", "{C}", "--eval-samples", "0"], "argument --eval-samples"),
     (["import", "{S}", "{C}", "--device", "tpu"], "not a device"),
     (["import", "{E}/new", "{C}"], "give --model and --dataset"),
+    (["import", "{S}", "{C}"], "cannot load as a weights-only checkpoint"),
+    (["train", "--dataset", "digits", "--model", "mlp", "--out", "{S}"], "a study already exists here"),
     (["info", "{M}"], "no such directory"),
     (["info", "{F}"], "is a file, not a directory"),
     (["info", "{E}"], "not a study (no study.h5"),
@@ -104,7 +107,10 @@ CASES = [
       for v in ("0", "1", "-5", "x", "nan")],
     *[(["landscape", "{S}", "--reducer", "pca-2d", "--bounds", v], "argument --bounds")
       for v in ("a,b", "0,1,0,inf", "0,1,0,nan", "0,1", "1,0,0,1", "0,1,0,1,0", ",")],
+    (["landscape", "{S}", "--reducer", "pca-2d", "--bounds", "-1e308,1e308,0,1"], "wider than a float can hold"),
     (["landscape", "{S}", "--reducer", "pca-2d", "--bounds", "0,1,0,1,0,1"], "--bounds needs 4 numbers"),
+    (["landscape", "{S}", "--reducer", "{C}"], "not a GlobScope reducer file"),
+    (["landscape", "{S}", "--reducer", "pca-3d", "--resolution", "1291"], "more than a landscape may have"),
     (["landscape", "{S}", "--reducer", "pca-3d", "--resolution", "2097152"], "more than a landscape may have"),
     (["landscape", "{S}", "--reducer", "pca-2d", "--resolution", "4294967296"], "more than a landscape may have"),
     (["landscape", "{S}", "--reducer", "pca-2d", "--margin", "-1"], "argument --margin"),
@@ -125,6 +131,7 @@ CASES = [
     (["topology", "{E}"], "no landscape-2d.vti or landscape-3d.vti"),
     (["topology", "{V}"], "--out DIR is required"),
     (["topology", "{V}", "--out", "{R}/topo"], "field.vti"),
+    (["topology", "{S}", "--scalar", "nosuch"], "no point array 'nosuch'"),
     (["align", "{S}", "--out", "{R}/al", "--alphas", "1"], "argument --alphas: must be at least 2"),
     *[(["align", "{S}", "--out", "{R}/al", opt, "0"], f"argument {opt}")
       for opt in ("--eval-samples", "--act-samples", "--max-iter", "--resolution")],
@@ -139,6 +146,8 @@ CASES = [
     (["connect", "{S}", "--runs", "0", "-1"], "argument --runs"),
     (["connect", "{S}", "--runs", "0", "{E}:1"], "not a study"),
     (["connect", "{S}", "--runs", "0", "99"], "no run 99"),
+    (["connect", "{S}", "--runs", "1", "1"], "the same run twice"),
+    (["connect", "{S}", "--runs", "0", "1", "--reducer", "nosuch"], "no such reducer"),
     (["connect", "{S}", "--runs", "0"], "argument --runs"),
     *[(["connect", "{S}", "--runs", "0", "1", opt, v], f"argument {opt}")
       for opt, v in (("--bends", "0"), ("--epochs", "0"), ("--lr", "0"), ("--lr", "nan"), ("--batch-size", "0"),
@@ -157,6 +166,12 @@ CASES = [
                      ("--device", "cuda:"))],
     (["demo", "--out", "{F}"], "is a file, not a directory"),
 ]
+
+
+if not torch.cuda.is_available():  # a GPU asked for where there is none: said before any work
+    CASES += [([cmd, "{S}", "--device", "cuda"] + extra, "no CUDA GPU") for cmd, extra in
+              (("fit", []), ("landscape", ["--reducer", "pca-2d"]), ("align", ["--out", "{R}/al"]),
+               ("connect", ["--runs", "0", "1"]))]
 
 
 def _ids():
@@ -224,3 +239,19 @@ def test_help_shows_defaults(capfd):
         text = " ".join(capfd.readouterr().out.split())  # argparse wraps lines
         for e in expect:
             assert e in text, (argv, e, text)
+
+
+def test_good_values_still_parse(env):
+    """The checks refuse bad values only: negative bounds, 0 = whole split, lists and defaults pass."""
+    from globscope_core.cli import build_parser
+
+    a = build_parser().parse_args(["landscape", env["S"], "--reducer", "pca-2d", "--bounds", "-2,2,-1e3,5",
+                                   "--eval-samples", "0", "--resolution", "2", "--chunk-points", "1"])
+    assert a.bounds == [-2.0, 2.0, -1000.0, 5.0] and a.eval_samples == 0 and a.resolution == 2
+    a = build_parser().parse_args(["train", "--dataset", "digits", "--model", "mlp", "--out", env["R"] + "/n",
+                                   "--lr", "0.1,1e-3", "--optimizer", "sgd,adam", "--device", "cuda:1"])
+    assert a.lr == [0.1, 0.001] and a.optimizer == ["sgd", "adam"] and a.device == "cuda:1" and a.epochs == 40
+    a = build_parser().parse_args(["connect", env["S"], "--runs", "0", env["S"] + ":2", "--plane-resolution", "0"])
+    assert a.runs == ["0", env["S"] + ":2"] and a.plane_resolution == 0
+    a = build_parser().parse_args(["topology", env["S"], "--absolute", "--persistence", "0"])
+    assert a.absolute and not a.relative and a.persistence == 0.0

@@ -135,6 +135,8 @@ def bounds(text: str) -> list:
     bad = [i for i in range(0, len(vals), 2) if not vals[i] < vals[i + 1]]
     if bad:
         raise argparse.ArgumentTypeError(f"lo must be below hi on every axis ('{text}', axis {bad[0] // 2})")
+    if not all(math.isfinite(vals[i + 1] - vals[i]) for i in range(0, len(vals), 2)):
+        raise argparse.ArgumentTypeError(f"'{text}': an axis is wider than a float can hold")
     return vals
 
 
