@@ -140,17 +140,23 @@ def bounds(text: str) -> list:
     return vals
 
 
-def existing_file(text: str) -> str:
-    if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: is a directory, not a file")
-    return text
+def existing_file(what: str = "file"):
+    """An existing file (not a directory); ``what`` names it in the message, e.g. "checkpoint file"."""
+
+    def parse(text: str) -> str:
+        if not os.path.exists(text):
+            raise argparse.ArgumentTypeError(f"{text}: {what} does not exist")
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"{text}: is a directory, not a {what}")
+        return text
+
+    parse.__name__ = what
+    return parse
 
 
-def existing_dir(text: str) -> str:
+def existing_dir(text: str, what: str = "directory") -> str:
     if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+        raise argparse.ArgumentTypeError(f"{text}: {what} does not exist")
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
     return text
@@ -165,7 +171,7 @@ def new_or_dir(text: str) -> str:
 
 def study_dir(text: str) -> str:
     """An existing study directory (one with study.h5); the file's content is checked when it is opened."""
-    existing_dir(text)
+    existing_dir(text, "study directory")
     if not os.path.isfile(os.path.join(text, "study.h5")):
         raise argparse.ArgumentTypeError(f"{text}: not a study (no study.h5; make one with `globscope train --out {text}`)")
     return text

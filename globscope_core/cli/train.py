@@ -1,13 +1,13 @@
 """Subcommands of the foundation: train, import, info (torch is imported only by the commands that use it)."""
 from __future__ import annotations
 
-from .args import (csv_of, device, existing_dir, new_or_dir, nonnegative_float, nonnegative_int, one_of,
+from .args import (csv_of, device, new_or_dir, nonnegative_float, nonnegative_int, one_of,
                    positive_float, positive_int, study_dir, existing_file)
 
 
 def add_dataset_args(p, required=True):
     p.add_argument("--dataset", required=required, help="digits, mnist-5k (built in), mnist, cifar10, cifar100 (local files), or module:callable")
-    p.add_argument("--data-dir", type=existing_dir, help="directory with the data files (MNIST IDX, CIFAR python batches)")
+    p.add_argument("--data-dir", help="directory with the data files (MNIST IDX, CIFAR python batches)")
     p.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the digits train/test split")
 
 
@@ -41,7 +41,8 @@ def register(sub):
 
     p = sub.add_parser("import", help="add existing checkpoints (state_dict or safetensors) as one run")
     p.add_argument("study", type=new_or_dir, help="study directory (created when it does not exist)")
-    p.add_argument("files", nargs="+", type=existing_file, help="checkpoint files in trajectory order")
+    p.add_argument("files", nargs="+", type=existing_file("checkpoint file"),
+                   help="checkpoint files in trajectory order")
     add_dataset_args(p, required=False)
     add_model_args(p, required=False)
     p.add_argument("--steps", type=csv_of(nonnegative_int), help="comma list of steps, one per file (default 0,1,2,...)")
