@@ -188,7 +188,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_study, cap
         assert not os.path.exists(os.path.join(s.dir, "reducers", "ae-2d.pt"))
     s = _study_with(tmp_path / "dim", tiny_study, lambda X: X)
     assert main(["fit", s.dir, "--dim", "4"]) == 2
-    assert "--dim must be 2 or 3" in capsys.readouterr().err
+    assert "argument --dim: invalid choice: 4 (choose from 2, 3)" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(s.dir, "reducers"))
     with pytest.raises(GlobScopeError, match="latent dimension"):
         fit_reducer(s, "pca", 5)
