@@ -258,7 +258,7 @@ def test_render_errors_are_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "globscope_core.cli", "render", str(tmp_path / "nope")],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "not a study directory" in p.stderr or "no landscape" in p.stderr
+    assert "directory does not exist" in p.stderr or "no landscape" in p.stderr
 
 
 # --- client-server on loopback --------------------------------------------------------------------------
