@@ -65,6 +65,21 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _reserve(path: str, size: int) -> None:
+    """Allocate ``size`` bytes for ``path`` before HDF5 writes to it.
+
+    HDF5 reports a full disk only as a warning when it closes a file, and then its state is broken
+    (zeros written, crashes). With the space allocated in advance the disk cannot fill under it:
+    a full disk fails here, as a plain OSError, before HDF5 has written anything. HDF5 truncates
+    the file to its real end when it closes it.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(int(size), os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MB"
 
@@ -217,23 +232,25 @@ class Study:
         path = os.path.join(directory, name)
         if os.path.exists(path):
             raise GlobScopeError(f"{path}: a study already exists here (use another --out, or --resume)")
-        with atomic_file(path, verify=_verify_h5) as tmp:
-            with h5py.File(tmp, "w", libver=LIBVER) as f:
-                f.attrs["format"] = FORMAT
-                f.attrs["version"] = VERSION
-                f.attrs["model_spec"] = json.dumps(model_spec)
-                f.attrs["dataset_spec"] = json.dumps(dataset_spec)
-                f.attrs["layout"] = layout.to_json()
-                if plan is not None:
-                    f.attrs["plan"] = json.dumps(plan, sort_keys=True)
-                f.create_dataset("params", shape=(0, layout.size), maxshape=(None, layout.size), dtype="f4",
-                                 chunks=_row_chunks(layout.size), fletcher32=True)
-                g = f.create_group("checkpoints")
-                for col, dt in (("run", "i4"), ("step", "i8"), *((m, "f8") for m in METRICS)):
-                    g.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,), fletcher32=True)
-                g.create_dataset("label", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
-                f.create_dataset("runs", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
-                f.flush()
+        import io
+
+        buf = io.BytesIO()  # an empty study is small: built in memory, so HDF5 never meets a full disk
+        with h5py.File(buf, "w", libver=LIBVER) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["model_spec"] = json.dumps(model_spec)
+            f.attrs["dataset_spec"] = json.dumps(dataset_spec)
+            f.attrs["layout"] = layout.to_json()
+            if plan is not None:
+                f.attrs["plan"] = json.dumps(plan, sort_keys=True)
+            f.create_dataset("params", shape=(0, layout.size), maxshape=(None, layout.size), dtype="f4",
+                             chunks=_row_chunks(layout.size), fletcher32=True)
+            g = f.create_group("checkpoints")
+            for col, dt in (("run", "i4"), ("step", "i8"), *((m, "f8") for m in METRICS)):
+                g.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,), fletcher32=True)
+            g.create_dataset("label", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
+            f.create_dataset("runs", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
+        atomic_write_bytes(path, buf.getvalue())
         return cls(directory, name)
 
     @classmethod
@@ -402,6 +419,7 @@ class Study:
             written = []
             with atomic_file(self.h5_path, verify=lambda tmp: _verify_h5(tmp, written)) as tmp:
                 shutil.copyfile(self.h5_path, tmp)
+                _reserve(tmp, need)
                 with h5py.File(tmp, "r+", libver=LIBVER if self.checksums else None) as f:
                     w = _Writer(f, self, written)
                     yield w
