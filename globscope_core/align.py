@@ -292,9 +292,10 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    from .store import atomic_file
+
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def load_permutations(aligned_dir: str) -> dict:
@@ -332,10 +333,12 @@ def plot_barriers(report: dict, path: str) -> str:
     ax.set_title(f"Linear interpolation to the reference, {report['method']}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .store import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return os.path.basename(path)
 
 
@@ -405,8 +408,10 @@ def _plot_side_by_side(raw_dir: str, aligned_dir: str, section: dict) -> str:
     fig.tight_layout()
     path = os.path.join(aligned_dir, "renders", "align-compare-2d.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .store import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return os.path.relpath(path, aligned_dir)

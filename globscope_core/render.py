@@ -195,10 +195,12 @@ def quick_look(study_dir: str, view: str, path: str) -> str:
         _draw_connect(ax, connect_files(study_dir, f"{dim}d"))
     ax.set_aspect("equal")
     ax.set_title(f"{os.path.basename(study_dir)}: {view} (quick look, no ParaView)")
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .safe_write import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -237,10 +239,12 @@ def plane_quick_look(study_dir: str, path: str) -> str:
         pass
     ax.set_aspect("equal")
     ax.set_title(title + " (quick look, no ParaView)", fontsize=10)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .safe_write import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -28,13 +28,15 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 import h5py
 import numpy as np
 
 from .errors import GlobScopeError
 from .flat import StateLayout
+# the shared write path (stdlib only, so vtkio and render use it without h5py or torch)
+from .safe_write import (_fsync_path, _mb, atomic_file, atomic_write_bytes, check_writable, free_bytes,  # noqa: F401
+                         note, reserve as _reserve, save_figure, save_torch, write_error)
 
 FORMAT = "globscope-study"
 VERSION = 1
@@ -42,175 +44,9 @@ H5_NAME = "study.h5"
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 _STR = h5py.string_dtype("utf-8")
 LIBVER = ("v110", "v110")  # superblock v3 and object headers with checksums; readable by HDF5 >= 1.10
-_NOTED: set = set()
-
-
-def note(message: str) -> None:
-    """A one-line notice on stderr, once per process and message (not an error: the stage goes on)."""
-    if message not in _NOTED:
-        _NOTED.add(message)
-        print(f"globscope: note: {message}", file=sys.stderr, flush=True)
-
-
 def _row_chunks(n_params: int) -> tuple:
     # about 1 MiB per chunk, whole rows: reads are always by rows
     return (max(1, min(1024, (1 << 20) // max(1, 4 * n_params))), n_params)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reserve(path: str, size: int) -> None:
-    """Allocate ``size`` bytes for ``path`` before HDF5 writes to it.
-
-    HDF5 reports a full disk only as a warning when it closes a file, and then its state is broken
-    (zeros written, crashes). With the space allocated in advance the disk cannot fill under it:
-    a full disk fails here, as a plain OSError, before HDF5 has written anything. HDF5 truncates
-    the file to its real end when it closes it.
-    """
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, max(int(size), os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB"
-
-
-def free_bytes(directory: str) -> int | None:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-def _probe_writable(directory: str) -> OSError | None:
-    """Whether a file can be created in ``directory`` (root ignores permission bits: try it)."""
-    probe = os.path.join(directory, f".globscope-probe-{os.getpid()}")
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
-        return None
-    except OSError as exc:
-        return exc
-
-
-def write_error(exc: BaseException, path: str) -> GlobScopeError:
-    """One line for a failed write of ``path``: full disk, read-only directory, or the OS's reason."""
-    directory = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    state = "unchanged" if os.path.exists(path) else "not written"
-    code = getattr(exc, "errno", None)
-    if code is None:  # HDF5 and torch report a full disk in their own words, without errno
-        free = free_bytes(directory)
-        probe = _probe_writable(directory) if os.path.isdir(directory) else None
-        if free is not None and free < (1 << 20) or "no space" in str(exc).lower():
-            code = errno.ENOSPC
-        elif probe is not None:
-            code, exc = probe.errno, probe
-    if code == errno.ENOSPC or code == errno.EDQUOT:
-        return GlobScopeError(f"no space left on {directory}: {name} {state}")
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return GlobScopeError(f"{directory} is not writable ({os.strerror(code)}): {name} {state}")
-    text = str(exc).strip()
-    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
-    return GlobScopeError(f"{path}: cannot write ({reason}): {name} {state}")
-
-
-def check_writable(directory: str, need_bytes: int = 0, what: str = "") -> None:
-    """Refuse long work whose results could not be written: a read-only directory, or too little space."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise GlobScopeError(f"{directory}: cannot create the directory ({exc.strerror})") from None
-    exc = _probe_writable(directory)
-    if exc is not None:
-        raise GlobScopeError(f"{directory} is not writable ({exc.strerror})" + (f": {what} not started" if what else ""))
-    free = free_bytes(directory)
-    if need_bytes and free is not None and free < need_bytes:
-        raise GlobScopeError(f"no space left on {directory}: {what or 'the results'} need about {_mb(need_bytes)}, "
-                             f"{_mb(free)} free")
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, suffix: str = "", verify=None):
-    """``with atomic_file(p) as tmp: write(tmp)``: ``p`` is replaced only by a complete, verified file.
-
-    The temporary is fsynced, checked to be non-empty and passed to ``verify(tmp)`` (which raises
-    when the file does not read back) before it is renamed over ``path``; on any failure it is removed
-    and ``path`` is left as it was. Write failures (full disk, read-only directory, and what HDF5,
-    torch or VTK report in their own words) become one line, ``write_error``.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise write_error(exc, path) from None
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
-    try:
-        yield tmp
-        if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
-            raise OSError(errno.EIO, "the written file is empty")
-        _fsync_path(tmp)
-        if verify is not None:
-            verify(tmp)
-        os.replace(tmp, path)
-        _fsync_path(directory)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(exc, path) from None
-        if isinstance(exc, (RuntimeError, ValueError)):  # torch and VTK say "disk full" in their own words
-            err = write_error(exc, path)
-            if str(err).startswith("no space") or " is not writable" in str(err):
-                raise err from None
-        raise
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write a file by temporary name + fsync + verify + rename, so readers never see half of it."""
-    def same(tmp):
-        if os.path.getsize(tmp) != len(data):
-            raise OSError(errno.EIO, f"wrote {os.path.getsize(tmp)} of {len(data)} bytes")
-
-    with atomic_file(path, verify=same) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def save_torch(obj, path: str) -> None:
-    """torch.save through ``atomic_file``, read back (weights only) before it replaces ``path``."""
-    import torch
-
-    def readable(tmp):
-        try:
-            torch.load(tmp, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise OSError(errno.EIO, f"the written file does not read back ({type(exc).__name__})") from None
-
-    with atomic_file(path, verify=readable) as tmp:
-        torch.save(obj, tmp)
-
-
-def save_figure(fig, path: str, **kw) -> None:
-    """matplotlib's savefig through ``atomic_file`` (PNG)."""
-    def png(tmp):
-        with open(tmp, "rb") as fh:
-            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
-                raise OSError(errno.EIO, "the written file is not a PNG")
-
-    with atomic_file(path, suffix=".png", verify=png) as tmp:
-        fig.savefig(tmp, format="png", **kw)
 
 
 class Study:
@@ -442,6 +278,54 @@ class Study:
 
     def update_report(self, key: str, value) -> None:
         update_report(self.dir, key, value)
+
+
+PATHS_NAME = "paths.h5"  # connect's curve and line points: same layout, apart from the ensemble
+
+
+def paths_store(study: Study, create: bool = False) -> Study | None:
+    """``STUDY/paths.h5`` (connect's points) as a Study, or None when there is none (created if asked)."""
+    path = os.path.join(study.dir, PATHS_NAME)
+    if os.path.exists(path):
+        return Study(study.dir, PATHS_NAME)
+    if not create:
+        return None
+    return Study.create(study.dir, study.model_spec, study.dataset_spec, study.layout, name=PATHS_NAME)
+
+
+class RowUnion:
+    """The rows of several stores as one read-only source (e.g. the ensemble plus connect's paths),
+    for fitting a reducer on both; row numbers run through the parts in order."""
+
+    def __init__(self, *parts: Study):
+        self.parts = parts
+        s0 = parts[0]
+        self.dir, self.h5_path, self.layout, self.n_params = s0.dir, s0.h5_path, s0.layout, s0.n_params
+        self.model_spec, self.dataset_spec = s0.model_spec, s0.dataset_spec
+        self.offsets = np.cumsum([0] + [p.n_checkpoints for p in parts])
+        self.n_checkpoints = int(self.offsets[-1])
+        self.metrics = {m: np.concatenate([p.metrics[m] for p in parts]) for m in METRICS}
+
+    def read_params(self, rows=None) -> np.ndarray:
+        rows = np.arange(self.n_checkpoints) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.n_params), np.float32)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for k, p in enumerate(self.parts):
+            sel = np.nonzero(part == k)[0]
+            if len(sel):
+                out[sel] = p.read_params(rows[sel] - self.offsets[k])
+        return out
+
+    def iter_params(self, block_rows: int | None = None, rows=None):
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            step = block_rows or max(1, (256 << 20) // max(1, 4 * self.n_params))
+            for s in range(0, len(rows), step):
+                yield rows[s : s + step], self.read_params(rows[s : s + step])
+            return
+        for k, p in enumerate(self.parts):
+            for idx, block in p.iter_params(block_rows):
+                yield idx + self.offsets[k], block
 
 
 class _Writer:

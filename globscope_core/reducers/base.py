@@ -79,9 +79,9 @@ class Reducer:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         payload = {"kind": self.kind, "dim": self.dim, "config": json.dumps(self.config),
                    "study_id": self.study_id or "", "state": self.state()}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        from ..store import save_torch
+
+        save_torch(payload, path)  # verified, atomic; a full disk is one line and the old file stays
 
     @staticmethod
     def load(path: str) -> "Reducer":
