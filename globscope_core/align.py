@@ -247,7 +247,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     perms_out, runs_report = {}, []
 
     bar = tqdm(total=n_runs, desc=f"align ({method})", unit="run", disable=not progress)
-    with dst.transaction() as w:
+    with dst.transaction(extra_bytes=src.n_checkpoints * src.n_params * 4) as w:  # space reserved up front
         for r in range(n_runs):
             final = src.read_params([_final_row(src, r)])[0]
             if r == reference:

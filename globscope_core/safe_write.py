@@ -78,7 +78,10 @@ def write_error(exc: BaseException, path: str) -> GlobScopeError:
     state = "unchanged" if os.path.exists(path) else "not written"
     code = getattr(exc, "errno", None)
     if code is None:  # HDF5 and torch report a full disk in their own words, without errno
-        free = free_bytes(directory)
+        try:  # measured now, not through free_bytes (which the checks before the work use)
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            free = None
         probe = _probe_writable(directory) if os.path.isdir(directory) else None
         if free is not None and free < (1 << 20) or "no space" in str(exc).lower():
             code = errno.ENOSPC

@@ -247,7 +247,8 @@ class Study:
             for stale in glob.glob(self.h5_path + ".tmp-*"):
                 with contextlib.suppress(OSError):
                     os.remove(stale)
-            need = os.path.getsize(self.h5_path) + int(extra_bytes) + (1 << 20)
+            # the copy, what is added (chunks round up: +5%), and HDF5's metadata
+            need = os.path.getsize(self.h5_path) + int(1.05 * extra_bytes) + (1 << 20)
             free = free_bytes(self.dir)
             if free is not None and free < need:
                 raise GlobScopeError(f"no space left on {self.dir}: {os.path.basename(self.h5_path)} unchanged "

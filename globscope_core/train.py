@@ -162,6 +162,16 @@ def _train_locked(out, dataset, ds, spec, layout, runs, given, dev, resume, labe
         study.set_plan(stored_plan)
 
     bar = tqdm(total=len(todo) * cfg["epochs"] * steps_per_epoch, desc="train", unit="step", disable=not progress)
+    with bar:  # closed on errors too, so that the error starts a line of its own
+        study = _train_runs(out, dataset, spec, layout, ds, plan, cfg, todo, label, stored_plan, study, dev,
+                            ev_train, ev_test, bar)
+    if study is None:
+        study = Study.open(out)
+    return study
+
+
+def _train_runs(out, dataset, spec, layout, ds, plan, cfg, todo, label, stored_plan, study, dev, ev_train, ev_test,
+                bar):
     for i in todo:
         run_cfg = dict(plan[i], index=i, label=label, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                        every=cfg["every"], weight_decay=cfg["weight_decay"])
@@ -173,9 +183,6 @@ def _train_locked(out, dataset, ds, spec, layout, runs, given, dev, resume, labe
             for step, vec, m in rows:
                 w.append(r, step, vec, **m)
         del rows  # else the next run's checkpoints pile up on this run's: twice the memory
-    bar.close()
-    if study is None:
-        study = Study.open(out)
     return study
 
 

@@ -108,6 +108,12 @@ def cmd_info(args):
         print(f"  run {d['run']:3d} seed {d['seed']} {d['optimizer']} lr {d['lr']}: last step {d['step']}, "
               f"train loss {d['train_loss']:.4f} acc {d['train_acc']:.3f}, test loss {d['test_loss']:.4f} "
               f"acc {d['test_acc']:.3f}")
+    from ..store import paths_store
+
+    paths = paths_store(s)
+    if paths is not None:
+        print(f"paths      {len(paths.runs)} connect paths, {paths.n_checkpoints} points in {paths.h5_path} "
+              "(not part of the ensemble)")
     report = s.read_report()
     if report:
         print(f"report.json sections: {', '.join(sorted(report))}")
