@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -213,9 +212,24 @@ def _spawn(*argv):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _kill_at_random(argv, rng, lo, hi):
-    """Start the command, SIGKILL it after a random time; returns (seconds, whether it had finished)."""
+def _kill_at_random(argv, rng, marker, lo, hi):
+    """Start the command, wait until its progress bar shows ``marker`` (the work has begun: imports take
+    seconds on a loaded machine), then SIGKILL it after a random further ``lo..hi`` seconds.
+    Returns (seconds after the marker, whether it had finished before the kill)."""
+    import threading
+
     p = _spawn(*argv)
+    seen, buf = threading.Event(), []
+
+    def pump():
+        for ch in iter(lambda: p.stderr.read(1), ""):
+            buf.append(ch)
+            if not seen.is_set() and marker in "".join(buf[-200:]):
+                seen.set()
+        seen.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen.wait(timeout=240)
     delay = rng.uniform(lo, hi)
     try:
         p.wait(timeout=delay)
@@ -224,7 +238,6 @@ def _kill_at_random(argv, rng, lo, hi):
         p.send_signal(signal.SIGKILL)
         p.wait()
         finished = False
-    p.communicate()
     return round(delay, 2), finished
 
 
@@ -247,6 +260,25 @@ def _intact(d):
 STAGES = ["train", "fit", "landscape", "connect", "align"]
 
 
+def _report(stage, killed, tmp_path):
+    """What the kill left (printed with ``pytest -s``: the suite's record of what each case found)."""
+    d, seen = str(tmp_path / "s"), []
+    for name in ("t/study.h5", "s/paths.h5", "aligned/study.h5"):
+        if os.path.exists(tmp_path / name):
+            st = Study.open(str(tmp_path / os.path.dirname(name)), os.path.basename(name))
+            seen.append(f"{name}: {len(st.runs)} runs, {st.n_checkpoints} rows")
+    part = os.path.join(d, ".landscape-2d.partial")
+    if os.path.isdir(part):
+        seen.append(f"{len(glob.glob(part + '/chunk-*'))} landscape chunks")
+    if os.path.exists(os.path.join(d, "connect-0-1.partial.pt")):
+        seen.append(f"curve epoch {torch.load(os.path.join(d, 'connect-0-1.partial.pt'), weights_only=True)['epoch']}")
+    if os.path.exists(os.path.join(d, "reducers", "ae-2d.pt")):
+        seen.append("ae-2d.pt complete")
+    seen += [f"left: {os.path.basename(p)}" for p in _leftovers(str(tmp_path))]
+    print(f"\n[{stage}] SIGKILL {killed[0]} s after its progress bar appeared"
+          f"{' (it had finished already)' if killed[1] else ''}; found: {', '.join(seen) or 'nothing written'}")
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
     rng = random.Random(f"13-{stage}")  # a random point, the same one on every run of the suite
@@ -255,7 +287,8 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         out = str(tmp_path / "t")
         argv = ["train", "--dataset", "digits", "--model", "mlp", "--model-arg", "widths=[16]", "--out", out,
                 "--runs", 3, "--epochs", 3, "--eval-samples", 256]
-        _kill_at_random(argv, rng, 4, 9)
+        killed = _kill_at_random(argv, rng, "train:", 0, 6)
+        _report(stage, killed, tmp_path)
         _intact(out) if os.path.exists(out) else None
         _finish(argv + ["--resume"])
         ref = make_study(tmp_path / "ref", runs=3, epochs=3, widths=(16,), eval_samples=256)
@@ -265,7 +298,8 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
     elif stage == "fit":
         old = _sha(os.path.join(d, "reducers", "pca-2d.pt"))
         argv = ["fit", d, "--reducer", "ae", "--epochs", 300, "--no-eval"]
-        _kill_at_random(argv, rng, 3, 8)
+        killed = _kill_at_random(argv, rng, "basis", 0, 5)
+        _report(stage, killed, tmp_path)
         # the old reducers are untouched; a new one is complete or absent
         assert _sha(os.path.join(d, "reducers", "pca-2d.pt")) == old
         if os.path.exists(os.path.join(d, "reducers", "ae-2d.pt")):
@@ -276,8 +310,9 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
     elif stage == "landscape":
         os.remove(os.path.join(d, "landscape-2d.vti"))
         argv = ["landscape", d, "--reducer", "pca-2d", "--resolution", 33, "--chunk-points", 8,
-                "--eval-samples", 256, "--no-progress", "--no-trajectories"]
-        _kill_at_random(argv, rng, 4, 9)
+                "--eval-samples", 256, "--no-trajectories"]
+        killed = _kill_at_random(argv, rng, "landscape-2d", 0, 4)
+        _report(stage, killed, tmp_path)
         _finish(argv)
         ref = _copy(ready, tmp_path / "ref")
         from globscope_core.landscape import compute_landscape
@@ -292,7 +327,8 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         ensemble = _sha(os.path.join(d, "study.h5"))
         argv = ["connect", d, "--runs", 0, 1, "--epochs", 40, "--batch-size", 256, "--points", 11,
                 "--eval-samples", 256, "--plane-resolution", 0, "--reducer", "pca-2d"]
-        _kill_at_random(argv, rng, 4, 10)
+        killed = _kill_at_random(argv, rng, "connect", 0, 6)
+        _report(stage, killed, tmp_path)
         _intact(d)
         _finish(argv)
         paths = Study.open(d, "paths.h5")
@@ -304,7 +340,8 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
     elif stage == "align":
         out = str(tmp_path / "aligned")
         argv = ["align", d, "--out", out, "--eval-samples", 256, "--alphas", 5]
-        _kill_at_random(argv, rng, 4, 8)
+        killed = _kill_at_random(argv, rng, "align", 0, 3)
+        _report(stage, killed, tmp_path)
         _intact(out) if os.path.exists(out) else None
         if os.path.exists(os.path.join(out, "study.h5")) and Study.open(out).runs:
             shutil.rmtree(out)  # it finished before the kill: compare a fresh run instead
