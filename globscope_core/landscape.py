@@ -320,10 +320,11 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
             loss, acc = ev.evaluate(params)
             try:
                 store.write_chunk(k, loss, acc)
-            except OSError as exc:
-                raise GlobScopeError(f"{store.chunk_path(k)}: cannot write ({exc.strerror or exc}); the "
-                                     f"{len(done) + len(results)} finished chunks are kept in {store.dir}: "
-                                     "free space and rerun the same command to resume") from None
+            except (OSError, GlobScopeError) as exc:  # the write path says why in one line (safe_write)
+                why = f"{store.chunk_path(k)}: cannot write ({exc.strerror or exc})" if isinstance(exc, OSError) \
+                    else str(exc)
+                raise GlobScopeError(f"{why}; the {len(done) + len(results)} finished chunks are kept in "
+                                     f"{store.dir}: free space and rerun the same command to resume") from None
             results[k] = (loss, acc)
             del params  # before the next chunk is decoded: one decoded chunk in memory, not two
             bar.update(sizes[k] * dist.world)
