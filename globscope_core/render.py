@@ -60,7 +60,9 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
     if absent:
         raise GlobScopeError(f"{study_dir}: cannot render {', '.join(absent)} (this study has {', '.join(have)})")
     views = list(views) if views else have
-    os.makedirs(out_dir, exist_ok=True)
+    from .safe_write import check_writable
+
+    check_writable(out_dir, (4 << 20) * len(views), "render")  # refused before pvbatch starts, not after
     pvbatch = pvenv.find("pvbatch") if paraview is not False else None
     if paraview and pvbatch is None:
         pvenv.require("pvbatch")

@@ -100,9 +100,11 @@ def check_writable(directory: str, need_bytes: int = 0, what: str = "") -> None:
     """Refuse long work whose results could not be written: a read-only directory, or too little space."""
     try:
         os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise GlobScopeError(f"{directory}: cannot create the directory ({exc.strerror})") from None
-    exc = _probe_writable(directory)
+        exc = _probe_writable(directory)
+    except OSError as err:
+        exc = err
+    if exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise GlobScopeError(f"no space left on {directory}" + (f": {what} not started" if what else ""))
     if exc is not None:
         raise GlobScopeError(f"{directory} is not writable ({exc.strerror})" + (f": {what} not started" if what else ""))
     free = free_bytes(directory)

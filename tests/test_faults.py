@@ -161,6 +161,7 @@ def test_full_disk_keeps_every_result_file(ready, tmp_path, capsys, monkeypatch)
         # ... and fail in one line where it is not (the fit: the reducer's size depends on the fit)
         one_error(capsys, "fit", d, "--reducer", "pca", "--no-eval", match=f"no space left on {d}/reducers: pca-2d.pt unchanged")
         one_error(capsys, "topology", d, match=f"no space left on {d}/topology-2d")
+        one_error(capsys, "render", d, match=f"no space left on {d}/renders")  # before pvbatch starts
         monkeypatch.setattr(safe_write, "free_bytes", lambda _: None)
         big = np.random.default_rng(0).random(200_000).astype(np.float32)  # 800 kB: does not fit
         with pytest.raises(Exception, match=f"no space left on {d}: landscape-2d.vti unchanged"):
@@ -200,6 +201,7 @@ def test_read_only_directory_is_one_line_for_every_writing_stage(ready, tmp_path
         one_error(capsys, "align", d, "--out", os.path.join(fs, "aligned"), "--eval-samples", 64, match=ro)
         one_error(capsys, "train", "--dataset", "digits", "--model", "mlp", "--model-arg", "widths=[16]",
                   "--out", d, "--resume", "--runs", 4, match=f"{d} is {ro}")
+        one_error(capsys, "render", d, match=f"{d}/renders is {ro}")
         rc, lines = cli(capsys, "info", d)  # reading needs no write access
         assert rc == 0
         assert _tree(d) == before and not _leftovers(fs)
