@@ -219,21 +219,8 @@ class Study:
         return model
 
     # --- writing ---------------------------------------------------------------------------
-    @contextlib.contextmanager
     def lock(self, name: str = ".lock", wait: bool = True, what: str = "another writer"):
-        """An exclusive lock on ``STUDY/name``; ``wait=False`` refuses at once when it is held."""
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-            fh = open(os.path.join(self.dir, name), "a")
-        except OSError as exc:
-            raise write_error(exc, self.h5_path) from None
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise GlobScopeError(f"{self.dir}: {what} is working on this study now "
-                                     f"({name} is locked); wait for it to finish") from None
-            yield
+        return dir_lock(self.dir, name, wait, what)
 
     @contextlib.contextmanager
     def transaction(self, extra_bytes: int = 0):
@@ -279,6 +266,23 @@ class Study:
 
     def update_report(self, key: str, value) -> None:
         update_report(self.dir, key, value)
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str, name: str = ".lock", wait: bool = True, what: str = "another writer"):
+    """An exclusive lock on ``directory/name``; ``wait=False`` refuses at once, in one line, when it is held."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fh = open(os.path.join(directory, name), "a")
+    except OSError as exc:
+        raise write_error(exc, os.path.join(directory, H5_NAME)) from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise GlobScopeError(f"{directory}: {what} is working on this study now "
+                                 f"({name} is locked); wait for it to finish") from None
+        yield
 
 
 PATHS_NAME = "paths.h5"  # connect's curve and line points: same layout, apart from the ensemble

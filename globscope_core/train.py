@@ -19,7 +19,7 @@ from . import models
 from .errors import GlobScopeError
 from .evaluation import evaluate_model, resolve_device, subset
 from .flat import StateLayout
-from .store import Study, check_writable
+from .store import Study, check_writable, dir_lock
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -111,9 +111,7 @@ def train_study(out: str, dataset: dict, model_name: str, model_kwargs: dict | N
     probe = models.build_model(spec)
     layout = StateLayout.from_module(probe)
     check_writable(out, what="train")
-    lock_holder = Study.__new__(Study)  # the lock needs only the directory
-    lock_holder.dir, lock_holder.h5_path = os.path.abspath(out), os.path.join(os.path.abspath(out), "study.h5")
-    with lock_holder.lock(".train.lock", wait=False, what="another 'globscope train'"):
+    with dir_lock(os.path.abspath(out), ".train.lock", wait=False, what="another 'globscope train'"):
         return _train_locked(out, dataset, ds, spec, layout, runs, dict(
             epochs=epochs, batch_size=batch_size, optimizers=None if optimizers is None else list(optimizers),
             lrs=None if lrs is None else list(lrs), every=every, seed=seed, eval_samples=eval_samples,
