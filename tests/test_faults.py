@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -214,10 +215,10 @@ def _spawn(*argv):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _kill_at_random(argv, rng, marker, lo, hi):
+def _kill_at_random(argv, rng, marker, lo, hi, after=None):
     """Start the command, wait until its progress bar shows ``marker`` (the work has begun: imports take
     seconds on a loaded machine), then SIGKILL it after a random further ``lo..hi`` seconds.
-    Returns (seconds after the marker, whether it had finished before the kill)."""
+    Returns (seconds after the marker (and ``after``), whether it had finished before the kill)."""
     import threading
 
     p = _spawn(*argv)
@@ -232,6 +233,8 @@ def _kill_at_random(argv, rng, marker, lo, hi):
 
     threading.Thread(target=pump, daemon=True).start()
     seen.wait(timeout=240)
+    while callable(after) and not after() and p.poll() is None:  # e.g. "a run is committed"
+        time.sleep(0.05)
     delay = rng.uniform(lo, hi)
     try:
         p.wait(timeout=delay)
@@ -277,7 +280,7 @@ def _report(stage, killed, tmp_path):
     if os.path.exists(os.path.join(d, "reducers", "ae-2d.pt")):
         seen.append("ae-2d.pt complete")
     seen += [f"left: {os.path.basename(p)}" for p in _leftovers(str(tmp_path))]
-    print(f"\n[{stage}] SIGKILL {killed[0]} s after its progress bar appeared"
+    print(f"\n[{stage}] SIGKILL {killed[0]} s after its work began"
           f"{' (it had finished already)' if killed[1] else ''}; found: {', '.join(seen) or 'nothing written'}")
 
 
@@ -289,7 +292,7 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         out = str(tmp_path / "t")
         argv = ["train", "--dataset", "digits", "--model", "mlp", "--model-arg", "widths=[16]", "--out", out,
                 "--runs", 3, "--epochs", 3, "--eval-samples", 256]
-        killed = _kill_at_random(argv, rng, "train:", 0, 6)
+        killed = _kill_at_random(argv, rng, "train:", 0, 3, after=lambda: os.path.exists(os.path.join(out, "study.h5")))
         _report(stage, killed, tmp_path)
         _intact(out) if os.path.exists(out) else None
         _finish(argv + ["--resume"])
@@ -342,7 +345,7 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
     elif stage == "align":
         out = str(tmp_path / "aligned")
         argv = ["align", d, "--out", out, "--eval-samples", 256, "--alphas", 5]
-        killed = _kill_at_random(argv, rng, "align", 0, 3)
+        killed = _kill_at_random(argv, rng, "align", 0, 1.2)
         _report(stage, killed, tmp_path)
         _intact(out) if os.path.exists(out) else None
         if os.path.exists(os.path.join(out, "study.h5")) and Study.open(out).runs:
