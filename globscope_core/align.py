@@ -231,12 +231,16 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
 
     if os.path.exists(os.path.join(out, "study.h5")):
         dst = Study.open(out)
+        if (dst.runs and (dst.plan or {}).get("aligned_from") == src.h5_path
+                and "align" not in dst.read_report()):  # killed after its commit, before its report: redo
+            os.remove(dst.h5_path)
+            dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan={"aligned_from": src.h5_path})
         if dst.n_checkpoints or dst.runs:  # an empty one is what an interrupted earlier call leaves
             raise GlobScopeError(f"{dst.h5_path}: a study already exists here (use another --out)")
         if dst.model_spec != src.model_spec or dst.layout != src.layout:
             raise GlobScopeError(f"{dst.h5_path}: an empty study for another model is in the way (use another --out)")
     else:
-        dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout)
+        dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan={"aligned_from": src.h5_path})
 
     ds = load_dataset(src.dataset_spec)
     x, y = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
