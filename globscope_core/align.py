@@ -231,12 +231,16 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
 
     if os.path.exists(os.path.join(out, "study.h5")):
         dst = Study.open(out)
+        if (dst.runs and (dst.plan or {}).get("aligned_from") == src.h5_path
+                and "align" not in dst.read_report()):  # killed after its commit, before its report: redo
+            os.remove(dst.h5_path)
+            dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan={"aligned_from": src.h5_path})
         if dst.n_checkpoints or dst.runs:  # an empty one is what an interrupted earlier call leaves
             raise GlobScopeError(f"{dst.h5_path}: a study already exists here (use another --out)")
         if dst.model_spec != src.model_spec or dst.layout != src.layout:
             raise GlobScopeError(f"{dst.h5_path}: an empty study for another model is in the way (use another --out)")
     else:
-        dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout)
+        dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan={"aligned_from": src.h5_path})
 
     ds = load_dataset(src.dataset_spec)
     x, y = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
@@ -247,7 +251,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     perms_out, runs_report = {}, []
 
     bar = tqdm(total=n_runs, desc=f"align ({method})", unit="run", disable=not progress)
-    with dst.transaction() as w:
+    with dst.transaction(extra_bytes=src.n_checkpoints * src.n_params * 4) as w:  # space reserved up front
         for r in range(n_runs):
             final = src.read_params([_final_row(src, r)])[0]
             if r == reference:
@@ -292,9 +296,10 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    from .store import atomic_file
+
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def load_permutations(aligned_dir: str) -> dict:
@@ -332,10 +337,12 @@ def plot_barriers(report: dict, path: str) -> str:
     ax.set_title(f"Linear interpolation to the reference, {report['method']}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .store import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return os.path.basename(path)
 
 
@@ -405,8 +412,10 @@ def _plot_side_by_side(raw_dir: str, aligned_dir: str, section: dict) -> str:
     fig.tight_layout()
     path = os.path.join(aligned_dir, "renders", "align-compare-2d.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .store import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return os.path.relpath(path, aligned_dir)

@@ -13,8 +13,9 @@ BatchNorm statistics recomputed at every point for models that have BatchNorm). 
 path is that of Entezari et al.: max_t loss(t) - ((1-t) loss(0) + t loss(1)).
 
 Everything that goes into the study is written at the end, in one transaction: the 61 curve
-points (run label "curve") and the 61 line points (label "line") become checkpoints, so a reducer can
-be fitted with them. Then the files: STUDY/connect-A-B.pt (control points), connect-A-B.png (loss
+points (run label "curve") and the 61 line points (label "line") go to STUDY/paths.h5, a store of
+the same layout kept apart from the ensemble in study.h5, so that fit, info, align and the views
+see only the trained and imported runs (``--refit`` fits the reducer on both). Then the files: STUDY/connect-A-B.pt (control points), connect-A-B.png (loss
 against t), connect-A-B-{2,3}d.vtp (both paths encoded into the latent space, with the true loss,
 the loss of the decoded point and the landscape's loss there), and last the report section
 "connect-A-B". Curve training saves its state after every epoch (connect-A-B.partial.pt), so an
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .errors import GlobScopeError
 from .evaluation import resolve_device, subset
-from .store import Study
+from .store import RowUnion, Study, paths_store
 
 CURVES = ("bezier", "polychain")
 N_POINTS = 61
@@ -230,9 +231,9 @@ def _remove(path) -> None:
 
 
 def _save_pt(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .store import save_torch
+
+    save_torch(obj, path)
 
 
 # --- evaluation along a path ----------------------------------------------------------------------
@@ -494,10 +495,12 @@ def plot_paths(path: str, t, line: dict, curve: dict, title: str, views: dict | 
         _plot_latent(ax, v)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .store import save_figure
+
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _plot_latent(ax, view):
@@ -529,34 +532,6 @@ def _plot_latent(ax, view):
 
 
 # --- the stage ------------------------------------------------------------------------------------
-def _reducer_payload(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-
-
-def _reducers_stamped_for(study: Study) -> list[str]:
-    """Reducer files fitted on the study as it is now (their identity changes when rows are added)."""
-    from .reducers import study_id
-
-    sid = study_id(study)
-    return [p for p in sorted(glob.glob(os.path.join(study.dir, "reducers", "*.pt")))
-            if isinstance(_reducer_payload(p), dict) and _reducer_payload(p).get("study_id") == sid]
-
-
-def _restamp(study: Study, paths: list[str]) -> None:
-    """Appending curve rows changes the study's identity; the reducers fitted on its training
-    checkpoints still describe them exactly, so they are re-stamped instead of invalidated."""
-    from .reducers import study_id
-
-    sid = study_id(study)
-    for path in paths:
-        payload = _reducer_payload(path)
-        payload["study_id"] = sid
-        _save_pt(path, payload)
-
-
 def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, epochs: int = 50,
             lr: float | None = None, optimizer: str | None = None, batch_size: int | None = None,
             weight_decay: float = 0.0, points: int = N_POINTS, eval_samples: int | None = 10000,
@@ -577,6 +552,9 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     if plane_resolution and plane_resolution < 2:
         raise GlobScopeError(f"--plane-resolution must be 0 (no plane) or at least 2, not {plane_resolution}")
     study = Study.open(study_dir)
+    from .store import check_writable
+
+    check_writable(study.dir, 2 * (2 * points * study.n_params * 4) + (1 << 20), "connect")  # paths.h5 and its copy
     wa, wb, (sa, ra), (sb, rb) = _endpoints(study, list(runs))
     ends = [_tag(study, sa, ra), _tag(study, sb, rb)]
     tag = "-".join(ends)
@@ -631,12 +609,12 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
         for dim, red in sorted(loaded.items()):
             views[dim] = _view(study, red, dim, line_rows, curve_rows, dev, progress, refit=False)
 
-    # everything is computed: store the points in one transaction
-    restamp = _reducers_stamped_for(study)
+    # everything is computed: store the points in one transaction, apart from the ensemble (paths.h5)
     base_info = dict(label="curve", connect=key, path="curve", **{k: v for k, v in config.items() if k != "runs"},
                      ends=config["runs"], t=t.tolist(), batchnorm_recomputed=has_bn)
-    with study.transaction() as w:
-        for r, info in enumerate(study.runs):  # an earlier curve between the same runs is superseded
+    paths = paths_store(study, create=True)
+    with paths.transaction(extra_bytes=(2 * points) * study.n_params * 4) as w:
+        for r, info in enumerate(paths.runs):  # an earlier curve between the same runs is superseded
             if info.get("connect") == key and not info.get("superseded"):
                 w.set_run(r, superseded=True)
         rc = w.add_run(**base_info)
@@ -645,14 +623,17 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
         if store_line:
             rl = w.add_run(**dict(base_info, label="line", path="line", curve="line", bends=0, epochs=0))
             w.append(rl, np.arange(points), line_rows, label="line", **m_line)
-    _restamp(study, restamp)
     _save_pt(base + ".pt", {"control_points": torch.from_numpy(control), "config": config_key})
     _remove(base + ".partial.pt")
 
-    if refit:  # the refitted reducers need the stored curve points
+    if refit:  # fitted on the ensemble and the stored paths; it still belongs to the (unchanged) study
+        from .reducers import reducer_path, study_id
+
         for dim in sorted(loaded):
             red = loaded[dim]
-            loaded[dim] = fit_reducer(study, red.kind, red.dim, **red.config)
+            loaded[dim] = fit_reducer(RowUnion(study, paths), red.kind, red.dim, save=False, **red.config)
+            loaded[dim].study_id = study_id(study)
+            loaded[dim].save(reducer_path(study.dir, loaded[dim].name))
             views[dim] = _view(study, loaded[dim], dim, line_rows, curve_rows, dev, progress, refit=True)
     latent = {"plane": {"skipped": plane_skipped}} if plane_skipped else {}
     if "plane" in views:
@@ -677,7 +658,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
              f"train-loss barrier: line {s_line['train_loss_barrier']:.3g}, curve {s_curve['train_loss_barrier']:.3g}")
     plot_paths(base + ".png", t, m_line, m_curve, title, views)
 
-    section = dict(config, key=key, points=points, curve_run=rc, line_run=rl, batchnorm_recomputed=has_bn,
+    section = dict(config, key=key, points=points, points_file=os.path.basename(paths.h5_path), curve_run=rc,
+                   line_run=rl, batchnorm_recomputed=has_bn,
                    n_params=study.n_params, train_seconds=round(train_seconds, 2),
                    seconds=round(time.time() - t0, 2), curve=curve, curve_summary=s_curve, line_summary=s_line,
                    barrier_ratio_train=ratio, t=t.tolist(),

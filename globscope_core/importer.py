@@ -14,7 +14,7 @@ from . import models
 from .errors import GlobScopeError
 from .evaluation import evaluate_model, resolve_device, subset
 from .flat import StateLayout
-from .store import Study
+from .store import Study, check_writable
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -33,8 +33,7 @@ def load_state_file(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GlobScopeError(f"{path}: cannot load as a weights-only checkpoint ({first})") from None
+        raise GlobScopeError(f"{path}: cannot load as a weights-only checkpoint ({_load_reason(exc)})") from None
     for key in _NESTED_KEYS:  # common wrappers: {"state_dict": {...}, "epoch": ...}
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -45,6 +44,22 @@ def load_state_file(path: str) -> dict:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _load_reason(exc: Exception) -> str:
+    """torch's reason without its advice: "re-running with weights_only=False will likely succeed" is wrong
+    advice for an untrusted file (it would run the pickled code)."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand \d+", text)
+    if found:
+        what = found.group(1) if found.groups() else found.group(0)
+        return f"it holds pickled objects beyond tensors ({what}); they are never run, so it is refused"
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds pickled objects beyond tensors; they are never run, so it is refused"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def flatten_checked(layout: StateLayout, state: dict, path: str) -> torch.Tensor:
@@ -77,6 +92,7 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
     if steps is not None and len(steps) != len(files):
         raise GlobScopeError(f"import: {len(steps)} steps given for {len(files)} files")
     dev = resolve_device(device)
+    check_writable(study_dir, what="import")
     if os.path.exists(os.path.join(study_dir, "study.h5")):
         study = Study.open(study_dir)
         spec, dataset = study.model_spec, study.dataset_spec
@@ -104,8 +120,9 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
         rows.append((steps[i] if steps else i, vec.numpy(), dict(train_loss=tl, train_acc=ta, test_loss=vl, test_acc=va)))
     if study is None:
         study = Study.create(study_dir, spec, dataset, layout)
-    with study.transaction() as w:
-        r = w.add_run(seed=None, optimizer=None, lr=None, label=label, index=len(study.runs), complete=True,
+    with study.transaction(extra_bytes=sum(v.nbytes for _, v, _ in rows)) as w:
+        # imported runs take no place in the training plan (no seed, no plan index): train --resume skips nothing
+        r = w.add_run(seed=None, optimizer=None, lr=None, label=label, index=None, imported=True, complete=True,
                       files=[os.path.abspath(f) for f in files])
         for step, vec, m in rows:
             w.append(r, step, vec, **m)

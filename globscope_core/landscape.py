@@ -138,12 +138,14 @@ class PartialStore:
                     old = json.load(fh)
             except (OSError, json.JSONDecodeError):
                 old = None
-            if old != config:
+            if old == config:
+                return
+            # other settings: refused only when chunks were computed (a failed or refused start protects nothing)
+            if glob.glob(os.path.join(self.dir, "chunk-*.npz")):
                 diff = sorted(k for k in set(config) | set(old or {}) if (old or {}).get(k) != config.get(k))
                 raise GlobScopeError(f"{self.dir}: an unfinished landscape with other settings is here "
                                      f"(differs in: {', '.join(diff)}); rerun with the same settings to resume, "
                                      "or pass --fresh to discard it")
-            return
         os.makedirs(self.dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.dir, "chunk-*")):
             os.remove(stale)  # chunks without a config belong to no known run
@@ -291,6 +293,10 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                   "origin": list(origin), "spacing": list(spacing), "split": split, "eval_samples": int(len(x)),
                   "eval_seed": int(eval_seed), "chunk_points": chunk_points}
         store = PartialStore(os.path.join(study.dir, f".landscape-{tag}.partial"))
+        if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
+            from .store import check_writable
+
+            check_writable(study.dir, n_points * (16 + 16) + (1 << 20), f"landscape-{tag}")
 
         # rank 0 opens (or checks) the partial store and tells everyone what is left to do
         status = None
@@ -321,10 +327,11 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
             loss, acc = ev.evaluate(params)
             try:
                 store.write_chunk(k, loss, acc)
-            except OSError as exc:
-                raise GlobScopeError(f"{store.chunk_path(k)}: cannot write ({exc.strerror or exc}); the "
-                                     f"{len(done) + len(results)} finished chunks are kept in {store.dir}: "
-                                     "free space and rerun the same command to resume") from None
+            except (OSError, GlobScopeError) as exc:  # the write path says why in one line (safe_write)
+                why = f"{store.chunk_path(k)}: cannot write ({exc.strerror or exc})" if isinstance(exc, OSError) \
+                    else str(exc)
+                raise GlobScopeError(f"{why}; the {len(done) + len(results)} finished chunks are kept in "
+                                     f"{store.dir}: free space and rerun the same command to resume") from None
             results[k] = (loss, acc)
             del params  # before the next chunk is decoded: one decoded chunk in memory, not two
             bar.update(sizes[k] * dist.world)

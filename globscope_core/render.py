@@ -61,7 +61,9 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
     if absent:
         raise GlobScopeError(f"{study_dir}: cannot render {', '.join(absent)} (this study has {', '.join(have)})")
     views = list(views) if views else have
-    os.makedirs(out_dir, exist_ok=True)
+    from .safe_write import check_writable
+
+    check_writable(out_dir, (4 << 20) * len(views), "render")  # refused before pvbatch starts, not after
     pvbatch = pvenv.find("pvbatch") if paraview is not False else None
     if paraview and pvbatch is None:
         pvenv.require("pvbatch")
@@ -216,10 +218,12 @@ def quick_look(study_dir: str, view: str, path: str) -> str:
         _draw_connect(ax, connect_files(study_dir, f"{dim}d"))
     ax.set_aspect("equal")
     ax.set_title(f"{os.path.basename(study_dir)}: {view} (quick look, no ParaView)")
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .safe_write import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -258,10 +262,12 @@ def plane_quick_look(study_dir: str, path: str) -> str:
         pass
     ax.set_aspect("equal")
     ax.set_title(title + " (quick look, no ParaView)", fontsize=10)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from .safe_write import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

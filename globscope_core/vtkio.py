@@ -53,21 +53,34 @@ def _add_field_data(obj, field_data: dict | None) -> None:
 
 
 def _write(writer_cls, obj, path: str) -> None:
-    _, _, io, _ = _vtk()
+    core, _, io, _ = _vtk()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     ext = os.path.splitext(path)[1]
-    tmp = f"{path}.tmp-{os.getpid()}{ext}"
-    w = getattr(io, writer_cls)()
-    w.SetFileName(tmp)
-    w.SetInputData(obj)
-    w.SetDataModeToBinary()  # inline base64; never appended (see module docstring)
-    w.SetCompressorTypeToZLib()
-    if not w.Write():
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise GlobScopeError(f"{path}: could not write (disk full or not writable?)")
-    os.replace(tmp, path)
+    from .safe_write import atomic_file
+
+    with atomic_file(path, suffix=ext, verify=_complete_xml) as tmp:
+        w = getattr(io, writer_cls)()
+        w.SetFileName(tmp)
+        w.SetInputData(obj)
+        w.SetDataModeToBinary()  # inline base64; never appended (see module docstring)
+        w.SetCompressorTypeToZLib()
+        quiet = core.vtkObject.GetGlobalWarningDisplay()
+        core.vtkObject.GlobalWarningDisplayOff()  # VTK's own multi-line report of a full disk: we say it in one
+        try:
+            ok = w.Write()
+        finally:
+            core.vtkObject.SetGlobalWarningDisplay(quiet)
+        if not ok:
+            raise OSError(f"the VTK writer failed on {os.path.basename(tmp)}")
+
+
+def _complete_xml(tmp: str) -> None:
+    """A VTK XML file that was written to the end (VTK may not notice a full disk itself)."""
+    with open(tmp, "rb") as fh:
+        fh.seek(max(0, os.path.getsize(tmp) - 64))
+        if b"</VTKFile>" not in fh.read():
+            raise OSError(f"{os.path.basename(tmp)} is incomplete (no closing </VTKFile>)")
 
 
 # --- image data -----------------------------------------------------------------------------------

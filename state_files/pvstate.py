@@ -336,9 +336,30 @@ def render(study, out, names=None):
             view = load(name, study)
         path = os.path.join(out, name + ".png")
         tmp = path + ".tmp.png"
-        pv.SaveScreenshot(tmp, view, ImageResolution=SIZE)
-        os.replace(tmp, path)
+        ok = pv.SaveScreenshot(tmp, view, ImageResolution=SIZE)
+        _commit_png(tmp, path, ok)
         print("wrote", path, flush=True)
+
+
+def _commit_png(tmp, path, ok):
+    """The new PNG replaces the old one only when complete (signature and IEND read back); else one line."""
+    try:
+        with open(tmp, "rb") as fh:
+            head = fh.read(8)
+            fh.seek(max(0, os.path.getsize(tmp) - 12))
+            good = ok is not False and head == b"\x89PNG\r\n\x1a\n" and b"IEND" in fh.read()
+    except OSError:
+        good = False
+    if good:
+        os.replace(tmp, path)
+        return
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    directory, name = os.path.split(path)
+    full = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize < (4 << 20)
+    state = "unchanged" if os.path.exists(path) else "not written"
+    raise SystemExit(f"no space left on {directory}: {name} {state}" if full
+                     else f"{path}: ParaView wrote an incomplete image: {name} {state}")
 
 
 def make(study):

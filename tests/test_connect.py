@@ -83,13 +83,20 @@ def connected(tmp_path_factory):
     study = make_study(d, runs=2, epochs=8, widths=(16,), lrs=(0.1,))
     fit_reducer(study, "pca", 2)
     before = Study.open(str(d))
+    with open(before.h5_path, "rb") as fh:
+        before.digest = hashlib.sha256(fh.read()).hexdigest()
     report = C.connect(str(d), runs=(0, 1), curve="bezier", bends=1, epochs=8, batch_size=128, progress=False)
-    return before, Study.open(str(d)), report
+    return before, Study.open(str(d), "paths.h5"), report
 
 
-def test_connect_stores_curve_and_line_points_as_checkpoints(connected):
-    before, study, report = connected
-    assert study.n_checkpoints == before.n_checkpoints + 2 * 61
+def test_connect_stores_curve_and_line_points_apart_from_the_ensemble(connected):
+    before, study, report = connected  # study: STUDY/paths.h5, connect's own store
+    assert report["points_file"] == "paths.h5" and study.n_checkpoints == 2 * 61
+    # the ensemble is untouched: fit, info, align and the views see the trained runs only
+    ensemble = Study.open(before.dir)
+    assert ensemble.n_checkpoints == before.n_checkpoints and len(ensemble.runs) == len(before.runs)
+    with open(ensemble.h5_path, "rb") as fh:
+        assert hashlib.sha256(fh.read()).hexdigest() == before.digest
     curve_rows = study.run_rows(report["curve_run"], label="curve")
     line_rows = study.run_rows(report["line_run"], label="line")
     assert len(curve_rows) == 61 and len(line_rows) == 61
@@ -102,8 +109,6 @@ def test_connect_stores_curve_and_line_points_as_checkpoints(connected):
     np.testing.assert_array_equal(curve[-1], ends[1])
     np.testing.assert_allclose(line[30], 0.5 * (ends[0] + ends[1]), atol=1e-6)
     assert np.linalg.norm(curve[30] - line[30]) > 1e-3 * np.linalg.norm(ends[1] - ends[0])
-    # the stored curve runs do not count as trained runs
-    assert set(study.final_rows()) == {0, 1}
     assert study.runs[report["curve_run"]]["label"] == "curve"
     # the control points are kept and rebuild the stored curve
     control, cfg = C.load_control_points(os.path.join(study.dir, "connect-0-1.pt"))
@@ -156,7 +161,7 @@ def test_connect_writes_the_plot_and_the_latent_polylines(connected):
     np.testing.assert_array_equal(arr["path"], [0] * 61 + [1] * 61)
     np.testing.assert_allclose(arr["loss"][61:], report["along"]["curve"]["test_loss"])
     # the points are the PCA coordinates of the stored checkpoints (z = 0 in 2D)
-    red = load_reducer(study, "pca-2d")  # still usable: re-stamped after the rows were added
+    red = load_reducer(Study.open(study.dir), "pca-2d")  # still usable: the ensemble did not change
     rows = study.read_params(study.run_rows(report["line_run"], label="line"))
     pts = np.array([pd.GetPoint(i) for i in range(pd.GetNumberOfPoints())])
     np.testing.assert_allclose(pts[:61, :2], red.transform(rows), rtol=1e-4, atol=1e-4)
@@ -191,7 +196,7 @@ def test_batchnorm_statistics_are_recomputed_at_each_point(tmp_path):
     train_study(d, data.make_spec("digits"), "test-bn-mlp", {}, runs=2, epochs=2, progress=False)
     report = C.connect(d, runs=(0, 1), curve="polychain", bends=2, epochs=1, batch_size=256, points=5,
                        progress=False)
-    study = Study.open(d)
+    study = Study.open(d, "paths.h5")
     assert report["batchnorm_recomputed"] is True
     control, _ = C.load_control_points(os.path.join(d, "connect-0-1.pt"))
     assert control.shape == (4, study.n_params)
@@ -276,8 +281,9 @@ def test_a_stored_curve_is_not_an_end_point(connected, tmp_path):
     _, study, report = connected
     d = str(tmp_path / "copy")
     shutil.copytree(study.dir, d)
-    with pytest.raises(GlobScopeError, match="is a stored curve"):
-        C.connect(d, runs=(0, report["curve_run"]), epochs=1, progress=False)
+    # the curve is not a run of the ensemble: the next run number does not exist
+    with pytest.raises(GlobScopeError, match="no run 2"):
+        C.connect(d, runs=(0, 2), epochs=1, progress=False)
     report_json = json.load(open(os.path.join(d, "report.json")))
     assert list(report_json) == ["connect-0-1"]
 
@@ -317,7 +323,9 @@ def test_refit_puts_the_curve_into_the_reducer_and_recomputes_the_landscape(stud
     assert os.stat(seg).st_mtime_ns > before  # the merge tree of the new field, not the old one
     assert lat["landscape"] == "landscape-2d.vti" and np.isfinite(lat["curve_landscape_gap"])
     study = Study.open(d)
-    load_reducer(study, "pca-2d")  # fitted on the study as it is now, with the curve rows
+    assert study.n_checkpoints == study_copy.n_checkpoints  # the curve rows live in paths.h5
+    red = load_reducer(study, "pca-2d")  # refitted with the curve rows, and still the study's
+    assert red.basis.rank > fit_reducer(study, "pca", 2, save=False).basis.rank  # the curve left the span
     from globscope_core.reducers import study_id
     from globscope_core.vtkio import read_vti
 

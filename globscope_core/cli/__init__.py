@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     except GlobScopeError as exc:
         print(f"globscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file problem no stage turned into a GlobScopeError: still one line
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"globscope {args.command}: error: {where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"globscope {args.command}: interrupted (finished work is kept; rerun to resume)", file=sys.stderr)
         return 130

@@ -76,7 +76,7 @@ def cmd_connect(args):
               f"|true - decoded| {v['curve_decoded_gap']:.4f}, landscape barrier on the line "
               f"{_fmt(v.get('line_landscape_barrier'))}, on the curve {_fmt(v.get('curve_landscape_barrier'))} "
               f"-> {v['file']}")
-    print(f"  curve run {r['curve_run']}, line run {r['line_run']}; plot {r['plot']}; report.json section {r['key']}")
+    print(f"  curve run {r['curve_run']}, line run {r['line_run']} of {r['points_file']}; plot {r['plot']}; report.json section {r['key']}")
 
 
 def _fmt(v):

@@ -23,20 +23,22 @@ def register(sub):
     add_model_args(p)
     p.add_argument("--out", required=True, type=new_or_dir, help="study directory")
     p.add_argument("--runs", type=positive_int, default=6, help="runs in the ensemble")
-    p.add_argument("--epochs", type=positive_int, default=40, help="epochs per run")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size")
-    p.add_argument("--optimizer", type=csv_of(one_of("sgd", "adam", "adamw")), default=["sgd"],
+    # defaults None: a --resume takes the stored plan's value for what is not given (train.DEFAULTS otherwise)
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default: 40)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="minibatch size (default: 64)")
+    p.add_argument("--optimizer", type=csv_of(one_of("sgd", "adam", "adamw")), default=None,
                    help="comma list, cycled over runs (sgd, adam, adamw) (default: sgd)")
-    p.add_argument("--lr", type=csv_of(positive_float), default=[0.05], help="comma list, cycled over runs "
+    p.add_argument("--lr", type=csv_of(positive_float), default=None, help="comma list, cycled over runs "
                    "(default: 0.05)")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="weight decay")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="weight decay (default: 0)")
     p.add_argument("--every", type=positive_int, help="checkpoint every k steps (default: every epoch)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of run 0; run i uses seed+i")
-    p.add_argument("--eval-samples", type=positive_int, default=10000,
-                   help="samples for train/test loss at checkpoints")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="seed of run 0; run i uses seed+i (default: 0)")
+    p.add_argument("--eval-samples", type=positive_int, default=None,
+                   help="samples for train/test loss at checkpoints (default: 10000)")
     p.add_argument("--label", default="", help="free label stored with each run")
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue a study: train only the missing runs")
+    p.add_argument("--resume", action="store_true", help="continue the study's stored plan: train only its missing "
+                   "runs (options not given are the plan's; others must agree with it)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import", help="add existing checkpoints (state_dict or safetensors) as one run")
@@ -101,6 +103,12 @@ def cmd_info(args):
         print(f"  run {d['run']:3d} seed {d['seed']} {d['optimizer']} lr {d['lr']}: last step {d['step']}, "
               f"train loss {d['train_loss']:.4f} acc {d['train_acc']:.3f}, test loss {d['test_loss']:.4f} "
               f"acc {d['test_acc']:.3f}")
+    from ..store import paths_store
+
+    paths = paths_store(s)
+    if paths is not None:
+        print(f"paths      {len(paths.runs)} connect paths, {paths.n_checkpoints} points in {paths.h5_path} "
+              "(not part of the ensemble)")
     report = s.read_report()
     if report:
         print(f"report.json sections: {', '.join(sorted(report))}")

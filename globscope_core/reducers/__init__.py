@@ -6,6 +6,8 @@ Kinds: ``ae`` (the autoencoder), ``pca``, ``kpca``, ``umap`` (baselines). Other 
 """
 from __future__ import annotations
 
+import os
+
 from .base import REDUCER_KINDS, Reducer, SpanReducer, load_reducer, reducer_path, study_id
 from . import ae, kpca, pca, umap_  # noqa: F401  (register the kinds)
 
@@ -20,6 +22,10 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
     if kind not in REDUCER_KINDS:
         raise GlobScopeError(f"unknown reducer '{kind}'; choose one of {', '.join(sorted(REDUCER_KINDS))}")
     r = REDUCER_KINDS[kind](dim=dim, **config)
+    if save:  # a read-only study directory is refused before the fit, not after it
+        from ..store import check_writable
+
+        check_writable(os.path.dirname(reducer_path(study.dir, r.name)), what=f"fit {r.name}")
     if isinstance(r, SpanReducer) and hasattr(study, "n_params"):
         _check_memory(r, study, config)
     r.fit(study, progress=progress) if isinstance(r, SpanReducer) else r.fit(study)

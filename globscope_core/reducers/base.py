@@ -79,9 +79,10 @@ class Reducer:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         payload = {"kind": self.kind, "dim": self.dim, "config": json.dumps(self.config),
                    "study_id": self.study_id or "", "state": self.state()}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        payload["checksum"] = _checksum(payload)  # torch's zip reader does not check its CRCs
+        from ..store import save_torch
+
+        save_torch(payload, path)  # verified, atomic; a full disk is one line and the old file stays
 
     @staticmethod
     def load(path: str) -> "Reducer":
@@ -94,6 +95,8 @@ class Reducer:
             raise GlobScopeError(f"{path}: unknown reducer kind {exc}") from None
         except Exception as exc:
             raise GlobScopeError(f"{path}: not a GlobScope reducer file ({type(exc).__name__})") from None
+        if "checksum" in payload and payload["checksum"] != _checksum(payload):
+            raise GlobScopeError(f"{path}: damaged reducer file (checksum mismatch); refit it with 'globscope fit'")
         try:
             r = cls(dim=int(payload["dim"]), **json.loads(payload["config"]))
             r.study_id = payload.get("study_id") or None
@@ -103,6 +106,27 @@ class Reducer:
             raise GlobScopeError(f"{path}: incomplete or outdated reducer file ({type(exc).__name__}: {exc}); "
                                  "refit it with 'globscope fit'") from None
         return r
+
+
+def _checksum(payload: dict) -> str:
+    """BLAKE2 of everything a reducer file holds but the checksum itself (files older than it have none)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(key, v):
+        h.update(str(key).encode())
+        if isinstance(v, dict):
+            for k in sorted(v):
+                add(k, v[k])
+        elif torch.is_tensor(v):
+            h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+
+    add("payload", {k: v for k, v in payload.items() if k != "checksum"})
+    return h.hexdigest()
 
 
 class SpanReducer(Reducer):
