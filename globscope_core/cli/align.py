@@ -1,18 +1,24 @@
 """``globscope align``: permute every run of a study to a reference run (permutation symmetry)."""
 from __future__ import annotations
 
+from .args import positive_int
+
 
 def register(sub):
     p = sub.add_parser("align", help="permute every run to a reference run (weight or activation matching)")
     p.add_argument("study")
     p.add_argument("--reference", type=int, default=0, help="run the others are aligned to (default 0)")
     p.add_argument("--method", default="weight-matching",
-                   help="weight-matching (default) or activation-matching (or a method registered in align.ALIGNERS)")
+                   help="weight-matching (default), activation-matching, deep-align (learned; MLPs), deep-align+wm "
+                        "(deep-align refined by weight matching), or a method registered in align.ALIGNERS")
     p.add_argument("--out", required=True, help="directory of the aligned study (new)")
     p.add_argument("--alphas", type=int, default=25, help="interpolation weights for the barriers")
     p.add_argument("--eval-samples", type=int, default=2000, help="train samples for the barrier losses")
     p.add_argument("--act-samples", type=int, default=1024, help="train samples for activation matching")
     p.add_argument("--max-iter", type=int, default=100, help="weight matching: most sweeps over the permutations")
+    p.add_argument("--aligner-steps", type=positive_int, default=None,
+                   help="deep-align: training steps of the aligner saved in STUDY/aligners/ (default 300; "
+                        "a saved one with fewer steps resumes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-basins", action="store_true",
                    help="also run fit, landscape and topology on both studies and compare their basins")
@@ -31,7 +37,7 @@ def cmd_align(args):
         raise GlobScopeError(f"--alphas must be at least 2, not {args.alphas}")
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
-                      act_samples=args.act_samples, device=args.device)
+                      act_samples=args.act_samples, aligner_steps=args.aligner_steps, device=args.device)
     print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)")
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
     for d in rep["runs"]:
