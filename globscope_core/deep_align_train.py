@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .deep_align import (arch_config, build_net, compatible, load_aligner_file, mlp_forward, permute_weights,
-                         save_aligner, sinkhorn, weights_from_flat, layer_dims, mlp_layers)
+from .deep_align import (arch_config, build_net, compatible, layer_dims, load_aligner_file, mlp_forward, mlp_layers,
+                         permute_weights, save_aligner, sinkhorn, weights_from_flat)
 
 DEFAULTS = {"hidden": 48, "rounds": 2, "steps": 300, "lr": 3e-3, "synthetic_pairs": 4, "run_pairs": 2,
             "noise": 0.1, "near": 3, "lmc_weight": 1.0, "alphas": 2, "data_batch": 128, "max_rows": 256,

@@ -17,7 +17,7 @@ from globscope_core.deep_align_train import PairSampler, ensure_aligner, supervi
 from globscope_core.errors import GlobScopeError
 from globscope_core.flat import StateLayout
 from globscope_core.models import build_model, make_spec
-from globscope_core.permutation import flat_index, permute_state, spec_for_model
+from globscope_core.permutation import flat_index, spec_for_model
 
 FAST = {"save_every": 10}
 
@@ -103,12 +103,14 @@ def test_synthetic_targets_are_the_known_permutation(tiny_study):
     layers = mlp_layers(tiny_study.model_spec, tiny_study.layout)
     sampler = PairSampler(tiny_study, layers, {"max_rows": 64, "near": 0, "noise": 0.0}, torch.device("cpu"))
     ws_a, ws_b, targets = sampler.synthetic(np.random.default_rng(0), 3)
-    (wa, ba), (wb, bb), (wa2, _) = ws_a[0], ws_b[0], ws_a[1]
+    (wa, ba), (wb, bb) = ws_a[0], ws_b[0]
     t = targets[0]
     assert not torch.equal(wa, wb)
     # B's unit targets[a] is A's unit a: incoming rows and biases agree
     torch.testing.assert_close(torch.gather(wb, 1, t[:, :, None].expand_as(wb)), wa)
     torch.testing.assert_close(torch.gather(bb, 1, t), ba)
+    (wa1, _), (wb1, _) = ws_a[1], ws_b[1]  # and the next layer's columns
+    torch.testing.assert_close(torch.gather(wb1, 2, t[:, None, :].expand_as(wb1)), wa1)
 
 
 def _held_out(net, study, seed=11):
