@@ -56,13 +56,14 @@ class WeightMatching(Aligner):
         self.max_iter, self.seed = int(max_iter), int(seed)
         self.iterations = 0
 
-    def find(self, ref_state: dict, other_state: dict) -> dict:
+    def find(self, ref_state: dict, other_state: dict, init: dict | None = None) -> dict:
+        """``init``: permutations to start from (deep-align+wm), else the identity."""
         spec = self.spec
         a, b = _np64(ref_state, spec.axes), _np64(other_state, spec.axes)
         sizes = spec.sizes({n: w.shape for n, w in a.items()})
         places = spec.perm_to_axes
         names = sorted(sizes)
-        perm = {p: np.arange(n) for p, n in sizes.items()}
+        perm = {p: np.asarray(init[p]) if init else np.arange(n) for p, n in sizes.items()}
         rng = np.random.default_rng(self.seed)
         for it in range(self.max_iter):
             improved = False
@@ -163,7 +164,15 @@ def _make_activation_matching(spec, study, act_samples=1024, seed=0, device="cpu
     return ActivationMatching(spec, study.build_model, x, device=device)
 
 
-ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _make_activation_matching}
+def _make_deep_align(spec, study, **options):
+    from .deep_align import make_deep_align  # learned aligner (DEEP-ALIGN), trained on the study when needed
+
+    return make_deep_align(spec, study, **options)
+
+
+ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _make_activation_matching,
+            "deep-align": _make_deep_align,
+            "deep-align+wm": lambda spec, study, **o: _make_deep_align(spec, study, refine=True, **o)}
 
 
 def make_aligner(method: str, spec: PermutationSpec, study, **options) -> Aligner:
@@ -227,7 +236,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     if os.path.abspath(out) == src.dir:
         raise GlobScopeError(f"{out}: the aligned study must be a new directory, not the source study")
     spec = spec_for_model(src.model_spec, src.layout, src.build_model())
-    aligner = make_aligner(method, spec, src, seed=seed, device=dev, **options)
+    aligner = make_aligner(method, spec, src, seed=seed, device=dev, progress=progress, **options)
 
     if os.path.exists(os.path.join(out, "study.h5")):
         dst = Study.open(out)

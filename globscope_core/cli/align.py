@@ -10,13 +10,17 @@ def register(sub):
     p.add_argument("study", type=study_dir, help="study directory")
     p.add_argument("--reference", type=nonnegative_int, default=0, help="run the others are aligned to (default 0)")
     p.add_argument("--method", default="weight-matching",
-                   help="weight-matching (default) or activation-matching (or a method registered in align.ALIGNERS)")
+                   help="weight-matching, activation-matching, deep-align (learned; MLPs), deep-align+wm "
+                        "(deep-align refined by weight matching), or a method registered in align.ALIGNERS")
     p.add_argument("--out", required=True, type=new_or_dir, help="directory of the aligned study (new)")
     p.add_argument("--alphas", type=at_least(2), default=25, help="interpolation weights for the barriers")
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="train samples for the barrier losses")
     p.add_argument("--act-samples", type=positive_int, default=1024, help="train samples for activation matching")
     p.add_argument("--max-iter", type=positive_int, default=100,
                    help="weight matching: most sweeps over the permutations")
+    p.add_argument("--aligner-steps", type=positive_int, default=None,
+                   help="deep-align: training steps of the aligner saved in STUDY/aligners/ (default 300; "
+                        "a saved one with fewer steps resumes)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the matching's random order")
     p.add_argument("--compare-basins", action="store_true",
                    help="also run fit, landscape and topology on both studies and compare their basins")
@@ -32,7 +36,7 @@ def cmd_align(args):
 
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
-                      act_samples=args.act_samples, device=args.device)
+                      act_samples=args.act_samples, aligner_steps=args.aligner_steps, device=args.device)
     print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)")
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
     for d in rep["runs"]:

@@ -1,0 +1,148 @@
+"""Alignment methods side by side: weight matching, activation matching, deep-align, deep-align+wm (issue 15).
+
+For each study, on the same pairs (every run's final model to run 0's), in one process:
+  * barrier of the straight line to the reference (train split) before and after alignment, mean and max;
+  * fraction of the units recovered on synthetic pairs with a known permutation: each run's final model and a
+    randomly permuted copy with Gaussian noise of ``noise`` x each tensor's RMS added;
+  * time to align one more pair (``find`` only: deep-align's forward pass + Hungarian; activation matching
+    includes its two activation passes) and deep-align's training time (fresh aligner, ``--steps`` steps).
+The studies are only read: the aligners are written under --work.
+
+  python bench/bench_align.py --study /work/studies/demo --study /work/studies/mnist5k-8 --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from globscope_core.align import _final_row, barrier, interpolation_curve, make_aligner  # noqa: E402
+from globscope_core.batched import eval_data  # noqa: E402
+from globscope_core.permutation import flat_index, spec_for_model  # noqa: E402
+from globscope_core.store import Study  # noqa: E402
+
+METHODS = ("weight-matching", "activation-matching", "deep-align", "deep-align+wm")
+
+
+def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, seed: int = 0) -> dict:
+    st = Study.open(path)
+    spec = spec_for_model(st.model_spec, st.layout, st.build_model())
+    name = os.path.basename(os.path.normpath(path))
+    aligner_path = os.path.join(work, f"deep-align-{name}.pt")
+    if os.path.exists(aligner_path):
+        os.remove(aligner_path)  # a fresh training, timed
+    x, y = eval_data(st, "train", eval_samples, seed=1)
+    al = np.linspace(0.0, 1.0, 25)
+    finals = [st.read_params([_final_row(st, r)])[0] for r in range(len(st.runs))]
+    states = [st.layout.unflatten(torch.from_numpy(f)) for f in finals]
+    res = {"study": path, "model": st.model_spec["name"], "params": int(st.layout.size), "runs": len(st.runs),
+           "eval_samples": int(len(x)), "methods": {}}
+    before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y), al) for r in range(1, len(finals))]
+    res["barrier_before"] = {"mean": float(np.mean(before)), "max": float(np.max(before)), "runs": before}
+
+    aligners = {}
+    for m in METHODS:
+        t0 = time.perf_counter()
+        aligners[m] = make_aligner(m, spec, st, seed=seed, device="cpu", progress=True, aligner_path=aligner_path,
+                                   aligner_steps=steps)
+        setup = time.perf_counter() - t0
+        d = res["methods"][m] = {"setup_seconds": round(setup, 2)}
+        if m == "deep-align":
+            d["train_seconds"] = aligners[m].config.get("train_seconds")
+            d["train_steps"] = steps
+    rng = np.random.default_rng(seed)
+    for m, aligner in aligners.items():
+        d = res["methods"][m]
+        bars, times = [], []
+        for r in range(1, len(finals)):
+            t0 = time.perf_counter()
+            perms = aligner.find(states[0], states[r])
+            times.append(time.perf_counter() - t0)
+            aligned = finals[r][flat_index(spec, st.layout, perms)]
+            bars.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y), al))
+        d.update({"barrier_mean": float(np.mean(bars)), "barrier_max": float(np.max(bars)), "barriers": bars,
+                  "pair_seconds_mean": float(np.mean(times)), "pair_seconds": times})
+        print(f"{name} {m}: barrier mean {d['barrier_mean']:.4f} max {d['barrier_max']:.4f}, "
+              f"{d['pair_seconds_mean']:.3f} s/pair", flush=True)
+    # synthetic pairs: the same permuted, noisy copies for every method
+    for noise in noises:
+        cases = []
+        for r in range(len(finals)):
+            perms = {p: rng.permutation(n) for p, n in spec.identity(st.layout).items()}
+            copy = finals[r][flat_index(spec, st.layout, perms)].copy()
+            for e in st.layout.entries:
+                seg = copy[e.offset : e.offset + e.numel]
+                seg += noise * np.sqrt(np.mean(seg.astype(np.float64) ** 2)) * rng.standard_normal(e.numel)
+            cases.append((states[r], st.layout.unflatten(torch.from_numpy(copy)), perms))
+        for m, aligner in aligners.items():
+            fr = []
+            for ref, other, perms in cases:
+                found = aligner.find(ref, other)
+                fr.append(np.mean([np.mean(perms[p][found[p]] == np.arange(len(found[p]))) for p in found]))
+            res["methods"][m].setdefault("synthetic_recovered", {})[str(noise)] = float(np.mean(fr))
+        print(f"{name} synthetic noise {noise}: " + ", ".join(
+            f"{m} {res['methods'][m]['synthetic_recovered'][str(noise)]:.3f}" for m in aligners), flush=True)
+    wm = res["methods"]["weight-matching"]
+    for m in ("deep-align", "deep-align+wm"):
+        d = res["methods"][m]
+        d["barrier_mean_vs_wm"] = d["barrier_mean"] / max(wm["barrier_mean"], 1e-12)
+        d["speedup_vs_wm"] = wm["pair_seconds_mean"] / max(d["pair_seconds_mean"], 1e-12)
+    return res
+
+
+def markdown(results: list) -> str:
+    lines = ["| study | method | barrier mean | barrier max | vs WM (mean) | s / pair | speed-up vs WM | "
+             "synthetic recovered (noise " + " / ".join(results[0]["noises"]) + ") | training s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        name = os.path.basename(os.path.normpath(res["study"]))
+        b = res["barrier_before"]
+        lines.append(f"| {name} | none (raw) | {b['mean']:.4f} | {b['max']:.4f} | | | | | |")
+        for m, d in res["methods"].items():
+            rec = " / ".join(f"{d['synthetic_recovered'][n]:.3f}" for n in res["noises"])
+            lines.append(f"| {name} | {m} | {d['barrier_mean']:.4f} | {d['barrier_max']:.4f} | "
+                         f"{d.get('barrier_mean_vs_wm', 1.0):.2f} | {d['pair_seconds_mean']:.3f} | "
+                         f"{d.get('speedup_vs_wm', 1.0):.1f} | {rec} | {d.get('train_seconds', '') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", action="append", required=True)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--work", default="/tmp/bench-align", help="where the trained aligners go (the studies are only read)")
+    ap.add_argument("--steps", type=int, default=300, help="deep-align training steps")
+    ap.add_argument("--noise", default="0,0.1,0.5", help="relative noise levels of the synthetic pairs")
+    ap.add_argument("--eval-samples", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    noises = [float(v) for v in args.noise.split(",")]
+    results = []
+    for s in args.study:
+        res = bench_study(s, args.work, args.steps, noises, args.eval_samples)
+        res["noises"] = [str(n) for n in noises]
+        results.append(res)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    doc = {"results": results, "peak_rss_gb": round(peak, 3), "threads": args.threads,
+           "command": " ".join(sys.argv)}
+    with open(os.path.join(args.out, "align.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(args.out, "align.md"), "w") as f:
+        f.write(f"`{doc['command']}` (peak RSS {doc['peak_rss_gb']} GB, {args.threads} thread(s))\n\n")
+        f.write(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
