@@ -347,6 +347,7 @@ class TopologyResult:
     origin: tuple
     spacing: tuple
     threshold: float        # absolute persistence threshold that was applied
+    scalar: str = "scalar"  # the scalar field's name
     nodes: dict = field(default_factory=dict)         # points, point_arrays
     arcs: dict = field(default_factory=dict)          # points, cells, point_arrays, cell_arrays
     segmentation: dict = field(default_factory=dict)  # point_arrays (flat, VTK point order)
@@ -474,8 +475,22 @@ def _node_types(tree: Tree, kind: str) -> np.ndarray:
     return t
 
 
+def region_types(down_type, up_type) -> np.ndarray:
+    """TTK's RegionType of arcs from their end nodes' CriticalType (ttkFTMStructures.h): 0 if either end is a
+    minimum, else 1 if either is a maximum, else 2 if both are 1-saddles, 3 if both 2-saddles, else 4 (so an
+    arc touching a degenerate node is 4, and a split tree's arc down to the global minimum is 0)."""
+    down_type, up_type = np.asarray(down_type), np.asarray(up_type)
+    r = np.full(down_type.shape, 4, np.int8)
+    r[(down_type == SADDLE2) & (up_type == SADDLE2)] = 3
+    r[(down_type == SADDLE1) & (up_type == SADDLE1)] = 2
+    r[(down_type == MAXIMUM) | (up_type == MAXIMUM)] = 1
+    r[(down_type == MINIMUM) | (up_type == MINIMUM)] = 0
+    return r
+
+
 def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tree="join", persistence=0.0,
-                     relative=False, order=None, nan="error", name="scalar", use_numba=None) -> TopologyResult:
+                     relative=False, order=None, nan="error", name="scalar", use_numba=None,
+                     split_pairs="tree") -> TopologyResult:
     """Merge tree, segmentation and persistence diagram of a scalar field on a regular grid.
 
     ``values`` (nz, ny, nx) or (ny, nx); ``origin``/``spacing`` in VTK's (x, y, z) order. ``tree``:
@@ -483,10 +498,16 @@ def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tr
     persistence <= it are removed (``relative``: a fraction of the field's range). ``order``: TTK's
     ``<name>_Order`` array when the input has one. ``nan``: "error" or "inf" (see module docstring).
     The nodes, arcs and segmentation are those of the simplified field; the diagram and ``pairs`` are
-    those of the input field (all pairs, to choose a threshold from).
+    those of the input field (all pairs, to choose a threshold from). ``split_pairs``: the diagram of a
+    split tree lists the tree's own saddle-maximum pairs ("tree", as TTK's FTM backend) or those of TTK's
+    default backend ("homology": a maximum on the boundary makes no pair; see homology_split_pairs).
+    ``segmentation`` holds TTK's four region arrays; the simplified field and its order (TTK's
+    simplification output, the input of the tree) are ``simplified_values`` and ``simplified_order``.
     """
     if tree not in ("join", "split"):
         raise GlobScopeError(f"tree must be 'join' or 'split', not {tree!r}")
+    if split_pairs not in ("tree", "homology"):
+        raise GlobScopeError(f"split_pairs must be 'tree' or 'homology', not {split_pairs!r}")
     grid = as_grid(values)
     shape = grid.shape
     nz, ny, nx = shape
@@ -511,7 +532,7 @@ def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tr
         t = merge_tree(shape, sweep2, use_numba) if sweep2 is not t0.order else t0
     else:
         g, t = f.copy(), t0
-    res = TopologyResult(tree, shape, origin, spacing, threshold)
+    res = TopologyResult(tree, shape, origin, spacing, threshold, name)
     res.pairs, res.persistence = t0.pairs, pers0
     res.simplified_pairs = t.pairs
     res.simplified_values = g.reshape(shape)
@@ -520,22 +541,37 @@ def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tr
 
     coords = _coords(shape, origin, spacing)
     _fill_tree(res, t, g, coords, tree, use_numba)
-    # the simplified field and its order: TTK's simplification output, ready for a plain merge tree
-    res.segmentation[name] = g.astype(grid.dtype) if grid.dtype.kind == "f" else g
-    res.segmentation[f"{name}_Order"] = res.simplified_order.ravel()
-    _fill_diagram(res, t0, f, grid.dtype, coords, tree, nz > 1)
+    # the diagram of the input field; a split tree's own pairs, or TTK's default (homology) pairs
+    dpairs = t0.pairs
+    if tree == "split" and split_pairs == "homology":
+        dpairs = homology_split_pairs(shape, sweep, use_numba)
+    in_rank = t0.rank if tree == "join" else (len(f) - 1 - t0.rank)
+    gmin, gmax = (t0.global_extremum, t0.root) if tree == "join" else (t0.root, t0.global_extremum)
+    _fill_diagram(res, dpairs, gmin, gmax, in_rank, f, grid.dtype, coords, tree, nz > 1)
     return res
 
 
 def _coords(shape, origin, spacing):
+    """Vertex id -> (x, y, z) as TTK's implicit triangulation computes them: float32 origin + spacing * index."""
     nz, ny, nx = shape
+    o = np.asarray(origin, np.float32)
+    sp = np.asarray(spacing, np.float32)
 
     def at(v):
         v = np.asarray(v, np.int64)
-        ijk = np.stack([v % nx, v // nx % ny, v // (nx * ny)], -1).astype(np.float64)
-        return np.asarray(origin) + ijk * np.asarray(spacing)
+        ijk = np.stack([v % nx, v // nx % ny, v // (nx * ny)], -1).astype(np.float32)
+        return o + sp * ijk
 
     return at
+
+
+def _distance32(a, b):
+    """TTK's Geometry::distance of float points: the squares summed in float32, x then y then z."""
+    d = (a - b).astype(np.float32)
+    s = d[:, 0] * d[:, 0]
+    s = s + d[:, 1] * d[:, 1]
+    s = s + d[:, 2] * d[:, 2]
+    return np.sqrt(s)
 
 
 def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
@@ -550,14 +586,10 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
 
     n_arcs = len(arc_down)
     pos = coords(t.node_vertex)
-    span = np.linalg.norm(pos[arc_down] - pos[arc_up], axis=1) if n_arcs else np.zeros(0)
+    span = _distance32(pos[arc_down], pos[arc_up]).astype(np.float64) if n_arcs else np.zeros(0)
 
     types = _node_types(t, kind)
-    # region type of each arc: leaf arcs are extremum arcs, the arc to the root the other kind
-    leaf_t, root_t, inner_t = (0, 1, 2) if kind == "join" else (1, 0, 3)
-    rtype = np.full(n_arcs, inner_t, np.int8)
-    rtype[~has_up[arc_up]] = root_t
-    rtype[types[arc_down] == (MINIMUM if kind == "join" else MAXIMUM)] = leaf_t
+    rtype = region_types(types[arc_down], types[arc_up]) if n_arcs else np.zeros(0, np.int8)
     # per vertex: the arc whose lower node is vertex_arc_node (the root, alone, has none)
     size, vseg, vtype, vsize, vspan = _kernels(use_numba)["regions"](
         t.vertex_arc_node, t.is_node, arc_of_node, seg_arc, rtype, np.ascontiguousarray(span, dtype=np.float64))
@@ -571,7 +603,7 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     node_size = np.where(adj >= 0, size[np.maximum(adj, 0)] if n_arcs else 0, 0)
     node_span = np.where(adj >= 0, span[np.maximum(adj, 0)] if n_arcs else 0, 0)
     res.nodes = {
-        "points": pos,
+        "points": pos,  # float32: vtkPoints' default type, as TTK writes them
         "point_arrays": {
             "NodeId": np.arange(nn, dtype=np.int32),
             "Scalar": g[t.node_vertex].astype(np.float32),
@@ -581,11 +613,19 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
             "RegionSpan": node_span.astype(np.int32),
         },
     }
-    ends = np.stack([t.node_vertex[arc_down], t.node_vertex[arc_up]], 1).reshape(-1)
+    # TTK: one line per arc from its lower-valued node to its higher-valued one (join: leaf side first,
+    # split: root side first), one float32 point per node in order of first use
+    lo_hi = (arc_down, arc_up) if kind == "join" else (arc_up, arc_down)
+    ends = np.stack([t.node_vertex[lo_hi[0]], t.node_vertex[lo_hi[1]]], 1).reshape(-1)
+    used, first = np.unique(ends, return_index=True)
+    pt_vertex = ends[np.sort(first)]  # node vertices in order of first use
+    pt_of = np.full(len(g), -1, np.int64)
+    pt_of[pt_vertex] = np.arange(len(pt_vertex))
     res.arcs = {
-        "points": coords(ends) if n_arcs else np.zeros((0, 3)),
-        "cells": np.arange(2 * n_arcs, dtype=np.int64).reshape(-1, 2),
-        "point_arrays": {"Scalar": g[ends].astype(np.float32), "ttkMaskScalarField": np.zeros(2 * n_arcs, np.int8)},
+        "points": coords(pt_vertex) if n_arcs else np.zeros((0, 3), np.float32),
+        "cells": pt_of[ends].reshape(-1, 2) if n_arcs else np.zeros((0, 2), np.int64),
+        "point_arrays": {"Scalar": g[pt_vertex].astype(np.float32),
+                         "ttkMaskScalarField": np.zeros(len(pt_vertex), np.int8)},
         "cell_arrays": {
             "SegmentationId": seg_arc.astype(np.int32),
             "upNodeId": arc_up.astype(np.int32),
@@ -596,7 +636,7 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     }
     # segmentation: by SegmentationId; a single-vertex grid has no arc at all
     by_seg = np.argsort(seg_arc)
-    res.segmentation = {"SegmentationId": vseg, "RegionType": vtype, "RegionSize": vsize, "RegionSpan": vspan}
+    res.segmentation = {"SegmentationId": vseg, "RegionSize": vsize, "RegionSpan": vspan, "RegionType": vtype}
     # basins: for each arc, the oldest extremum of the subtree below it, and that extremum's persistence
     low = _kernels(use_numba)["lowest"](np.ascontiguousarray(t.node_up, dtype=np.int64))
     ext = t.node_vertex[low[arc_down]]
@@ -607,44 +647,79 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     res.basin_persistence = bp[by_seg] if n_arcs else np.zeros(0)
 
 
-def _fill_diagram(res: TopologyResult, t: Tree, f, dtype, coords, kind, is3d):
-    pairs = t.pairs
+def homology_split_pairs(shape, desc_order, use_numba=None) -> np.ndarray:
+    """Saddle-maximum pairs as TTK's default persistence backend (discrete Morse) gives them.
+
+    By duality, a sublevel-set cycle (2D) or void (3D) is born when a superlevel component stops touching
+    the domain's boundary, i.e. the boundary acts as an outside component older than every maximum: a
+    maximum on the boundary makes no pair, an inner one dies where its component reaches the boundary or
+    an older component. Computed as the split tree of the grid padded with a layer swept first.
+    Returns [k, 2] (maximum vertex, saddle vertex), in the input grid's vertex ids.
+    """
+    nz, ny, nx = shape
+    pz = 1 if nz > 1 else 0  # a 2D grid is padded in x and y only
+    NZ, NY, NX = nz + 2 * pz, ny + 2, nx + 2
+    v = np.asarray(desc_order, np.int64)
+    i, j, k = v % nx, v // nx % ny, v // (nx * ny)
+    mapped = (i + 1) + (j + 1) * NX + (k + pz) * NX * NY
+    inner = np.zeros(NX * NY * NZ, bool)
+    inner[mapped] = True
+    pad = np.flatnonzero(~inner)
+    order = np.concatenate([pad, mapped]).astype(np.int32 if NX * NY * NZ < 2**31 - 1 else np.int64)
+    t = merge_tree((NZ, NY, NX), order, use_numba)
+    keep = inner[t.pairs[:, 1]]  # pairs among the pad's own vertices are an artefact of the padding
+    back = np.full(NX * NY * NZ, -1, np.int64)
+    back[mapped] = v
+    p = back[t.pairs[keep]]
+    return p[np.argsort(t.rank[t.pairs[keep][:, 1]], kind="stable")] if len(p) else np.zeros((0, 2), np.int64)
+
+
+def _fill_diagram(res: TopologyResult, pairs, gmin, gmax, asc_rank, f, dtype, coords, kind, is3d):
+    """TTK's persistence diagram layout (ttkPersistenceDiagramUtils DiagramToVTU, not embedded in the domain).
+
+    One line per pair (points 2i birth, 2i+1 death at (b, b, 0), (b, d, 0), float32), pairs sorted by their
+    birth vertex's order (so the infinite global min-max pair comes first), point array ``Coordinates`` (the
+    vertices' positions), and a last diagonal cell from point 0 to the birth point of the pair with the
+    highest birth value: PairIdentifier -1, PairType -1, IsFinite 0, Birth 0, Persistence 2x pair 0's.
+    """
     birth_v, death_v = (pairs[:, 0], pairs[:, 1]) if kind == "join" else (pairs[:, 1], pairs[:, 0])
-    # the infinite pair: global extremum with the root (PairType 0, IsFinite 0)
-    gmin, gmax = (t.global_extremum, t.root) if kind == "join" else (t.root, t.global_extremum)
-    birth_v = np.append(birth_v, gmin).astype(np.int64)
-    death_v = np.append(death_v, gmax).astype(np.int64)
+    # the infinite pair first, so that it stays first when a split tree's root is also a saddle (a tie)
+    birth_v = np.concatenate([[gmin], birth_v]).astype(np.int64)
+    death_v = np.concatenate([[gmax], death_v]).astype(np.int64)
     k = len(birth_v)
     saddle = SADDLE1 if (kind == "join" or not is3d) else SADDLE2
     bt = np.full(k, MINIMUM if kind == "join" else saddle, np.int32)
     dt = np.full(k, saddle if kind == "join" else MAXIMUM, np.int32)
-    bt[-1], dt[-1] = MINIMUM, MAXIMUM
+    bt[0], dt[0] = MINIMUM, MAXIMUM
     ptype = np.full(k, 0 if kind == "join" else (2 if is3d else 1), np.int32)
-    ptype[-1] = 0
-    out_t = dtype if np.dtype(dtype).kind == "f" else np.float64
-    b = f[birth_v].astype(out_t)
-    d = f[death_v].astype(out_t)
+    ptype[0] = 0
     finite = np.ones(k, np.uint8)
-    finite[-1] = 0
-    pts = np.zeros((2 * k + 2, 3))
-    pts[0:2 * k:2, 0], pts[0:2 * k:2, 1] = b, b
-    pts[1:2 * k:2, 0], pts[1:2 * k:2, 1] = b, d
-    pts[2 * k], pts[2 * k + 1] = (b.min(), b.min(), 0), (d.max(), d.max(), 0)  # the diagonal
-    vid = np.empty(2 * k + 2, np.int32)
-    vid[0:2 * k:2], vid[1:2 * k:2] = birth_v, death_v
-    vid[2 * k:] = gmin, gmax
-    ctype = np.empty(2 * k + 2, np.int32)
-    ctype[0:2 * k:2], ctype[1:2 * k:2] = bt, dt
-    ctype[2 * k:] = MINIMUM, MAXIMUM
+    finite[0] = 0
+    srt = np.argsort(asc_rank[birth_v], kind="stable")
+    birth_v, death_v, bt, dt, ptype, finite = (a[srt] for a in (birth_v, death_v, bt, dt, ptype, finite))
+    out_t = dtype if np.dtype(dtype).kind == "f" else np.float64
+    b = f[birth_v].astype(np.float64)
+    d = f[death_v].astype(np.float64)
+    pts = np.zeros((2 * k, 3), np.float32)
+    pts[0::2, 0], pts[0::2, 1] = b, b
+    pts[1::2, 0], pts[1::2, 1] = b, d
+    vid = np.empty(2 * k, np.int32)
+    vid[0::2], vid[1::2] = birth_v, death_v
+    ctype = np.empty(2 * k, np.int32)
+    ctype[0::2], ctype[1::2] = bt, dt
+    cxyz = np.empty((2 * k, 3), np.float32)
+    cxyz[0::2], cxyz[1::2] = coords(birth_v), coords(death_v)
+    top = int(np.argmax(b))  # std::max_element: the first pair with the highest birth
+    cells = np.append(np.arange(2 * k), [0, 2 * top]).astype(np.int64).reshape(-1, 2)
     res.diagram = {
         "points": pts,
-        "cells": np.arange(2 * k + 2, dtype=np.int64).reshape(-1, 2),
-        "point_arrays": {"ttkVertexScalarField": vid, "CriticalType": ctype},
+        "cells": cells,
+        "point_arrays": {"ttkVertexScalarField": vid, "CriticalType": ctype, "Coordinates": cxyz},
         "cell_arrays": {
             "PairIdentifier": np.append(np.arange(k), -1).astype(np.int32),
             "PairType": np.append(ptype, -1).astype(np.int32),
-            "Persistence": np.append(np.abs(d - b), 0).astype(out_t),
-            "Birth": np.append(b, b.min()).astype(out_t),
+            "Persistence": np.append(d - b, 2 * (d[0] - b[0])).astype(out_t),
+            "Birth": np.append(b, 0).astype(out_t),
             "IsFinite": np.append(finite, 0).astype(np.uint8),
         },
     }
