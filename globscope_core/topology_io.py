@@ -72,11 +72,11 @@ def read_scalar(path: str, scalar: str, f: vtkio.ImageField | None = None):
 
 
 def topology_of_file(path: str, scalar: str, out_dir: str, persistence: float = 0.0, relative: bool = False,
-                     tree: str = "join", nan: str = "error") -> TopologyResult:
+                     tree: str = "join", nan: str = "error", split_pairs: str = "tree") -> TopologyResult:
     field, values, order = read_scalar(path, scalar)
     try:
         res = compute_topology(values, field.origin, field.spacing, tree=tree, persistence=persistence,
-                               relative=relative, order=order, nan=nan, name=scalar)
+                               relative=relative, order=order, nan=nan, name=scalar, split_pairs=split_pairs)
     except GlobScopeError as exc:
         raise GlobScopeError(f"{path}: {exc}") from None
     except MemoryError:
