@@ -42,6 +42,7 @@ OFFSETS = np.array([
     (1, -1, -1), (-1, 1, 1),
 ], dtype=np.int64)
 
+VTK_POLY_VERTEX = 2
 # CriticalType codes
 MINIMUM, SADDLE1, SADDLE2, MAXIMUM, DEGENERATE, REGULAR = 0, 1, 2, 3, 4, 5
 # bytes of working memory per grid point (values, order, ranks, union-find, segmentation, outputs)
@@ -604,6 +605,8 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     node_span = np.where(adj >= 0, span[np.maximum(adj, 0)] if n_arcs else 0, 0)
     res.nodes = {
         "points": pos,  # float32: vtkPoints' default type, as TTK writes them
+        "cells": [np.arange(nn, dtype=np.int64)],  # TTK: one VTK_POLY_VERTEX cell holding every node
+        "cell_types": np.array([VTK_POLY_VERTEX]),
         "point_arrays": {
             "NodeId": np.arange(nn, dtype=np.int32),
             "Scalar": g[t.node_vertex].astype(np.float32),
@@ -647,31 +650,88 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     res.basin_persistence = bp[by_seg] if n_arcs else np.zeros(0)
 
 
+def _top_cells(shape) -> np.ndarray:
+    """The triangles (2D) or tetrahedra (3D) of TTK's implicit triangulation, [m, d+1] vertex ids.
+
+    Mirrored in x, it is the Kuhn triangulation: in each cell of the grid, one simplex per order of the axes,
+    the path of unit steps from the cell's lower corner to its upper one."""
+    import itertools
+
+    nz, ny, nx = shape
+    axes = [a for a, n in enumerate((nx, ny, nz)) if n > 1]
+    dims = np.array([nx, ny, nz])
+    lo = np.stack(np.meshgrid(*[np.arange(n - 1 if a in axes else 1) for a, n in enumerate((nx, ny, nz))],
+                              indexing="ij"), -1).reshape(-1, 3)  # lower corners, mirrored coordinates
+    out = []
+    for perm in itertools.permutations(axes):
+        p = lo.copy()
+        verts = []
+        for step in (None,) + perm:
+            if step is not None:
+                p = p.copy()
+                p[:, step] += 1
+            i = dims[0] - 1 - p[:, 0]  # back to TTK's x
+            verts.append(i + p[:, 1] * nx + p[:, 2] * nx * ny)
+        out.append(np.stack(verts, 1))
+    return np.concatenate(out) if out else np.zeros((0, len(axes) + 1), np.int64)
+
+
 def homology_split_pairs(shape, desc_order, use_numba=None) -> np.ndarray:
     """Saddle-maximum pairs as TTK's default persistence backend (discrete Morse) gives them.
 
-    By duality, a sublevel-set cycle (2D) or void (3D) is born when a superlevel component stops touching
-    the domain's boundary, i.e. the boundary acts as an outside component older than every maximum: a
-    maximum on the boundary makes no pair, an inner one dies where its component reaches the boundary or
-    an older component. Computed as the split tree of the grid padded with a layer swept first.
-    Returns [k, 2] (maximum vertex, saddle vertex), in the input grid's vertex ids.
+    These are the top-dimensional pairs of the lower-star filtration (the diagram at vertex level is unique):
+    by duality, the classes of the sublevel sets are the components of their complement, whose cells are the
+    triangles (tetrahedra) above the level, joined through the edges (triangles) above it, and the outside,
+    older than every maximum, through the boundary. So a maximum on the boundary makes no pair, and a maximum
+    dies where its component of the complement reaches an older one. Returns [k, 2] (maximum vertex, saddle
+    vertex) in the order of the saddles in ``desc_order``.
     """
     nz, ny, nx = shape
-    pz = 1 if nz > 1 else 0  # a 2D grid is padded in x and y only
-    NZ, NY, NX = nz + 2 * pz, ny + 2, nx + 2
-    v = np.asarray(desc_order, np.int64)
-    i, j, k = v % nx, v // nx % ny, v // (nx * ny)
-    mapped = (i + 1) + (j + 1) * NX + (k + pz) * NX * NY
-    inner = np.zeros(NX * NY * NZ, bool)
-    inner[mapped] = True
-    pad = np.flatnonzero(~inner)
-    order = np.concatenate([pad, mapped]).astype(np.int32 if NX * NY * NZ < 2**31 - 1 else np.int64)
-    t = merge_tree((NZ, NY, NX), order, use_numba)
-    keep = inner[t.pairs[:, 1]]  # pairs among the pad's own vertices are an artefact of the padding
-    back = np.full(NX * NY * NZ, -1, np.int64)
-    back[mapped] = v
-    p = back[t.pairs[keep]]
-    return p[np.argsort(t.rank[t.pairs[keep][:, 1]], kind="stable")] if len(p) else np.zeros((0, 2), np.int64)
+    n = nx * ny * nz
+    top = _top_cells(shape)
+    d = top.shape[1] - 1
+    if d < 2:  # a one-cell-wide grid has no such pairs
+        return np.zeros((0, 2), np.int64)
+    pos = np.empty(n, np.int64)
+    pos[np.asarray(desc_order, np.int64)] = np.arange(n)  # position in the descending sweep
+    # the cell's first vertex in the sweep is when it joins the complement: its maximum
+    cell_birth = top[np.arange(len(top)), np.argmin(pos[top], 1)]
+    # facets: drop one vertex; each is shared by two cells, or one on the boundary (then joined to the outside)
+    facets = np.concatenate([np.sort(np.delete(top, q, 1), 1) for q in range(d + 1)])
+    owner = np.tile(np.arange(len(top)), d + 1)
+    key, inv = np.unique(facets, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    srt = np.argsort(inv, kind="stable")
+    first = np.searchsorted(inv[srt], np.arange(len(key)))
+    a = owner[srt[first]]
+    cnt = np.bincount(inv, minlength=len(key))
+    b = np.where(cnt == 2, owner[srt[np.minimum(first + 1, len(srt) - 1)]], len(top))  # len(top): the outside
+    f_when = pos[key].min(1)  # the facet joins the complement at its maximum vertex
+    f_vertex = key[np.arange(len(key)), pos[key].argmin(1)]
+    ev = np.argsort(f_when, kind="stable")
+    parent = list(range(len(top) + 1))
+    birth = [int(pos[v]) for v in cell_birth] + [-1]  # the outside is the oldest
+    bvert = [int(v) for v in cell_birth] + [-1]
+    pairs = []
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for e in ev.tolist():
+        x, y = find(int(a[e])), find(int(b[e]))
+        if x == y:
+            continue
+        if birth[x] > birth[y]:
+            x, y = y, x  # x the elder
+        s = int(f_vertex[e])
+        if bvert[y] != s:  # a zero-persistence pair (inside one vertex's star) is no pair
+            pairs.append((bvert[y], s))
+        parent[y] = x
+    p = np.array(pairs, np.int64).reshape(-1, 2)
+    return p[np.argsort(pos[p[:, 1]], kind="stable")] if len(p) else p
 
 
 def _fill_diagram(res: TopologyResult, pairs, gmin, gmax, asc_rank, f, dtype, coords, kind, is3d):
@@ -687,7 +747,7 @@ def _fill_diagram(res: TopologyResult, pairs, gmin, gmax, asc_rank, f, dtype, co
     birth_v = np.concatenate([[gmin], birth_v]).astype(np.int64)
     death_v = np.concatenate([[gmax], death_v]).astype(np.int64)
     k = len(birth_v)
-    saddle = SADDLE1 if (kind == "join" or not is3d) else SADDLE2
+    saddle = SADDLE1 if kind == "join" else SADDLE2  # TTK: saddle-maximum pairs start at a 2-saddle, 2D too
     bt = np.full(k, MINIMUM if kind == "join" else saddle, np.int32)
     dt = np.full(k, saddle if kind == "join" else MAXIMUM, np.int32)
     bt[0], dt[0] = MINIMUM, MAXIMUM

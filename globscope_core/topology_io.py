@@ -30,8 +30,7 @@ def write_topology(res: TopologyResult, out_dir: str, field: vtkio.ImageField | 
     fd.update({"TreeType": res.tree, "PersistenceThreshold": res.threshold})
     n, a, d = res.nodes, res.arcs, res.diagram
     paths = [os.path.join(out_dir, f) for f in FILES]
-    vtkio.write_vtu(paths[0], n["points"], np.full(len(n["points"]), vtkio.VTK_VERTEX),
-                    np.arange(len(n["points"]))[:, None], n["point_arrays"], field_data=fd)
+    vtkio.write_vtu(paths[0], n["points"], n["cell_types"], n["cells"], n["point_arrays"], field_data=fd)
     vtkio.write_vtu(paths[1], a["points"], np.full(len(a["cells"]), vtkio.VTK_LINE), a["cells"],
                     a["point_arrays"], a["cell_arrays"], field_data=fd)
     nz, ny, nx = res.shape

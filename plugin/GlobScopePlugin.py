@@ -159,16 +159,24 @@ def _ttk_run(f, img, name, debug=0):
     return f
 
 
+def _copy(img):
+    """TTK adds ``<name>_Order`` to its input's point data: give it a copy, never the pipeline's object."""
+    c = vtkImageData()
+    c.ShallowCopy(img)
+    return c
+
+
 def ttk_tree(tk, img, name, tree):
     """TTK's merge tree (1.2.0: ttkFTMTree, newer: ttkMergeTree) and persistence diagram of the same tree
     type; returns (nodes, arcs, segmentation, diagram, class name)."""
+    img = _copy(img)
     cls = getattr(tk, "ttkMergeTree", None) or getattr(tk, "ttkFTMTree")
     f = _ttk_run(cls(), img, name)
     f.SetTreeType(1 if tree == "split" else 0)  # set explicitly: the default is out of range / a contour tree
     if hasattr(f, "SetBackend"):
         f.SetBackend(0)  # FTM
     f.Update()
-    d = _ttk_run(tk.ttkPersistenceDiagram(), img, name)
+    d = _ttk_run(tk.ttkPersistenceDiagram(), _copy(img), name)
     # the pairs of the tree's type only (plus the global min-max pair TTK always writes)
     d.SetComputeSadSad(False)
     d.SetComputeSadMax(tree == "split")
@@ -180,7 +188,7 @@ def ttk_tree(tk, img, name, tree):
 
 def ttk_simplify(tk, img, name, threshold, absolute):
     """TTK's TopologicalSimplificationByPersistence removing minimum-saddle pairs; returns the simplified image."""
-    f = _ttk_run(tk.ttkTopologicalSimplificationByPersistence(), img, name)
+    f = _ttk_run(tk.ttkTopologicalSimplificationByPersistence(), _copy(img), name)
     f.SetPairType(1)  # Minimum-Saddle
     f.SetPersistenceThreshold(threshold)
     f.SetThresholdIsAbsolute(bool(absolute))
