@@ -240,7 +240,8 @@ def test_cli_writes_ttk_files(tmp_path, capsys):
     na = vtkio.arrays_of(nodes)
     assert {k: str(a.dtype) for k, a in na.items()} == {"NodeId": "int32", "Scalar": "float32", "VertexId": "int32",
                                                          "CriticalType": "int32", "RegionSize": "int32", "RegionSpan": "int32"}
-    assert nodes.GetNumberOfCells() == nodes.GetNumberOfPoints() == info["nodes"]
+    assert nodes.GetNumberOfPoints() == info["nodes"]  # TTK: one poly-vertex cell holding every node
+    assert nodes.GetNumberOfCells() == 1 and nodes.GetCellType(0) == T.VTK_POLY_VERTEX
     p = np.array([nodes.GetPoint(i) for i in range(nodes.GetNumberOfPoints())])
     vid = na["VertexId"]
     np.testing.assert_allclose(p[:, 0], -1.0 + 0.1 * (vid % 40), atol=1e-6)
