@@ -205,9 +205,6 @@ def main():
                 tt = row["ttk"] = spawn("ttk", shape, kind, pt, 600)
                 if "error" not in tt and "error" not in ours:
                     row["identical_pairs_ttk"] = {tuple(p) for p in np.load(po).tolist()} == {tuple(p) for p in np.load(pt).tolist()}
-                print(f"{'':>12} {'':>7} TTK ttkFTMTree {tt.get('seconds', 0):.2f} s (cpu {tt.get('cpu_seconds', 0):.2f} s), "
-                      f"diagram {tt.get('seconds_diagram', 0):.2f} s, {round(tt.get('peak_rss_mb', 0))} MB, "
-                      f"pairs identical to ours: {row.get('identical_pairs_ttk', tt.get('error'))}", flush=True)
             rows.append(row)
             os_ = ours.get("seconds")
             gs = gud.get("seconds")
@@ -216,6 +213,10 @@ def main():
                   f"{round(gud.get('peak_rss_mb', 0))!s:>9} {'' if not (os_ and gs) else round(gs / os_, 1)!s:>8} "
                   f"{cpu_ratio(ours, gud):>6} {ours.get('pairs', '')!s:>8} {same if same is not None else gud.get('error', ours.get('error'))}",
                   flush=True)
+            if a.ttk:
+                print(f"{'':>12} {'':>7} TTK ttkFTMTree {tt.get('seconds', 0):.2f} s (cpu {tt.get('cpu_seconds', 0):.2f} s), "
+                      f"diagram {tt.get('seconds_diagram', 0):.2f} s, {round(tt.get('peak_rss_mb', 0))} MB, "
+                      f"pairs identical to ours: {row.get('identical_pairs_ttk', tt.get('error'))}", flush=True)
     info = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}
     if a.json:
         with open(a.json, "w") as fh:
