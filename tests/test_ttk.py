@@ -78,8 +78,9 @@ def assert_identical(result, cases, min_arrays):
 
 def test_landscapes_random_tied_smooth_2d_3d_and_cli_files(tmp_path):
     fields = {
-        "wells-2d": (wells((65, 65), 0), (-1.5, -1.5, 0.0), (3 / 64, 3 / 64, 1.0)),
-        "wells-3d": (wells((17, 17, 17), 1), (-1.5, -1.5, -1.5), (3 / 16,) * 3),
+        # origins and spacings that float32 does not hold exactly, as a landscape's (positions are float32 in TTK)
+        "wells-2d": (wells((65, 65), 0), (-47.1997385, -58.2817843, 0.0), (1.7134, 1.5931, 1.0)),
+        "wells-3d": (wells((17, 17, 17), 1), (-1.37, -1.53, -1.11), (0.1713, 0.1917, 0.1391)),
         "smooth-2d": (smooth((64, 64), 2), (0, 0, 0), (1, 1, 1)),
         "smooth-3d": (smooth((20, 22, 24), 3), (0, 0, 0), (1, 1, 1)),
         "random-2d": (np.random.default_rng(4).random((64, 64)).astype(np.float32), (0, 0, 0), (1, 1, 1)),
