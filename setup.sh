@@ -4,8 +4,19 @@
 #  - a virtual environment at .venv with the CPU build of torch (pinned: the local wheel on our machines)
 #    and globscope installed (editable) with its test dependencies.
 # A user with a GPU: create .venv, install the CUDA torch of your choice into it, then run this script.
+# --with-ttk: also build the Topology ToolKit's ParaView plugin (and its Python wrappers) for the installed
+#   ParaView, into $TTK_PREFIX (default /opt/globscope-ttk/ttk-1.2.0-pv<version>, outside the checkout so later
+#   runs and other checkouts reuse it), from $TTK_SOURCE (a tarball or a TTK source directory) or, when unset, a
+#   shallow clone of TTK's 1.2.0 tag. ~15-30 min on 2 cores the first time, seconds once installed.
 set -euo pipefail
 cd "$(dirname "$0")"
+WITH_TTK=0
+for a in "$@"; do
+  case "$a" in
+    --with-ttk) WITH_TTK=1 ;;
+    *) echo "setup: unknown option $a (known: --with-ttk)" >&2; exit 2 ;;
+  esac
+done
 
 if ! command -v pvpython >/dev/null || ! command -v xvfb-run >/dev/null || ! command -v mpiexec >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -32,3 +43,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/python -c "import globscope_core, torch, vtk, h5py, sklearn, umap, gudhi" || { echo "setup: install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi
+
+[ "$WITH_TTK" = 1 ] && bash scripts/build-ttk.sh
+exit 0

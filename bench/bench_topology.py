@@ -1,7 +1,11 @@
-"""Benchmark: GlobScope's join tree (with segmentation) against gudhi on the same grids, side by side.
+"""Benchmark: GlobScope's join tree (with segmentation) against gudhi and TTK on the same grids, side by side.
 
     .venv/bin/python bench/bench_topology.py [--sizes 1024x1024,2048x2048,128^3,192^3] [--gudhi-max 4200000]
-                                             [--gudhi-timeout 300] [--json out.json]
+                                             [--gudhi-timeout 300] [--ttk] [--json out.json]
+
+``--ttk`` adds TTK 1.2.0 (`setup.sh --with-ttk`), run in pvpython on the same field: ttkFTMTree's join tree
+with segmentation (our ``compute_topology`` computes the same outputs), and ttkPersistenceDiagram's
+minimum-saddle pairs (DMS backend), which must equal our pairs. Its time excludes building the vtkImageData.
 
 Each case runs in its own process (so that its peak memory, ru_maxrss, is its own): ours is
 ``compute_topology`` (sort, union-find sweep, tree, segmentation, diagram; numba warmed up first) and
@@ -81,15 +85,61 @@ def run_gudhi(shape, kind):
     return {"seconds": dt, "cpu_seconds": dc, "seconds_edges_numpy": t_edges, "pairs": int(len(pairs))}
 
 
+def run_ttk(shape, kind):
+    """In pvpython with TTK's wrappers on the path (pvenv.environment)."""
+    import topologytoolkit as tk
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    v = field(shape, kind)
+    img = vtkImageData()
+    img.SetDimensions(shape[2], shape[1], shape[0])
+    arr = ns.numpy_to_vtk(v.ravel(), deep=True)
+    arr.SetName("loss")
+    img.GetPointData().AddArray(arr)
+    out = {}
+    t, c = time.perf_counter(), time.process_time()
+    f = tk.ttkFTMTree() if hasattr(tk, "ttkFTMTree") else tk.ttkMergeTree()
+    f.SetInputData(img)
+    f.SetInputArrayToProcess(0, 0, 0, 0, "loss")
+    f.SetTreeType(0)
+    f.SetDebugLevel(0)
+    f.Update()
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
+    out["nodes"] = f.GetOutputDataObject(0).GetNumberOfPoints()
+    t = time.perf_counter()
+    d = tk.ttkPersistenceDiagram()
+    d.SetInputData(img)
+    d.SetInputArrayToProcess(0, 0, 0, 0, "loss")
+    d.SetComputeSadSad(False)
+    d.SetComputeSadMax(False)
+    d.SetDebugLevel(0)
+    d.Update()
+    out["seconds_diagram"] = time.perf_counter() - t
+    dg = d.GetOutputDataObject(0)
+    vid = ns.vtk_to_numpy(dg.GetPointData().GetArray("ttkVertexScalarField")).reshape(-1, 2)
+    fin = ns.vtk_to_numpy(dg.GetCellData().GetArray("IsFinite"))[: len(vid)] == 1
+    pairs = vid[fin]
+    np.save(os.environ["BENCH_PAIRS"], pairs)
+    out["pairs"] = int(len(pairs))
+    out["threads"] = f.GetThreadNumber() if hasattr(f, "GetThreadNumber") else None
+    return out
+
+
 def child(which, shape, kind):
-    out = (run_ours if which == "ours" else run_gudhi)(shape, kind)
+    out = {"ours": run_ours, "gudhi": run_gudhi, "ttk": run_ttk}[which](shape, kind)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
 
 def spawn(which, shape, kind, pairs_path, timeout):
     env = dict(os.environ, BENCH_PAIRS=pairs_path)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--shape", "x".join(map(str, shape)), "--field", kind]
+    python = sys.executable
+    if which == "ttk":
+        from globscope_core import pvenv
+
+        python, env = pvenv.require("pvpython"), pvenv.environment(env)
+    cmd = [python, os.path.abspath(__file__), "--child", which, "--shape", "x".join(map(str, shape)), "--field", kind]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -123,6 +173,7 @@ def main():
     ap.add_argument("--fields", default="random,smooth")
     ap.add_argument("--gudhi-max", type=int, default=4_200_000, help="largest grid (points) given to gudhi")
     ap.add_argument("--gudhi-timeout", type=int, default=300)
+    ap.add_argument("--ttk", action="store_true", help="add TTK's timings (needs setup.sh --with-ttk)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.child:
@@ -149,6 +200,11 @@ def main():
                 sg = {tuple(p) for p in np.load(pg).tolist()}
                 same = so == sg
             row = {"grid": size, "shape": shape, "field": kind, "ours": ours, "gudhi": gud, "identical_pairs": same}
+            if a.ttk:
+                pt = os.path.join(tmp, "t.npy")
+                tt = row["ttk"] = spawn("ttk", shape, kind, pt, 600)
+                if "error" not in tt and "error" not in ours:
+                    row["identical_pairs_ttk"] = {tuple(p) for p in np.load(po).tolist()} == {tuple(p) for p in np.load(pt).tolist()}
             rows.append(row)
             os_ = ours.get("seconds")
             gs = gud.get("seconds")
@@ -157,6 +213,10 @@ def main():
                   f"{round(gud.get('peak_rss_mb', 0))!s:>9} {'' if not (os_ and gs) else round(gs / os_, 1)!s:>8} "
                   f"{cpu_ratio(ours, gud):>6} {ours.get('pairs', '')!s:>8} {same if same is not None else gud.get('error', ours.get('error'))}",
                   flush=True)
+            if a.ttk:
+                print(f"{'':>12} {'':>7} TTK ttkFTMTree {tt.get('seconds', 0):.2f} s (cpu {tt.get('cpu_seconds', 0):.2f} s), "
+                      f"diagram {tt.get('seconds_diagram', 0):.2f} s, {round(tt.get('peak_rss_mb', 0))} MB, "
+                      f"pairs identical to ours: {row.get('identical_pairs_ttk', tt.get('error'))}", flush=True)
     info = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}
     if a.json:
         with open(a.json, "w") as fh:

@@ -11,9 +11,11 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import GlobScopeError
+
+# torch is imported by the methods that need it: the study's layout is read (store.Study) by
+# subcommands that need no torch (`globscope info`), and the torch import costs seconds
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class StateLayout:
     # construction -------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, state: dict) -> "StateLayout":
+        import torch
+
         entries, offset = [], 0
         for name, t in state.items():
             if not torch.is_tensor(t) or not t.is_floating_point():
@@ -81,11 +85,15 @@ class StateLayout:
 
     def flatten(self, state: dict, source: str = "state") -> torch.Tensor:
         """One float32 vector [P] from a state_dict (any floating dtype is cast to float32)."""
+        import torch
+
         self.check(state, source)
         return torch.cat([state[e.name].detach().reshape(-1).to(torch.float32).cpu() for e in self.entries])
 
     def unflatten(self, vec, dtype_cast: bool = True) -> dict:
         """A state_dict (views into ``vec`` where possible) from a vector [P]."""
+        import torch
+
         vec = torch.as_tensor(vec)
         if vec.ndim != 1 or vec.shape[0] != self.size:
             raise GlobScopeError(f"flat vector has shape {tuple(vec.shape)}, layout expects ({self.size},)")
@@ -97,6 +105,8 @@ class StateLayout:
 
     def unflatten_batch(self, mat) -> dict:
         """Batched views {name: tensor [B, *shape]} of a matrix [B, P], for torch.func / vmap."""
+        import torch
+
         mat = torch.as_tensor(mat)
         if mat.ndim != 2 or mat.shape[1] != self.size:
             raise GlobScopeError(f"flat batch has shape {tuple(mat.shape)}, layout expects (B, {self.size})")

@@ -448,3 +448,14 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def final_summary(study: Study) -> list[dict]:
+    """One dict per run: its last checkpoint's step and metrics."""
+    out = []
+    for r, row in study.final_rows().items():
+        d = {"run": r, "step": int(study.step[row])}
+        d.update({m: float(study.metrics[m][row]) for m in study.metrics})
+        d.update({k: study.runs[r].get(k) for k in ("seed", "optimizer", "lr", "label")})
+        out.append(d)
+    return out

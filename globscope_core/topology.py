@@ -42,6 +42,7 @@ OFFSETS = np.array([
     (1, -1, -1), (-1, 1, 1),
 ], dtype=np.int64)
 
+VTK_POLY_VERTEX = 2
 # CriticalType codes
 MINIMUM, SADDLE1, SADDLE2, MAXIMUM, DEGENERATE, REGULAR = 0, 1, 2, 3, 4, 5
 # bytes of working memory per grid point (values, order, ranks, union-find, segmentation, outputs)
@@ -347,6 +348,7 @@ class TopologyResult:
     origin: tuple
     spacing: tuple
     threshold: float        # absolute persistence threshold that was applied
+    scalar: str = "scalar"  # the scalar field's name
     nodes: dict = field(default_factory=dict)         # points, point_arrays
     arcs: dict = field(default_factory=dict)          # points, cells, point_arrays, cell_arrays
     segmentation: dict = field(default_factory=dict)  # point_arrays (flat, VTK point order)
@@ -474,8 +476,22 @@ def _node_types(tree: Tree, kind: str) -> np.ndarray:
     return t
 
 
+def region_types(down_type, up_type) -> np.ndarray:
+    """TTK's RegionType of arcs from their end nodes' CriticalType (ttkFTMStructures.h): 0 if either end is a
+    minimum, else 1 if either is a maximum, else 2 if both are 1-saddles, 3 if both 2-saddles, else 4 (so an
+    arc touching a degenerate node is 4, and a split tree's arc down to the global minimum is 0)."""
+    down_type, up_type = np.asarray(down_type), np.asarray(up_type)
+    r = np.full(down_type.shape, 4, np.int8)
+    r[(down_type == SADDLE2) & (up_type == SADDLE2)] = 3
+    r[(down_type == SADDLE1) & (up_type == SADDLE1)] = 2
+    r[(down_type == MAXIMUM) | (up_type == MAXIMUM)] = 1
+    r[(down_type == MINIMUM) | (up_type == MINIMUM)] = 0
+    return r
+
+
 def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tree="join", persistence=0.0,
-                     relative=False, order=None, nan="error", name="scalar", use_numba=None) -> TopologyResult:
+                     relative=False, order=None, nan="error", name="scalar", use_numba=None,
+                     split_pairs="tree") -> TopologyResult:
     """Merge tree, segmentation and persistence diagram of a scalar field on a regular grid.
 
     ``values`` (nz, ny, nx) or (ny, nx); ``origin``/``spacing`` in VTK's (x, y, z) order. ``tree``:
@@ -483,10 +499,16 @@ def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tr
     persistence <= it are removed (``relative``: a fraction of the field's range). ``order``: TTK's
     ``<name>_Order`` array when the input has one. ``nan``: "error" or "inf" (see module docstring).
     The nodes, arcs and segmentation are those of the simplified field; the diagram and ``pairs`` are
-    those of the input field (all pairs, to choose a threshold from).
+    those of the input field (all pairs, to choose a threshold from). ``split_pairs``: the diagram of a
+    split tree lists the tree's own saddle-maximum pairs ("tree", as TTK's FTM backend) or those of TTK's
+    default backend ("homology": a maximum on the boundary makes no pair; see homology_split_pairs).
+    ``segmentation`` holds TTK's four region arrays; the simplified field and its order (TTK's
+    simplification output, the input of the tree) are ``simplified_values`` and ``simplified_order``.
     """
     if tree not in ("join", "split"):
         raise GlobScopeError(f"tree must be 'join' or 'split', not {tree!r}")
+    if split_pairs not in ("tree", "homology"):
+        raise GlobScopeError(f"split_pairs must be 'tree' or 'homology', not {split_pairs!r}")
     grid = as_grid(values)
     shape = grid.shape
     nz, ny, nx = shape
@@ -511,7 +533,7 @@ def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tr
         t = merge_tree(shape, sweep2, use_numba) if sweep2 is not t0.order else t0
     else:
         g, t = f.copy(), t0
-    res = TopologyResult(tree, shape, origin, spacing, threshold)
+    res = TopologyResult(tree, shape, origin, spacing, threshold, name)
     res.pairs, res.persistence = t0.pairs, pers0
     res.simplified_pairs = t.pairs
     res.simplified_values = g.reshape(shape)
@@ -520,22 +542,47 @@ def compute_topology(values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), tr
 
     coords = _coords(shape, origin, spacing)
     _fill_tree(res, t, g, coords, tree, use_numba)
-    # the simplified field and its order: TTK's simplification output, ready for a plain merge tree
-    res.segmentation[name] = g.astype(grid.dtype) if grid.dtype.kind == "f" else g
-    res.segmentation[f"{name}_Order"] = res.simplified_order.ravel()
-    _fill_diagram(res, t0, f, grid.dtype, coords, tree, nz > 1)
+    # the diagram of the input field; a split tree's own pairs, or TTK's default (homology) pairs
+    dpairs = t0.pairs
+    if tree == "split" and split_pairs == "homology":
+        dpairs = homology_split_pairs(shape, sweep, use_numba)
+    in_rank = t0.rank if tree == "join" else (len(f) - 1 - t0.rank)
+    gmin, gmax = (t0.global_extremum, t0.root) if tree == "join" else (t0.root, t0.global_extremum)
+    _fill_diagram(res, dpairs, gmin, gmax, in_rank, f, grid.dtype, coords, tree, nz > 1)
     return res
 
 
+# TTK's implicit triangulation keeps origin and spacing as float32 and computes a vertex's position as
+# origin + spacing * index in float; its build (TTK_ENABLE_CPU_OPTIMIZATION: -march=native) fuses that
+# multiply-add, so the result is rounded once: computed here exactly in float64, then rounded to float32.
+# Checked against TTK 1.2.0 built here on random origins and spacings (tests/test_ttk.py).
+def _fma32(a, b, c):
+    """float32 fma(a, b, c): one rounding of the exact a*b + c (exact in float64 for these operands)."""
+    return (np.asarray(a, np.float32).astype(np.float64) * np.asarray(b, np.float64)
+            + np.asarray(c, np.float32).astype(np.float64)).astype(np.float32)
+
+
 def _coords(shape, origin, spacing):
+    """Vertex id -> (x, y, z) float32, as TTK's implicit triangulation computes them (see _fma32)."""
     nz, ny, nx = shape
+    o = np.asarray(origin, np.float32)
+    sp = np.asarray(spacing, np.float32)
 
     def at(v):
         v = np.asarray(v, np.int64)
-        ijk = np.stack([v % nx, v // nx % ny, v // (nx * ny)], -1).astype(np.float64)
-        return np.asarray(origin) + ijk * np.asarray(spacing)
+        ijk = np.stack([v % nx, v // nx % ny, v // (nx * ny)], -1)
+        return _fma32(sp, ijk, o)
 
     return at
+
+
+def _distance32(a, b):
+    """TTK's Geometry::distance of float points: squares accumulated in float32 (fused), x then y then z."""
+    d = (a - b).astype(np.float32)
+    s = np.zeros(len(d), np.float32)
+    for k in range(3):
+        s = _fma32(d[:, k], d[:, k].astype(np.float64), s)
+    return np.sqrt(s)
 
 
 def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
@@ -550,14 +597,10 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
 
     n_arcs = len(arc_down)
     pos = coords(t.node_vertex)
-    span = np.linalg.norm(pos[arc_down] - pos[arc_up], axis=1) if n_arcs else np.zeros(0)
+    span = _distance32(pos[arc_down], pos[arc_up]).astype(np.float64) if n_arcs else np.zeros(0)
 
     types = _node_types(t, kind)
-    # region type of each arc: leaf arcs are extremum arcs, the arc to the root the other kind
-    leaf_t, root_t, inner_t = (0, 1, 2) if kind == "join" else (1, 0, 3)
-    rtype = np.full(n_arcs, inner_t, np.int8)
-    rtype[~has_up[arc_up]] = root_t
-    rtype[types[arc_down] == (MINIMUM if kind == "join" else MAXIMUM)] = leaf_t
+    rtype = region_types(types[arc_down], types[arc_up]) if n_arcs else np.zeros(0, np.int8)
     # per vertex: the arc whose lower node is vertex_arc_node (the root, alone, has none)
     size, vseg, vtype, vsize, vspan = _kernels(use_numba)["regions"](
         t.vertex_arc_node, t.is_node, arc_of_node, seg_arc, rtype, np.ascontiguousarray(span, dtype=np.float64))
@@ -571,7 +614,9 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     node_size = np.where(adj >= 0, size[np.maximum(adj, 0)] if n_arcs else 0, 0)
     node_span = np.where(adj >= 0, span[np.maximum(adj, 0)] if n_arcs else 0, 0)
     res.nodes = {
-        "points": pos,
+        "points": pos,  # float32: vtkPoints' default type, as TTK writes them
+        "cells": [np.arange(nn, dtype=np.int64)],  # TTK: one VTK_POLY_VERTEX cell holding every node
+        "cell_types": np.array([VTK_POLY_VERTEX]),
         "point_arrays": {
             "NodeId": np.arange(nn, dtype=np.int32),
             "Scalar": g[t.node_vertex].astype(np.float32),
@@ -581,11 +626,19 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
             "RegionSpan": node_span.astype(np.int32),
         },
     }
-    ends = np.stack([t.node_vertex[arc_down], t.node_vertex[arc_up]], 1).reshape(-1)
+    # TTK: one line per arc from its lower-valued node to its higher-valued one (join: leaf side first,
+    # split: root side first), one float32 point per node in order of first use
+    lo_hi = (arc_down, arc_up) if kind == "join" else (arc_up, arc_down)
+    ends = np.stack([t.node_vertex[lo_hi[0]], t.node_vertex[lo_hi[1]]], 1).reshape(-1)
+    used, first = np.unique(ends, return_index=True)
+    pt_vertex = ends[np.sort(first)]  # node vertices in order of first use
+    pt_of = np.full(len(g), -1, np.int64)
+    pt_of[pt_vertex] = np.arange(len(pt_vertex))
     res.arcs = {
-        "points": coords(ends) if n_arcs else np.zeros((0, 3)),
-        "cells": np.arange(2 * n_arcs, dtype=np.int64).reshape(-1, 2),
-        "point_arrays": {"Scalar": g[ends].astype(np.float32), "ttkMaskScalarField": np.zeros(2 * n_arcs, np.int8)},
+        "points": coords(pt_vertex) if n_arcs else np.zeros((0, 3), np.float32),
+        "cells": pt_of[ends].reshape(-1, 2) if n_arcs else np.zeros((0, 2), np.int64),
+        "point_arrays": {"Scalar": g[pt_vertex].astype(np.float32),
+                         "ttkMaskScalarField": np.zeros(len(pt_vertex), np.int8)},
         "cell_arrays": {
             "SegmentationId": seg_arc.astype(np.int32),
             "upNodeId": arc_up.astype(np.int32),
@@ -596,7 +649,7 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     }
     # segmentation: by SegmentationId; a single-vertex grid has no arc at all
     by_seg = np.argsort(seg_arc)
-    res.segmentation = {"SegmentationId": vseg, "RegionType": vtype, "RegionSize": vsize, "RegionSpan": vspan}
+    res.segmentation = {"SegmentationId": vseg, "RegionSize": vsize, "RegionSpan": vspan, "RegionType": vtype}
     # basins: for each arc, the oldest extremum of the subtree below it, and that extremum's persistence
     low = _kernels(use_numba)["lowest"](np.ascontiguousarray(t.node_up, dtype=np.int64))
     ext = t.node_vertex[low[arc_down]]
@@ -607,44 +660,136 @@ def _fill_tree(res: TopologyResult, t: Tree, g, coords, kind, use_numba):
     res.basin_persistence = bp[by_seg] if n_arcs else np.zeros(0)
 
 
-def _fill_diagram(res: TopologyResult, t: Tree, f, dtype, coords, kind, is3d):
-    pairs = t.pairs
+def _top_cells(shape) -> np.ndarray:
+    """The triangles (2D) or tetrahedra (3D) of TTK's implicit triangulation, [m, d+1] vertex ids.
+
+    Mirrored in x, it is the Kuhn triangulation: in each cell of the grid, one simplex per order of the axes,
+    the path of unit steps from the cell's lower corner to its upper one."""
+    import itertools
+
+    nz, ny, nx = shape
+    axes = [a for a, n in enumerate((nx, ny, nz)) if n > 1]
+    dims = np.array([nx, ny, nz])
+    lo = np.stack(np.meshgrid(*[np.arange(n - 1 if a in axes else 1) for a, n in enumerate((nx, ny, nz))],
+                              indexing="ij"), -1).reshape(-1, 3)  # lower corners, mirrored coordinates
+    out = []
+    for perm in itertools.permutations(axes):
+        p = lo.copy()
+        verts = []
+        for step in (None,) + perm:
+            if step is not None:
+                p = p.copy()
+                p[:, step] += 1
+            i = dims[0] - 1 - p[:, 0]  # back to TTK's x
+            verts.append(i + p[:, 1] * nx + p[:, 2] * nx * ny)
+        out.append(np.stack(verts, 1))
+    return np.concatenate(out) if out else np.zeros((0, len(axes) + 1), np.int64)
+
+
+def homology_split_pairs(shape, desc_order, use_numba=None) -> np.ndarray:
+    """Saddle-maximum pairs as TTK's default persistence backend (discrete Morse) gives them.
+
+    These are the top-dimensional pairs of the lower-star filtration (the diagram at vertex level is unique):
+    by duality, the classes of the sublevel sets are the components of their complement, whose cells are the
+    triangles (tetrahedra) above the level, joined through the edges (triangles) above it, and the outside,
+    older than every maximum, through the boundary. So a maximum on the boundary makes no pair, and a maximum
+    dies where its component of the complement reaches an older one. Returns [k, 2] (maximum vertex, saddle
+    vertex) in the order of the saddles in ``desc_order``.
+    """
+    nz, ny, nx = shape
+    n = nx * ny * nz
+    top = _top_cells(shape)
+    d = top.shape[1] - 1
+    if d < 2:  # a one-cell-wide grid has no such pairs
+        return np.zeros((0, 2), np.int64)
+    pos = np.empty(n, np.int64)
+    pos[np.asarray(desc_order, np.int64)] = np.arange(n)  # position in the descending sweep
+    # the cell's first vertex in the sweep is when it joins the complement: its maximum
+    cell_birth = top[np.arange(len(top)), np.argmin(pos[top], 1)]
+    # facets: drop one vertex; each is shared by two cells, or one on the boundary (then joined to the outside)
+    facets = np.concatenate([np.sort(np.delete(top, q, 1), 1) for q in range(d + 1)])
+    owner = np.tile(np.arange(len(top)), d + 1)
+    key, inv = np.unique(facets, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    srt = np.argsort(inv, kind="stable")
+    first = np.searchsorted(inv[srt], np.arange(len(key)))
+    a = owner[srt[first]]
+    cnt = np.bincount(inv, minlength=len(key))
+    b = np.where(cnt == 2, owner[srt[np.minimum(first + 1, len(srt) - 1)]], len(top))  # len(top): the outside
+    f_when = pos[key].min(1)  # the facet joins the complement at its maximum vertex
+    f_vertex = key[np.arange(len(key)), pos[key].argmin(1)]
+    ev = np.argsort(f_when, kind="stable")
+    parent = list(range(len(top) + 1))
+    birth = [int(pos[v]) for v in cell_birth] + [-1]  # the outside is the oldest
+    bvert = [int(v) for v in cell_birth] + [-1]
+    pairs = []
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for e in ev.tolist():
+        x, y = find(int(a[e])), find(int(b[e]))
+        if x == y:
+            continue
+        if birth[x] > birth[y]:
+            x, y = y, x  # x the elder
+        s = int(f_vertex[e])
+        if bvert[y] != s:  # a zero-persistence pair (inside one vertex's star) is no pair
+            pairs.append((bvert[y], s))
+        parent[y] = x
+    p = np.array(pairs, np.int64).reshape(-1, 2)
+    return p[np.argsort(pos[p[:, 1]], kind="stable")] if len(p) else p
+
+
+def _fill_diagram(res: TopologyResult, pairs, gmin, gmax, asc_rank, f, dtype, coords, kind, is3d):
+    """TTK's persistence diagram layout (ttkPersistenceDiagramUtils DiagramToVTU, not embedded in the domain).
+
+    One line per pair (points 2i birth, 2i+1 death at (b, b, 0), (b, d, 0), float32), pairs sorted by their
+    birth vertex's order (so the infinite global min-max pair comes first), point array ``Coordinates`` (the
+    vertices' positions), and a last diagonal cell from point 0 to the birth point of the pair with the
+    highest birth value: PairIdentifier -1, PairType -1, IsFinite 0, Birth 0, Persistence 2x pair 0's.
+    """
     birth_v, death_v = (pairs[:, 0], pairs[:, 1]) if kind == "join" else (pairs[:, 1], pairs[:, 0])
-    # the infinite pair: global extremum with the root (PairType 0, IsFinite 0)
-    gmin, gmax = (t.global_extremum, t.root) if kind == "join" else (t.root, t.global_extremum)
-    birth_v = np.append(birth_v, gmin).astype(np.int64)
-    death_v = np.append(death_v, gmax).astype(np.int64)
+    # the infinite pair first, so that it stays first when a split tree's root is also a saddle (a tie)
+    birth_v = np.concatenate([[gmin], birth_v]).astype(np.int64)
+    death_v = np.concatenate([[gmax], death_v]).astype(np.int64)
     k = len(birth_v)
-    saddle = SADDLE1 if (kind == "join" or not is3d) else SADDLE2
+    saddle = SADDLE1 if kind == "join" else SADDLE2  # TTK: saddle-maximum pairs start at a 2-saddle, 2D too
     bt = np.full(k, MINIMUM if kind == "join" else saddle, np.int32)
     dt = np.full(k, saddle if kind == "join" else MAXIMUM, np.int32)
-    bt[-1], dt[-1] = MINIMUM, MAXIMUM
+    bt[0], dt[0] = MINIMUM, MAXIMUM
     ptype = np.full(k, 0 if kind == "join" else (2 if is3d else 1), np.int32)
-    ptype[-1] = 0
-    out_t = dtype if np.dtype(dtype).kind == "f" else np.float64
-    b = f[birth_v].astype(out_t)
-    d = f[death_v].astype(out_t)
+    ptype[0] = 0
     finite = np.ones(k, np.uint8)
-    finite[-1] = 0
-    pts = np.zeros((2 * k + 2, 3))
-    pts[0:2 * k:2, 0], pts[0:2 * k:2, 1] = b, b
-    pts[1:2 * k:2, 0], pts[1:2 * k:2, 1] = b, d
-    pts[2 * k], pts[2 * k + 1] = (b.min(), b.min(), 0), (d.max(), d.max(), 0)  # the diagonal
-    vid = np.empty(2 * k + 2, np.int32)
-    vid[0:2 * k:2], vid[1:2 * k:2] = birth_v, death_v
-    vid[2 * k:] = gmin, gmax
-    ctype = np.empty(2 * k + 2, np.int32)
-    ctype[0:2 * k:2], ctype[1:2 * k:2] = bt, dt
-    ctype[2 * k:] = MINIMUM, MAXIMUM
+    finite[0] = 0
+    srt = np.argsort(asc_rank[birth_v], kind="stable")
+    birth_v, death_v, bt, dt, ptype, finite = (a[srt] for a in (birth_v, death_v, bt, dt, ptype, finite))
+    out_t = dtype if np.dtype(dtype).kind == "f" else np.float64
+    b = f[birth_v].astype(np.float64)
+    d = f[death_v].astype(np.float64)
+    pts = np.zeros((2 * k, 3), np.float32)
+    pts[0::2, 0], pts[0::2, 1] = b, b
+    pts[1::2, 0], pts[1::2, 1] = b, d
+    vid = np.empty(2 * k, np.int32)
+    vid[0::2], vid[1::2] = birth_v, death_v
+    ctype = np.empty(2 * k, np.int32)
+    ctype[0::2], ctype[1::2] = bt, dt
+    cxyz = np.empty((2 * k, 3), np.float32)
+    cxyz[0::2], cxyz[1::2] = coords(birth_v), coords(death_v)
+    top = int(np.argmax(b))  # std::max_element: the first pair with the highest birth
+    cells = np.append(np.arange(2 * k), [0, 2 * top]).astype(np.int64).reshape(-1, 2)
     res.diagram = {
         "points": pts,
-        "cells": np.arange(2 * k + 2, dtype=np.int64).reshape(-1, 2),
-        "point_arrays": {"ttkVertexScalarField": vid, "CriticalType": ctype},
+        "cells": cells,
+        "point_arrays": {"ttkVertexScalarField": vid, "CriticalType": ctype, "Coordinates": cxyz},
         "cell_arrays": {
             "PairIdentifier": np.append(np.arange(k), -1).astype(np.int32),
             "PairType": np.append(ptype, -1).astype(np.int32),
-            "Persistence": np.append(np.abs(d - b), 0).astype(out_t),
-            "Birth": np.append(b, b.min()).astype(out_t),
+            "Persistence": np.append(d - b, 2 * (d[0] - b[0])).astype(out_t),
+            "Birth": np.append(b, 0).astype(out_t),
             "IsFinite": np.append(finite, 0).astype(np.uint8),
         },
     }

@@ -30,21 +30,30 @@ def write_topology(res: TopologyResult, out_dir: str, field: vtkio.ImageField | 
     fd.update({"TreeType": res.tree, "PersistenceThreshold": res.threshold})
     n, a, d = res.nodes, res.arcs, res.diagram
     paths = [os.path.join(out_dir, f) for f in FILES]
-    vtkio.write_vtu(paths[0], n["points"], np.full(len(n["points"]), vtkio.VTK_VERTEX),
-                    np.arange(len(n["points"]))[:, None], n["point_arrays"], field_data=fd)
+    vtkio.write_vtu(paths[0], n["points"], n["cell_types"], n["cells"], n["point_arrays"], field_data=fd)
     vtkio.write_vtu(paths[1], a["points"], np.full(len(a["cells"]), vtkio.VTK_LINE), a["cells"],
                     a["point_arrays"], a["cell_arrays"], field_data=fd)
     nz, ny, nx = res.shape
-    arrays = {}
-    if field is not None:  # TTK's segmentation carries the input's arrays
-        arrays.update({k: v for k, v in field.point_arrays.items() if k not in res.segmentation})
-    arrays.update(res.segmentation)
-    names = [k for k in res.segmentation if k.endswith("_Order")]
-    active = names[0][: -len("_Order")] if names else None
-    vtkio.write_vti(paths[2], vtkio.ImageField((nx, ny, nz), res.origin, res.spacing, arrays, fd, active))
+    vtkio.write_vti(paths[2], vtkio.ImageField((nx, ny, nz), res.origin, res.spacing,
+                                               segmentation_arrays(res, field), fd, "SegmentationId"))
     vtkio.write_vtu(paths[3], d["points"], np.full(len(d["cells"]), vtkio.VTK_LINE), d["cells"],
                     d["point_arrays"], d["cell_arrays"], field_data=fd)
     return paths
+
+
+def segmentation_arrays(res: TopologyResult, field: vtkio.ImageField | None = None) -> dict:
+    """The point arrays of TTK's segmentation output, in its order: the tree's input arrays, then
+    SegmentationId, RegionSize, RegionSpan, RegionType. With a persistence threshold the tree's input is
+    TTK's simplification output: the scalar replaced by the simplified one, plus ``<scalar>_Order``."""
+    arrays = dict(field.point_arrays) if field is not None else {}
+    scalar = res.scalar
+    if res.threshold > 0:
+        src = arrays.get(scalar)
+        dtype = np.asarray(src).dtype if src is not None else res.simplified_values.dtype
+        arrays[scalar] = res.simplified_values.ravel().astype(dtype)
+        arrays[f"{scalar}_Order"] = res.simplified_order.ravel()
+    arrays.update(res.segmentation)
+    return arrays
 
 
 def read_scalar(path: str, scalar: str, f: vtkio.ImageField | None = None):
@@ -62,11 +71,11 @@ def read_scalar(path: str, scalar: str, f: vtkio.ImageField | None = None):
 
 
 def topology_of_file(path: str, scalar: str, out_dir: str, persistence: float = 0.0, relative: bool = False,
-                     tree: str = "join", nan: str = "error") -> TopologyResult:
+                     tree: str = "join", nan: str = "error", split_pairs: str = "tree") -> TopologyResult:
     field, values, order = read_scalar(path, scalar)
     try:
         res = compute_topology(values, field.origin, field.spacing, tree=tree, persistence=persistence,
-                               relative=relative, order=order, nan=nan, name=scalar)
+                               relative=relative, order=order, nan=nan, name=scalar, split_pairs=split_pairs)
     except GlobScopeError as exc:
         raise GlobScopeError(f"{path}: {exc}") from None
     except MemoryError:

@@ -19,7 +19,7 @@ from . import models
 from .errors import GlobScopeError
 from .evaluation import evaluate_model, resolve_device, subset
 from .flat import StateLayout
-from .store import Study, check_writable, dir_lock
+from .store import Study, check_writable, dir_lock, final_summary  # noqa: F401 - final_summary lived here
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -244,13 +244,4 @@ def _train_run(spec, ds, cfg, dev, ev_train, ev_test, bar) -> list:
     return rows
 
 
-def final_summary(study: Study) -> list[dict]:
-    """One dict per run: its last checkpoint's step and metrics."""
-    out = []
-    for r, row in study.final_rows().items():
-        d = {"run": r, "step": int(study.step[row])}
-        d.update({m: float(study.metrics[m][row]) for m in study.metrics})
-        d.update({k: study.runs[r].get(k) for k in ("seed", "optimizer", "lr", "label")})
-        out.append(d)
-    return out
 

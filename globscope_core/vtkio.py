@@ -171,7 +171,9 @@ def read_vti(path: str) -> ImageField:
 def _points(points):
     core, _, _, ns = _vtk()
     pts = core.vtkPoints()
-    p = np.ascontiguousarray(np.asarray(points, dtype=np.float64).reshape(-1, 3))
+    p = np.asarray(points)
+    # float32 points stay float32 (TTK's outputs have them); anything else is written as float64
+    p = np.ascontiguousarray(p.astype(np.float32 if p.dtype == np.float32 else np.float64).reshape(-1, 3))
     pts.SetData(ns.numpy_to_vtk(p, deep=True))
     return pts
 

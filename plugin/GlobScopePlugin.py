@@ -71,7 +71,8 @@ def _unstructured(part):
     """A nodes/arcs/diagram part (points, cells, point/cell arrays) as a vtkUnstructuredGrid."""
     ug = vtkUnstructuredGrid()
     pts = vtkPoints()
-    p = np.ascontiguousarray(np.asarray(_get(part, "points"), dtype=np.float64).reshape(-1, 3))
+    p = np.asarray(_get(part, "points"))
+    p = np.ascontiguousarray(p.reshape(-1, 3) if p.dtype in (np.float32, np.float64) else p.astype(np.float64).reshape(-1, 3))
     pts.SetData(ns.numpy_to_vtk(p, deep=True))
     ug.SetPoints(pts)
     cells = _get(part, "cells")
@@ -89,8 +90,11 @@ def _unstructured(part):
     return ug
 
 
-def compute_tree(img, array_name, values, tree="join", persistence=0.0, relative=False):
-    """Merge tree of ``values`` on image ``img`` with the core; returns (nodes, arcs, segmentation, diagram)."""
+def compute_tree(img, array_name, values, tree="join", persistence=0.0, relative=False, split_pairs="homology"):
+    """Merge tree of ``values`` on image ``img`` with the core; returns (nodes, arcs, segmentation, diagram, res).
+
+    The diagram of a split tree lists the pairs of TTK's default backend (``split_pairs="homology"``), as
+    TTKPersistenceDiagram does, so that both engines give the same outputs."""
     from globscope_core.topology import compute_topology
 
     nx, ny, nz = img.GetDimensions()
@@ -99,22 +103,102 @@ def compute_tree(img, array_name, values, tree="join", persistence=0.0, relative
     if order is not None:
         order = ns.vtk_to_numpy(order).reshape(nz, ny, nx)
     res = compute_topology(grid, img.GetOrigin(), img.GetSpacing(), tree=tree, persistence=persistence,
-                           relative=relative, name=array_name, order=order)
+                           relative=relative, name=array_name, order=order, split_pairs=split_pairs)
     seg = vtkImageData()
     seg.ShallowCopy(img)
-    # TTK's segmentation: the input's arrays plus the region arrays (the simplified field is not added)
-    _add_arrays(seg.GetPointData(), {k: v for k, v in res.segmentation.items()
-                                     if k not in (array_name, f"{array_name}_Order")})
+    # TTK's segmentation: the input's arrays plus SegmentationId (active), RegionSize, RegionSpan, RegionType
+    _add_arrays(seg.GetPointData(), res.segmentation)
+    seg.GetPointData().SetActiveScalars("SegmentationId")
     return _unstructured(res.nodes), _unstructured(res.arcs), seg, _unstructured(res.diagram), res
 
 
-def _ttk_merge_tree():
-    """TTK's merge tree VTK class when this ParaView has TTK, else None (then the core computes it)."""
+# --- TTK, when this ParaView has it --------------------------------------------------------------------
+def _loaded_ttk_plugins():
+    """File names of the TTK C++ plugins this process has loaded (e.g. through PV_PLUGIN_PATH or LoadPlugin)."""
     try:
-        from topologytoolkit import ttkMergeTree  # ParaView builds with TTK ship this module
-        return ttkMergeTree
+        from paraview.modules.vtkRemotingCore import vtkPVPluginTracker
+    except ImportError:  # pragma: no cover - other ParaView builds
+        return []
+    t = vtkPVPluginTracker.GetInstance()
+    return [t.GetPluginFileName(i) for i in range(t.GetNumberOfPlugins())
+            if t.GetPluginLoaded(i) and t.GetPluginName(i) == "TopologyToolKit"]
+
+
+def ttk_module():
+    """(TTK's Python wrappers or None, why not): found however TTK was loaded. The wrappers are the module
+    ``topologytoolkit`` on sys.path, or next to a loaded C++ plugin (PREFIX/bin/plugins/TopologyToolKit/
+    TopologyToolKit.so -> PREFIX/lib/python3/site-packages, where `setup.sh --with-ttk` installs them).
+    GLOBSCOPE_NO_TTK=1 chooses our own engine."""
+    if os.environ.get("GLOBSCOPE_NO_TTK", "") not in ("", "0"):
+        return None, "GLOBSCOPE_NO_TTK is set"
+    try:
+        import topologytoolkit
+        return topologytoolkit, ""
     except ImportError:
-        return None
+        pass
+    plugins = _loaded_ttk_plugins()
+    for so in plugins:
+        prefix = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(so)))))
+        site = os.path.join(prefix, "lib", "python3", "site-packages")
+        if os.path.isdir(os.path.join(site, "topologytoolkit")):
+            if site not in sys.path:
+                sys.path.append(site)
+            import topologytoolkit
+            return topologytoolkit, ""
+    if plugins:
+        return None, (f"TTK's plugin {plugins[0]} is loaded, but its Python wrappers (topologytoolkit) are "
+                      "not next to it (build them: setup.sh --with-ttk)")
+    return None, "TTK is not loaded (setup.sh --with-ttk installs it)"
+
+
+def _ttk_run(f, img, name, debug=0):
+    f.SetInputData(img)
+    f.SetInputArrayToProcess(0, 0, 0, 0, name)
+    if hasattr(f, "SetDebugLevel"):
+        f.SetDebugLevel(debug)  # no banner and progress lines (BUILD.md trap 5)
+    return f
+
+
+def _copy(img):
+    """TTK adds ``<name>_Order`` to its input's point data: give it a copy, never the pipeline's object."""
+    c = vtkImageData()
+    c.ShallowCopy(img)
+    return c
+
+
+def ttk_tree(tk, img, name, tree):
+    """TTK's merge tree (1.2.0: ttkFTMTree, newer: ttkMergeTree) and persistence diagram of the same tree
+    type; returns (nodes, arcs, segmentation, diagram, class name)."""
+    img = _copy(img)
+    cls = getattr(tk, "ttkMergeTree", None) or getattr(tk, "ttkFTMTree")
+    f = _ttk_run(cls(), img, name)
+    f.SetTreeType(1 if tree == "split" else 0)  # set explicitly: the default is out of range / a contour tree
+    if hasattr(f, "SetBackend"):
+        f.SetBackend(0)  # FTM
+    f.Update()
+    d = _ttk_run(tk.ttkPersistenceDiagram(), _copy(img), name)
+    # the pairs of the tree's type only (plus the global min-max pair TTK always writes)
+    d.SetComputeSadSad(False)
+    d.SetComputeSadMax(tree == "split")
+    d.SetComputeMinSad(tree != "split")
+    d.Update()
+    return (f.GetOutputDataObject(0), f.GetOutputDataObject(1), f.GetOutputDataObject(2), d.GetOutputDataObject(0),
+            cls.__name__)
+
+
+def ttk_simplify(tk, img, name, threshold, absolute):
+    """TTK's TopologicalSimplificationByPersistence removing minimum-saddle pairs; returns the simplified image."""
+    f = _ttk_run(tk.ttkTopologicalSimplificationByPersistence(), _copy(img), name)
+    f.SetPairType(1)  # Minimum-Saddle
+    f.SetPersistenceThreshold(threshold)
+    f.SetThresholdIsAbsolute(bool(absolute))
+    f.Update()
+    return f.GetOutputDataObject(0)
+
+
+def _say(text):
+    """One line in ParaView's output (Output Messages in the GUI, the terminal for pvpython/pvbatch)."""
+    vtkOutputWindow.GetInstance().DisplayText(text + "\n")
 
 
 # --- the study reader ---------------------------------------------------------------------------------
@@ -361,18 +445,16 @@ class GlobScopeMergeTree(_WholeImageFilter):
         try:
             img, name, values = self._scalars(inInfo)
             outs = [vtkDataObject.GetData(outInfo.GetInformationObject(i)) for i in range(4)]
-            ttk = _ttk_merge_tree()
-            if ttk is not None:
+            tk, why = ttk_module()
+            tree = "split" if self._tree else "join"
+            if tk is not None:
+                *parts, cls = ttk_tree(tk, img, name, tree)
                 self.last_backend = "ttk"
-                f = ttk()
-                f.SetInputData(img)
-                f.SetInputArrayToProcess(0, 0, 0, 0, name)
-                f.SetTreeType(self._tree)
-                f.Update()
-                parts = [f.GetOutputDataObject(i) for i in range(3)] + [vtkUnstructuredGrid()]
+                _say(f"GlobScope Merge Tree: engine TTK ({cls}, {tree} tree)")
             else:
+                parts = compute_tree(img, name, values, tree=tree)[:4]
                 self.last_backend = "globscope_core"
-                parts = compute_tree(img, name, values, tree="split" if self._tree else "join")[:4]
+                _say(f"GlobScope Merge Tree: engine globscope_core ({tree} tree; {why})")
             for port, (out, part) in enumerate(zip(outs, parts)):
                 info = outInfo.GetInformationObject(port)
                 if port == 2:
@@ -397,6 +479,7 @@ class GlobScopeTopologicalSimplification(_WholeImageFilter):
         VTKPythonAlgorithmBase.__init__(self, nInputPorts=1, nOutputPorts=1, outputType="vtkImageData")
         self._threshold = 0.0
         self._absolute = 1
+        self.last_backend = ""
 
     def FillInputPortInformation(self, port, info):
         info.Set(self.INPUT_REQUIRED_DATA_TYPE(), "vtkImageData")
@@ -424,14 +507,23 @@ class GlobScopeTopologicalSimplification(_WholeImageFilter):
     def RequestData(self, request, inInfo, outInfo):
         try:
             img, name, values = self._scalars(inInfo)
-            *_, seg_img, _, res = compute_tree(img, name, values, persistence=self._threshold,
-                                               relative=not self._absolute)
             out = vtkImageData.GetData(outInfo.GetInformationObject(0))
-            out.ShallowCopy(img)
-            keep = {k: v for k, v in res.segmentation.items() if k in (name, f"{name}_Order")}
-            out.GetPointData().RemoveArray(name)
-            _add_arrays(out.GetPointData(), keep)
-            out.GetPointData().SetActiveScalars(name)
+            tk, why = ttk_module()
+            if tk is not None:
+                out.ShallowCopy(ttk_simplify(tk, img, name, self._threshold, self._absolute))
+                self.last_backend = "ttk"
+                _say("GlobScope Topological Simplification: engine TTK (ttkTopologicalSimplificationByPersistence)")
+            else:
+                *_, res = compute_tree(img, name, values, persistence=self._threshold, relative=not self._absolute)
+                out.ShallowCopy(img)
+                # TTK's output: the input with the simplified scalar (in place) and its order <name>_Order
+                src = img.GetPointData().GetArray(name)
+                simplified = ns.numpy_to_vtk(res.simplified_values.ravel().astype(ns.get_numpy_array_type(src.GetDataType())), deep=True)
+                simplified.SetName(name)
+                out.GetPointData().AddArray(simplified)
+                _add_arrays(out.GetPointData(), {f"{name}_Order": res.simplified_order.ravel()})
+                self.last_backend = "globscope_core"
+                _say(f"GlobScope Topological Simplification: engine globscope_core ({why})")
             _crop_to_request(out, outInfo.GetInformationObject(0))
         except Exception as exc:  # noqa: BLE001
             _error("GlobScope Topological Simplification", exc)

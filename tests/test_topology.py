@@ -56,7 +56,7 @@ def check_against_oracle(values, tree="join", use_numba=None):
     assert {tuple(p) for p in r.pairs.tolist()} == pairs
     assert len(r.pairs) == len(pairs)
     d = r.diagram["point_arrays"]["ttkVertexScalarField"]
-    glob = (d[-4], d[-3]) if tree == "join" else (d[-3], d[-4])  # the infinite pair, before the diagonal
+    glob = (d[0], d[1]) if tree == "join" else (d[1], d[0])  # the infinite pair comes first (TTK's order)
     assert glob[0] == ess
     # node set: extrema, saddles and the root (last vertex of the sweep)
     f = T.as_grid(values).ravel()
@@ -123,9 +123,11 @@ def test_hand_made_path_in_ttk_layout():
     assert s["RegionType"].tolist() == [0, 0, 1, 0, 1]
     d = r.diagram["cell_arrays"]
     assert d["PairIdentifier"].tolist() == [0, 1, -1]
-    assert d["Persistence"][:2].tolist() == [2.0, 3.0] and d["IsFinite"].tolist() == [1, 0, 0]
-    assert d["Birth"][:2].tolist() == [0.0, 0.0]
-    assert r.diagram["point_arrays"]["ttkVertexScalarField"][:4].tolist() == [3, 2, 1, 4]
+    # pairs by their birth's order (the infinite pair first); the diagonal: 2x its persistence, birth 0
+    assert d["Persistence"].tolist() == [3.0, 2.0, 6.0] and d["IsFinite"].tolist() == [0, 1, 0]
+    assert d["Birth"].tolist() == [0.0, 0.0, 0.0]
+    assert r.diagram["point_arrays"]["ttkVertexScalarField"].tolist() == [1, 4, 3, 2]
+    assert r.diagram["cells"].tolist() == [[0, 1], [2, 3], [0, 0]]  # diagonal: point 0 to the highest birth
 
 
 def test_segmentation_ids_and_region_sizes_are_consistent():
@@ -238,7 +240,8 @@ def test_cli_writes_ttk_files(tmp_path, capsys):
     na = vtkio.arrays_of(nodes)
     assert {k: str(a.dtype) for k, a in na.items()} == {"NodeId": "int32", "Scalar": "float32", "VertexId": "int32",
                                                          "CriticalType": "int32", "RegionSize": "int32", "RegionSpan": "int32"}
-    assert nodes.GetNumberOfCells() == nodes.GetNumberOfPoints() == info["nodes"]
+    assert nodes.GetNumberOfPoints() == info["nodes"]  # TTK: one poly-vertex cell holding every node
+    assert nodes.GetNumberOfCells() == 1 and nodes.GetCellType(0) == T.VTK_POLY_VERTEX
     p = np.array([nodes.GetPoint(i) for i in range(nodes.GetNumberOfPoints())])
     vid = na["VertexId"]
     np.testing.assert_allclose(p[:, 0], -1.0 + 0.1 * (vid % 40), atol=1e-6)
@@ -340,3 +343,35 @@ def test_runs_in_paraviews_python():
     v = np.random.default_rng(0).integers(0, 4, (6, 7, 8)).astype(np.float32)
     r = T.compute_topology(v, persistence=1)
     assert p.stdout.split(" ", 2)[2].strip() == f"{r.pairs.tolist()} {r.nodes['point_arrays']['VertexId'].tolist()}"
+
+
+def test_ttk_region_types_arcs_and_diagram_layout():
+    # issue 16's smallest example: vertex 15 is a 3-way (degenerate) saddle of the join tree
+    v = np.array([[0, 3, 1, 1, 2, 0], [1, 0, 2, 2, 3, 3], [1, 1, 3, 2, 0, 0], [3, 2, 0, 2, 2, 1]], np.float32)[None]
+    r = T.compute_topology(v)
+    n = r.nodes["point_arrays"]
+    assert n["CriticalType"][n["VertexId"] == 15].tolist() == [T.DEGENERATE]
+    c = r.arcs["cell_arrays"]
+    ends = n["CriticalType"][c["downNodeId"]], n["CriticalType"][c["upNodeId"]]
+    rt = T.region_types(*ends)
+    # TTK's rule: min-arcs 0 first, then max-arcs 1, then saddle-saddle 2/3, anything with a degenerate end 4
+    want = [0 if 0 in e else 1 if 3 in e else 2 if e == (1, 1) else 3 if e == (2, 2) else 4 for e in zip(*map(list, ends))]
+    assert rt.tolist() == want and 4 in want
+    by_seg = dict(zip(c["SegmentationId"].tolist(), rt.tolist()))
+    assert r.segmentation["RegionType"].tolist() == [by_seg[s] for s in r.segmentation["SegmentationId"].tolist()]
+    assert list(r.segmentation) == ["SegmentationId", "RegionSize", "RegionSpan", "RegionType"]  # no _Order
+    # arcs: one float32 point per node, lines from the lower to the higher value (split: root side first)
+    for tree in ("join", "split"):
+        r = T.compute_topology(smooth((1, 30, 30), 3), tree=tree)
+        a = r.arcs
+        assert a["points"].dtype == np.float32 and len(a["points"]) == len(r.nodes["points"])
+        s = a["point_arrays"]["Scalar"][a["cells"]]
+        assert (s[:, 0] <= s[:, 1]).all()
+        assert a["cells"][0].tolist() == [0, 1] and a["cells"].max() == len(a["points"]) - 1
+    # split tree: TTK's default pairs leave boundary maxima unpaired; the tree's own pairs include them
+    v = np.zeros((1, 9, 9), np.float32)
+    v[0, 0, 4], v[0, 4, 4], v[0, 7, 2] = 3, 5, 4  # a maximum on the boundary, two inside
+    tree_pairs = T.compute_topology(v, tree="split").diagram["point_arrays"]["ttkVertexScalarField"]
+    hom = T.compute_topology(v, tree="split", split_pairs="homology").diagram["point_arrays"]["ttkVertexScalarField"]
+    assert 4 in tree_pairs[2:] and 4 not in hom[2:]  # vertex 4 = (i=4, j=0): its pair only in the tree's diagram
+    assert {40, 65} <= set(hom[2:].tolist())

@@ -22,6 +22,9 @@ def register(sub):
     scale.add_argument("--relative", action="store_true", help="the threshold is a fraction of the field's range")
     scale.add_argument("--absolute", action="store_true", help="(study) the threshold is in units of the scalar")
     p.add_argument("--tree", choices=["join", "split"], default="join", help="join (minima) or split (maxima) tree")
+    p.add_argument("--split-pairs", choices=["tree", "homology"], default="tree",
+                   help="a split tree's diagram: the tree's own saddle-max pairs (as TTK's FTM backend) or "
+                        "TTK's default backend's (homology: a maximum on the domain boundary makes no pair)")
     p.add_argument("--dim", type=int, choices=[2, 3], action="append", help="(study) which landscapes; default all present")
     p.add_argument("--nan-as-inf", action="store_true", help="treat NaN values as +inf instead of refusing (a study always does)")
     p.set_defaults(func=cmd_topology)
@@ -52,6 +55,6 @@ def cmd_topology(args) -> int:
     if not args.out:
         raise GlobScopeError("--out DIR is required for a .vti input")
     res = topology_io.topology_of_file(args.input, args.scalar or "loss", args.out, args.persistence or 0.0, args.relative,
-                                       args.tree, "inf" if args.nan_as_inf else "error")
+                                       args.tree, "inf" if args.nan_as_inf else "error", args.split_pairs)
     print(json.dumps(dict(topology_io.summary(res), out=args.out)))
     return 0

@@ -88,8 +88,7 @@ def cmd_import(args):
 
 
 def cmd_info(args):
-    from ..store import Study
-    from ..train import final_summary
+    from ..store import Study, final_summary  # not ..train: `info` starts without importing torch
 
     s = Study.open(args.study)
     print(f"study      {s.dir}")
