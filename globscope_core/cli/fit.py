@@ -24,6 +24,7 @@ def register(sub):
     _add_ae_args(p)
     p.add_argument("--eval-samples", type=int, default=2000, help="samples for the decoded models' loss")
     p.add_argument("--no-eval", action="store_true", help="skip the metrics (fit and save only)")
+    _add_holdout_arg(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_fit)
@@ -34,9 +35,16 @@ def register(sub):
     p.add_argument("--reducers", default=",".join(KINDS), help="comma list of reducers")
     _add_ae_args(p)
     p.add_argument("--eval-samples", type=int, default=2000)
+    _add_holdout_arg(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-rank", type=int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_compare)
+
+
+def _add_holdout_arg(p):
+    p.add_argument("--no-holdout", action="store_true",
+                   help="skip the held-out fidelity (an extra fit on 3/4 of each run's checkpoints, scored on "
+                        "the rest); for huge studies")
 
 
 def _add_ae_args(p):
@@ -53,7 +61,7 @@ def cmd_fit(args):
     if args.max_rank:
         cfg["max_rank"] = args.max_rank
     r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
-                        eval_samples=args.eval_samples, device=args.device, **cfg)
+                        eval_samples=args.eval_samples, device=args.device, holdout=not args.no_holdout, **cfg)
     print(f"{os.path.join(args.study, 'reducers', r.name + '.pt')}: fitted in {info['fit_seconds']:.1f} s, "
           f"peak memory {info['peak_rss_mb']:.0f} MB")
     if "reconstruction" in info:
@@ -63,6 +71,14 @@ def cmd_fit(args):
               f"within 1%: {fs['within_1pct'] * 100:.0f}% of checkpoints")
         print(f"  trustworthiness {st['trustworthiness']:.3f}, continuity {st['continuity']:.3f}, "
               f"distance Spearman {st['distance_spearman']:.3f}, finals apart {st['finals_apart']}")
+    ho = info.get("held_out")
+    if ho:
+        p = ho["protocol"]
+        print(f"  held-out ({p['held_out']} of {p['held_out'] + p['fitted']} checkpoints: every 4th of each run, "
+              f"never its first two nor its last; fitted on the rest):")
+        for name, h in ((info["reducer"], ho), ("two-neighbour", ho["two_neighbour"])):
+            print(f"    {name:<14} MSE raw {h['mse_raw']:.3e}, standardized {h['mse_std']:.3e}; loss gap mean "
+                  f"{h['loss_gap_mean']:.2e}, median {h['loss_gap_median']:.2e}, max {h['loss_gap_max']:.2e}")
 
 
 def cmd_compare(args):
@@ -71,6 +87,6 @@ def cmd_compare(args):
     if bad:
         raise GlobScopeError(f"--reducers: unknown {', '.join(bad)}; choose from {', '.join(KINDS)}")
     rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
-                         max_rank=args.max_rank, **_ae_config(args))
+                         max_rank=args.max_rank, holdout=not args.no_holdout, **_ae_config(args))
     print(format_table(rows))
     print(f"saved: {os.path.join(args.study, f'compare-{args.dim}d.png')}, report.json[compare-{args.dim}d]")
