@@ -9,7 +9,14 @@ forward pass (batched.py), on a fixed evaluation subset of the study's train or 
 Point arrays: ``loss`` (mean cross-entropy, active scalar; NaN where the decoded model gives a
 non-finite loss), ``log_loss`` (log10 of it: losses of decoded models span decades, so views and merge
 trees use it; the tree of a monotone transform is the same), ``accuracy``, ``trust`` (Euclidean distance, in latent units, from the grid point to
-the nearest encoded checkpoint: large values mark where the decoder extrapolates).
+the nearest encoded checkpoint: large values mark where the decoder extrapolates), ``extrapolation``
+(distance outside the convex hull of the encoded checkpoints, as a fraction of their extent; 0 inside) and
+``trusted`` (1 inside the hull or within one grid cell of it, else 0: the decoder was fitted on nothing
+there). Views fade or cut the untrusted part and the merge tree leaves it out by default; the report says
+how bad the decoded models get there (``extrapolated``) and counts isolated spikes (``spikes``).
+
+Default bounds: the box of the hull (= of the encoded checkpoints) widened by ``margin`` = 5% of its extent
+on each side, so most of the grid is trusted and the rim shows where extrapolation starts.
 
 Resumable: the grid is cut into chunks of ``chunk_points`` points, each written to
 ``STUDY/.landscape-{2d,3d}.partial/chunk-NNNNNN.npz`` (temporary name + rename) as soon as it is done,
@@ -70,6 +77,46 @@ def grid_bounds(Z: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
     ext = hi - lo
     ext = np.where(ext > 0, ext, np.maximum(1.0, np.abs(lo)))  # a degenerate axis still gets a width
     return lo - margin * ext, hi + margin * ext
+
+
+def hull_extrapolation(Z: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Distance of each point outside the convex hull of ``Z`` (0 inside), in latent units.
+
+    The largest signed distance to the hull's facet planes: exact where the nearest hull point lies on a
+    facet, a lower bound near hull vertices (never 0 outside). A degenerate hull (all points on a line
+    or plane) falls back to the distance to the nearest point of ``Z``."""
+    from scipy.spatial import ConvexHull, QhullError, cKDTree
+
+    try:
+        eq = ConvexHull(Z).equations  # rows [n, b]: n . x + b <= 0 inside, |n| = 1
+    except (QhullError, ValueError):
+        return cKDTree(Z).query(pts)[0]
+    out = np.empty(len(pts))
+    for s in range(0, len(pts), 65536):
+        p = pts[s : s + 65536]
+        out[s : s + 65536] = (p @ eq[:, :-1].T + eq[:, -1]).max(1)
+    return np.maximum(out, 0.0)
+
+
+def find_spikes(log_loss: np.ndarray, dims, decades: float = 0.5) -> np.ndarray:
+    """VTK point ids of isolated spikes: points more than ``decades`` above every axis neighbour (4 in 2D,
+    6 in 3D; grid-boundary points have fewer and are not tested). NaN counts as +inf (never a spike)."""
+    nx, ny, nz = dims
+    f = np.where(np.isnan(log_loss), np.inf, log_loss).reshape(nz, ny, nx)
+    core = tuple(slice(1, -1) if n > 2 else slice(None) for n in (nz, ny, nx))
+    if any(n <= 2 and n != 1 for n in (nz, ny, nx)):
+        return np.zeros(0, np.int64)
+    nb = np.full(f[core].shape, -np.inf)
+    for ax, n in enumerate((nz, ny, nx)):
+        if n == 1:
+            continue
+        for d in (-1, 1):
+            sl = list(core)
+            sl[ax] = slice(1 + d, n - 1 + d)
+            nb = np.maximum(nb, f[tuple(sl)])
+    spike = np.zeros(f.shape, bool)
+    spike[core] = np.isfinite(f[core]) & (f[core] > nb + decades)
+    return np.flatnonzero(spike.ravel())
 
 
 def grid_points(idx: np.ndarray, dims, origin, spacing, dim: int) -> np.ndarray:
@@ -222,7 +269,7 @@ class _Dist:
 
 # --- the stage ------------------------------------------------------------------------------------
 def compute_landscape(study, reducer_name: str, resolution: int | None = None, split: str = "test",
-                      eval_samples: int | None = 1024, margin: float = 0.2, bounds=None, device="auto",
+                      eval_samples: int | None = 1024, margin: float = 0.05, bounds=None, device="auto",
                       progress: bool = True, chunk_points: int | None = None, fresh: bool = False,
                       max_chunks: int | None = None, eval_seed: int = 0, trajectories: bool = True) -> dict:
     """Evaluate the loss on a latent grid and write ``STUDY/landscape-{dim}d.vti`` (+ trajectories .vtp).
@@ -375,13 +422,20 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     pts = np.concatenate([grid_points(np.arange(s, min(s + 65536, n_points)), dims, origin, spacing, dim)
                           for s in range(0, n_points, 65536)])
     trust, _ = cKDTree(Z).query(pts)
+    outside = hull_extrapolation(Z, pts)
+    extent = float(np.max(Z.max(0) - Z.min(0))) or 1.0
+    trusted = outside <= np.linalg.norm(np.asarray(spacing[:dim]))  # inside, or within one grid cell
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_loss = np.log10(loss)
     lo = np.asarray(origin[:dim])
     hi = lo + np.asarray(spacing[:dim]) * (config["resolution"] - 1)
     name = os.path.basename(study.dir.rstrip("/"))
     vti = os.path.join(study.dir, f"landscape-{tag}.vti")
     field = ImageField(dims, origin, spacing,
-                       {"loss": loss.astype(np.float32), "log_loss": np.log10(loss).astype(np.float32),
-                        "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32)},
+                       {"loss": loss.astype(np.float32), "log_loss": log_loss.astype(np.float32),
+                        "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32),
+                        "extrapolation": (outside / extent).astype(np.float32),
+                        "trusted": trusted.astype(np.float32)},
                        {"study": name, "study_id": config["study_id"], "reducer": reducer.name,
                         "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),
                         "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum())},
@@ -389,13 +443,34 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     write_vti(vti, field)
     info.update(complete=True, bounds=np.stack([lo, hi], 1).reshape(-1).round(9).tolist(), nan_count=int(bad.sum()),
                 loss_min=float(np.nanmin(loss)) if (~bad).any() else None,
-                loss_max=float(np.nanmax(loss)) if (~bad).any() else None, vti=vti)
+                loss_max=float(np.nanmax(loss)) if (~bad).any() else None, vti=vti,
+                trusted_fraction=float(trusted.mean()),
+                extrapolated=_extrapolated_report(study, config["split"], loss, trusted),
+                spikes=_spike_report(log_loss, dims, trusted))
     if trajectories:
         info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"])
     info["seconds"] = round(time.time() - t_start, 3)
     study.update_report(f"landscape-{tag}", info)
     store.remove()
     return info
+
+
+def _extrapolated_report(study, split, loss, trusted) -> dict:
+    """How bad the decoded models get outside the trusted part, against the worst stored checkpoint."""
+    worst = float(np.nanmax(study.metrics[f"{split}_loss"]))
+    out = {"points": int((~trusted).sum()), "worst_checkpoint_loss": worst,
+           "loss_max_trusted": float(np.nanmax(loss[trusted])) if np.isfinite(loss[trusted]).any() else None}
+    far = loss[~trusted]
+    if len(far):
+        bad = ~(far <= 2 * worst)  # NaN counts as bad
+        out.update(loss_max=float(np.nanmax(far)) if np.isfinite(far).any() else None,
+                   above_2x_worst_checkpoint=int(bad.sum()), above_2x_fraction=float(bad.mean()))
+    return out
+
+
+def _spike_report(log_loss, dims, trusted) -> dict:
+    ids = find_spikes(log_loss, dims)
+    return {"decades": 0.5, "all": int(len(ids)), "trusted": int(trusted[ids].sum()), "ids": ids[:20].tolist()}
 
 
 def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluator, split: str) -> str:

@@ -132,12 +132,22 @@ def test_landscape_2d_field_and_trajectories(pca_study):
     assert f.field_data["reducer"] == "pca-2d" and f.field_data["split"] == "test"
     assert f.field_data["study"] == os.path.basename(pca_study.dir) and int(f.field_data["eval_samples"][0]) == 200
 
-    # bounds: the encoded checkpoints' box widened by 20% on each side
+    # bounds: the encoded checkpoints' box (their hull's) widened by 5% on each side
     red = load_reducer(pca_study, "pca-2d")
     Z = red.transform(pca_study.read_params())
     lo, hi = Z.min(0), Z.max(0)
-    np.testing.assert_allclose(f.origin[:2], lo - 0.2 * (hi - lo), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(f.origin[:2]) + 8 * np.asarray(f.spacing[:2]), hi + 0.2 * (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(f.origin[:2], lo - 0.05 * (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(f.origin[:2]) + 8 * np.asarray(f.spacing[:2]), hi + 0.05 * (hi - lo), rtol=1e-6)
+
+    # extrapolation: 0 exactly inside the hull of the encoded checkpoints, > 0 outside; trusted covers the hull
+    from scipy.spatial import Delaunay
+
+    inside = Delaunay(Z).find_simplex(f.point_coordinates()[:, :2]) >= 0
+    ex, tr = f.point_arrays["extrapolation"], f.point_arrays["trusted"]
+    assert inside.any() and (~inside).any()
+    assert np.all(ex[inside] < 1e-6) and np.all(ex[~inside] > 0) and np.all(tr[inside] == 1)
+    assert set(np.unique(tr)) == {0.0, 1.0} and info["trusted_fraction"] == pytest.approx(tr.mean())
+    assert info["extrapolated"]["points"] == int((tr == 0).sum()) and info["spikes"]["all"] >= 0
 
     # grid values: decode a few points and evaluate them one model at a time
     x, y = eval_data(pca_study, "test", 200)
@@ -298,3 +308,54 @@ def test_grid_points_are_in_vtk_order():
     pts = grid_points(np.arange(12), (3, 2, 2), (0.0, 10.0, 100.0), (1.0, 2.0, 5.0), 3)
     assert pts[1].tolist() == [1.0, 10.0, 100.0] and pts[3].tolist() == [0.0, 12.0, 100.0]
     assert pts[6].tolist() == [0.0, 10.0, 105.0]
+
+
+# --- trust: spikes, extrapolation, the merge tree on the trusted part ------------------------------
+def test_find_spikes_2d_and_3d():
+    from globscope_core.landscape import find_spikes
+
+    for dims in [(9, 7, 1), (7, 6, 5)]:
+        nx, ny, nz = dims
+        g = np.stack(np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij"))
+        f = (0.1 * g.sum(0)).astype(np.float64).ravel()  # a smooth ramp: no spike
+        assert len(find_spikes(f, dims)) == 0
+        inner = (nz // 2) * nx * ny + 3 * nx + 3
+        f1 = f.copy()
+        f1[inner] += 0.75  # 0.5 decades above its highest neighbour (+0.1): a spike
+        assert find_spikes(f1, dims).tolist() == [inner]
+        f1[inner] -= 0.3  # 0.35 above: not one
+        assert len(find_spikes(f1, dims)) == 0
+        f2 = f.copy()
+        f2[inner] += 5
+        f2[inner + 1] = np.nan  # a NaN neighbour counts as +inf: not isolated
+        assert len(find_spikes(f2, dims)) == 0
+        f3 = f.copy()
+        f3[0] += 5  # grid-boundary points have fewer neighbours and are not tested
+        assert len(find_spikes(f3, dims)) == 0
+
+
+def test_topology_leaves_untrusted_points_out(tmp_path):
+    from globscope_core import topology_io, vtkio
+
+    d = str(tmp_path / "s")
+    os.makedirs(d)
+    nx = ny = 33
+    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    f = 2.0 - np.exp(-((x + 0.4) ** 2 + y**2) / 0.05) - 0.8 * np.exp(-((x - 0.4) ** 2 + y**2) / 0.05)
+    f -= 1.5 * np.exp(-((x - 0.9) ** 2 + (y - 0.9) ** 2) / 0.02)  # the deepest well, in a corner ...
+    trusted = (np.hypot(x, y) < 0.8).astype(np.float32)  # ... outside the trusted disc
+    sp = (2 / (nx - 1), 2 / (ny - 1), 1.0)
+    vtkio.write_vti(os.path.join(d, "landscape-2d.vti"), vtkio.ImageField(
+        (nx, ny, 1), (-1.0, -1.0, 0.0), sp, {"log_loss": f.astype(np.float32).ravel(),
+                                             "trusted": trusted.ravel()}, {}, "log_loss"))
+    vtkio.write_vtp(os.path.join(d, "trajectories-2d.vtp"), np.array([[0, 0, 0], [-0.4, 0, 0], [0.4, 0, 0]]),
+                    lines=[[0, 1], [0, 2]], verts=[[1], [2]],
+                    point_arrays={"run": np.array([0, 0, 1]), "step": np.array([0, 9, 9])})
+    sec = topology_io.study_topology(d, 2, verbose=False)
+    assert sec["trusted_only"] and sec["untrusted_points_left_out"] == int((trusted == 0).sum())
+    assert sec["leaves"] == 2 and sec["n_basins_with_runs"] == 2
+    assert all(np.hypot(*r["basin_minimum_position"]) < 0.8 for r in sec["runs"])
+    every = topology_io.study_topology(d, 2, verbose=False, trusted_only=False)
+    assert every["leaves"] == 3 and not every["trusted_only"]
+    assert cli.main(["topology", d, "--dim", "2", "--all-points"]) == 0
+    assert json.load(open(os.path.join(d, "report.json")))["basins-2d"]["leaves"] == 3

@@ -23,8 +23,9 @@ def register(sub):
     p.add_argument("--resolution", type=int, help="grid points per axis (default 65 in 2D, 33 in 3D)")
     p.add_argument("--split", choices=("train", "test"), default="test", help="data split to evaluate on")
     p.add_argument("--eval-samples", type=int, default=1024, help="evaluation subset size (0 = the whole split)")
-    p.add_argument("--margin", type=float, default=0.2,
-                   help="grid bounds: box around the encoded checkpoints widened by this fraction of its extent")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="grid bounds: box around the encoded checkpoints (their hull) widened by this fraction of "
+                        "its extent; points outside the hull are marked untrusted (arrays extrapolation, trusted)")
     p.add_argument("--bounds", type=_bounds, help="explicit bounds lo,hi per axis (overrides --margin)")
     p.add_argument("--chunk-points", type=int, help="grid points per chunk (one batch of decoded models)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -56,6 +57,15 @@ def cmd_landscape(args):
           f"{info['eval_samples']} {info['split']} samples" + (f", {rate:.0f} points/s" if rate else ""))
     if info["nan_count"]:
         print(f"  warning: {info['nan_count']} grid points gave a non-finite loss (kept as NaN)")
+    ex, sp = info.get("extrapolated", {}), info.get("spikes", {})
+    print(f"  trusted (inside the hull of the encoded checkpoints): {info.get('trusted_fraction', 1) * 100:.0f}% "
+          f"of the grid; isolated spikes (> 0.5 decades above every neighbour): {sp.get('trusted', 0)} trusted, "
+          f"{sp.get('all', 0)} in all")
+    if ex.get("above_2x_worst_checkpoint"):
+        print(f"  warning: outside the hull the decoder extrapolates: {ex['above_2x_worst_checkpoint']} of "
+              f"{ex['points']} untrusted points have a loss above twice the worst checkpoint's "
+              f"({2 * ex['worst_checkpoint_loss']:.3g}; max {ex['loss_max']:.3g}); views fade them and the merge "
+              "tree leaves them out")
     if info.get("trajectories"):
         print(f"{info['trajectories']}")
     return 0

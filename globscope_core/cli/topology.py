@@ -21,6 +21,8 @@ def register(sub):
     p.add_argument("--absolute", action="store_true", help="(study) the threshold is in units of the scalar")
     p.add_argument("--tree", choices=["join", "split"], default="join")
     p.add_argument("--dim", type=int, choices=[2, 3], action="append", help="(study) which landscapes; default all present")
+    p.add_argument("--all-points", action="store_true",
+                   help="(study) include the untrusted (extrapolated) grid points in the merge tree and basins")
     p.add_argument("--nan-as-inf", action="store_true", help="treat NaN values as +inf instead of refusing (a study always does)")
     p.set_defaults(func=cmd_topology)
 
@@ -35,7 +37,8 @@ def cmd_topology(args) -> int:
         pers = topology_io.DEFAULT_PERSISTENCE if args.persistence is None else args.persistence
         relative = not args.absolute if args.persistence is None else (args.relative or not args.absolute)
         for d in dims:
-            topology_io.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree)
+            topology_io.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree,
+                                       trusted_only=not args.all_points)
         return 0
     if not args.out:
         raise GlobScopeError("--out DIR is required for a .vti input")
