@@ -143,7 +143,7 @@ def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=200
 
 
 def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
 
 def format_table(rows) -> str:
