@@ -44,7 +44,6 @@ def main():
         fit_reducer(study, "ae", dim, residual=a.residual)
         fit_s = time.perf_counter() - t0
         info = compute_landscape(study, f"ae-{dim}d", 65 if dim == 2 else 33, progress=False)
-        trusted = topology_io.study_topology(a.study, dim, verbose=False)
         every = topology_io.study_topology(a.study, dim, verbose=False, trusted_only=False)
         # the trusted-only run last: its files and report section are what the study keeps
         trusted = topology_io.study_topology(a.study, dim, verbose=False)

@@ -153,8 +153,12 @@ def test_landscape_2d_field_and_trajectories(pca_study):
     x, y = eval_data(pca_study, "test", 200)
     model = pca_study.build_model()
     pts = f.point_coordinates()[:, :2]
+    from globscope_core.landscape import HullClamp
+
+    clamp = HullClamp(Z)  # points outside the hull are evaluated on its boundary (the default)
+    assert not np.allclose(clamp(pts[:1]), pts[:1]) and np.allclose(clamp(pts[40:41]), pts[40:41])
     for i in (0, 40, 80, 17):
-        vec = red.inverse_transform(pts[i : i + 1])[0]
+        vec = red.inverse_transform(clamp(pts[i : i + 1]))[0]
         l, a = evaluate_model(pca_study.layout.load_into(model, vec), x, y)
         assert abs(f.point_arrays["loss"][i] - l) < 1e-4 * max(1, l)
         assert abs(f.point_arrays["accuracy"][i] - a) < 1e-6
@@ -272,17 +276,25 @@ def test_torchrun_two_processes_give_the_single_process_field(pca_study):
 
 # --- bad input -----------------------------------------------------------------------------------
 def test_nan_losses_are_kept_counted_and_reported(pca_study, capsys):
-    # a huge margin sends most grid points to absurd weights: their losses overflow
-    info = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False)
+    # decoded where they are, a huge margin sends most grid points to absurd weights: their losses overflow
+    info = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False,
+                             beyond_hull="extrapolate")
     f = _field(pca_study)
     loss = f.point_arrays["loss"]
     assert info["nan_count"] == int(np.isnan(loss).sum()) > 0
     assert np.isfinite(loss[4]), "the centre of the grid lies among the checkpoints"
     assert int(f.field_data["nan_count"][0]) == info["nan_count"]
     assert json.load(open(pca_study.report_path))["landscape-2d"]["nan_count"] == info["nan_count"]
+    assert info["extrapolated"]["above_2x_worst_checkpoint"] == 8  # every point but the centre, said loudly
     rc = cli.main(["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "3", "--margin", "1e20",
-                   "--eval-samples", "64", "--no-progress", "--no-trajectories"])
-    assert rc == 0 and f"{info['nan_count']} grid points gave a non-finite loss" in capsys.readouterr().out
+                   "--eval-samples", "64", "--no-progress", "--no-trajectories", "--beyond-hull", "extrapolate"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"{info['nan_count']} grid points gave a non-finite loss" in out
+    assert "warning: 8 of 8 untrusted points (outside the hull of the encoded checkpoints, decoded where" in out
+    # the default evaluates them at the hull's boundary instead: the same grid stays finite
+    tame = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False, fresh=True)
+    assert tame["beyond_hull"] == "clamp" and tame["nan_count"] == 0
+    assert np.isfinite(_field(pca_study).point_arrays["loss"]).all()
 
 
 def test_bad_input_errors(pca_study, capsys):

@@ -26,6 +26,9 @@ def register(sub):
     p.add_argument("--margin", type=float, default=0.05,
                    help="grid bounds: box around the encoded checkpoints (their hull) widened by this fraction of "
                         "its extent; points outside the hull are marked untrusted (arrays extrapolation, trusted)")
+    p.add_argument("--beyond-hull", choices=("clamp", "extrapolate"), default="clamp",
+                   help="grid points outside the hull of the encoded checkpoints: evaluated at the hull boundary "
+                        "(clamp, default: the decoder stays where it was fitted) or decoded where they are")
     p.add_argument("--bounds", type=_bounds, help="explicit bounds lo,hi per axis (overrides --margin)")
     p.add_argument("--chunk-points", type=int, help="grid points per chunk (one batch of decoded models)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -44,7 +47,8 @@ def cmd_landscape(args):
     info = compute_landscape(args.study, args.reducer, args.resolution, split=args.split,
                              eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,
                              device=args.device, progress=not args.no_progress, chunk_points=args.chunk_points,
-                             fresh=args.fresh, max_chunks=args.max_chunks, trajectories=not args.no_trajectories)
+                             fresh=args.fresh, max_chunks=args.max_chunks, trajectories=not args.no_trajectories,
+                             beyond_hull=args.beyond_hull)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if not info.get("complete"):
@@ -62,10 +66,11 @@ def cmd_landscape(args):
           f"of the grid; isolated spikes (> 0.5 decades above every neighbour): {sp.get('trusted', 0)} trusted, "
           f"{sp.get('all', 0)} in all")
     if ex.get("above_2x_worst_checkpoint"):
-        print(f"  warning: outside the hull the decoder extrapolates: {ex['above_2x_worst_checkpoint']} of "
-              f"{ex['points']} untrusted points have a loss above twice the worst checkpoint's "
-              f"({2 * ex['worst_checkpoint_loss']:.3g}; max {ex['loss_max']:.3g}); views fade them and the merge "
-              "tree leaves them out")
+        how = "decoded where they are" if info.get("beyond_hull") == "extrapolate" else "evaluated at the hull boundary"
+        top = "NaN" if ex.get("loss_max") is None else f"{ex['loss_max']:.3g}"
+        print(f"  warning: {ex['above_2x_worst_checkpoint']} of {ex['points']} untrusted points (outside the hull of "
+              f"the encoded checkpoints, {how}) have a loss above twice the worst checkpoint's "
+              f"({2 * ex['worst_checkpoint_loss']:.3g}; max {top}); views fade them, the merge tree leaves them out")
     if info.get("trajectories"):
         print(f"{info['trajectories']}")
     return 0
