@@ -123,8 +123,8 @@ class HullClamp:
         den = u @ n.T
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(den > 0, num / den, np.inf).min(1)
-        t = np.minimum(t, 1.0)[:, None]
-        return self.center + t * u
+        t = t[:, None]
+        return np.where(t < 1.0, self.center + np.minimum(t, 1.0) * u, pts)  # inside: the very same point
 
 
 def find_spikes(log_loss: np.ndarray, dims, decades: float = 0.5) -> np.ndarray:

@@ -371,3 +371,24 @@ def test_topology_leaves_untrusted_points_out(tmp_path):
     assert every["leaves"] == 3 and not every["trusted_only"]
     assert cli.main(["topology", d, "--dim", "2", "--all-points"]) == 0
     assert json.load(open(os.path.join(d, "report.json")))["basins-2d"]["leaves"] == 3
+
+
+def test_hull_clamp_and_extrapolation_2d_3d():
+    from globscope_core.landscape import HullClamp, hull_extrapolation
+
+    rng = np.random.default_rng(0)
+    for dim in (2, 3):
+        Z = rng.normal(size=(40, dim))
+        pts = rng.normal(size=(500, dim)) * 3
+        ex = hull_extrapolation(Z, pts)
+        c = HullClamp(Z)(pts)
+        inside = ex == 0
+        assert inside.any() and (~inside).any()
+        np.testing.assert_array_equal(c[inside], pts[inside])  # inside: untouched
+        assert np.abs(hull_extrapolation(Z, c[~inside])).max() < 1e-9  # outside: onto the hull ...
+        center = Z.mean(0)  # ... along the ray from the centroid
+        u, v = pts[~inside] - center, c[~inside] - center
+        cos = (u * v).sum(1) / np.linalg.norm(u, axis=1) / np.linalg.norm(v, axis=1)
+        assert np.allclose(cos, 1) and np.all(np.linalg.norm(v, axis=1) < np.linalg.norm(u, axis=1))
+        # the facet-plane distance is a lower bound of the true distance to the hull, exact on a facet's normal
+        assert np.all(ex <= np.linalg.norm(pts[:, None] - Z[None], axis=2).min(1) + 1e-12)
