@@ -16,8 +16,8 @@ decoded models work:
     interpolant, so along a trajectory a point between two checkpoints decodes to about their mean
     (the two-neighbour floor of held-out fidelity, reducers/holdout.py), and beyond the data it grows
     only linearly. The earlier Gaussian kernel (``residual="gaussian"``, ridge ``kernel_ridge``)
-    decays to the network between checkpoints: held-out loss gap on the demo study 35% mean / 7.1x
-    worst against 9.4% / 0.39x with the spline (bench/bench_holdout.py).
+    decays to the network between checkpoints: held-out loss gap on the demo study 35% mean / 712%
+    worst against 9.4% / 39% with the spline (bench/bench_holdout.py).
 The loss is the mean squared error in standardized parameter space (the basis is orthonormal).
 """
 from __future__ import annotations
