@@ -9,7 +9,7 @@ from ..fitting import KINDS, compare_study, fit_study, format_table
 
 def _ae_config(args) -> dict:
     cfg = {}
-    for key in ("width", "depth", "epochs", "lr", "seed"):
+    for key in ("width", "depth", "epochs", "lr", "seed", "residual"):
         v = getattr(args, key, None)
         if v is not None:
             cfg[key] = v
@@ -54,6 +54,8 @@ def _add_ae_args(p):
     g.add_argument("--epochs", type=int, help="full-batch epochs (default 1500)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--residual", choices=("polyharmonic", "gaussian"),
+                   help="interpolant of the residual at the checkpoints (default polyharmonic: phi(r) = r spline)")
 
 
 def cmd_fit(args):
