@@ -8,7 +8,7 @@ default seed (0), the held-out checkpoints are encoded and decoded and scored: M
 fitted rows' spread), relative test-loss gap (mean / median / max) on the fixed evaluation subset (test split,
 2000 samples or the whole split if smaller, seed 0). Reference: the mean of each held-out checkpoint's two fitted
 trajectory neighbours in weight space. Then each reducer is refitted on every checkpoint for the fitted columns
-(nothing is saved: the study directories are only read).
+(nothing is saved: the study directories are only read); ae-gaussian is scored held-out only.
 
 Rows: ae (the default: polyharmonic residual spline), ae-gaussian (the earlier Gaussian-kernel residual,
 kernel_ridge 1e-6), pca, kpca, two-neighbour. Checks of the issue's goal (printed, not asserted): held-out
@@ -40,6 +40,15 @@ def run_study(study_dir, dim, eval_samples, variants):
     rows = []
     for label, kind, cfg in variants:
         t0 = time.perf_counter()
+        if label == "ae-gaussian":  # the earlier AE: held-out only (its fitted numbers: bench_reducers.py)
+            from globscope_core.reducers.holdout import fit_held_out
+
+            rh = fit_held_out(study, kind, dim, **cfg)
+            rows.append({"map": f"{label}-{dim}d", "fit_mse_raw": None, "fit_mse_std": None, "fit_gap_mean": None,
+                         "fit_gap_max": None, **{f"ho_{k}": v for k, v in scorer.score_reducer(rh).items()},
+                         "ho_fit_seconds": time.perf_counter() - t0, "seconds_total": time.perf_counter() - t0})
+            print(f"  {rows[-1]['map']}: done in {rows[-1]['seconds_total']:.0f} s", flush=True)
+            continue
         _, info = fit_study(study_dir, kind, dim, progress=False, eval_samples=eval_samples, device="cpu",
                             holdout=True, save=False, scorer=scorer, **cfg)
         ho, rec, fs = info["held_out"], info["reconstruction"], info["function"]
@@ -67,8 +76,11 @@ def checks(rows):
             "mse_raw_vs_ref": r["ho_mse_raw"] / ref["ho_mse_raw"],
             "mse_std_vs_ref": r["ho_mse_std"] / ref["ho_mse_std"],
             "mean_gap_vs_ref": r["ho_loss_gap_mean"] / ref["ho_loss_gap_mean"],
-            "fit_mse_std": r["fit_mse_std"]}
+            "fit_mse_std": r["fit_mse_std"] if r["fit_mse_std"] is not None else float("nan")}
         c = out[r["map"]]
+        if r["fit_mse_std"] is None:
+            c["pass"] = None
+            continue
         c["pass"] = bool(c["median_gap_vs_ref"] <= 1 and c["mse_raw_vs_ref"] <= 1 and c["mse_std_vs_ref"] <= 1
                          and c["mean_gap_vs_ref"] < 2 and c["fit_mse_std"] < 1e-8)
     return out
@@ -95,7 +107,7 @@ def table(res) -> str:
         lines.append(f"\n{name} vs two-neighbour: median gap x{c['median_gap_vs_ref']:.3f}, MSE raw "
                      f"x{c['mse_raw_vs_ref']:.3f}, MSE std x{c['mse_std_vs_ref']:.3f}, mean gap "
                      f"x{c['mean_gap_vs_ref']:.3f}, fitted MSE std {c['fit_mse_std']:.1e}: "
-                     f"{'PASS' if c['pass'] else 'FAIL'}")
+                     f"{ {True: 'PASS', False: 'FAIL', None: '(held-out only)'}[c['pass']]}")
     return "\n".join(lines)
 
 
@@ -113,8 +125,8 @@ def main():
     want = a.variants.split(",")
     variants = [v for v in VARIANTS if v[0] in want]
     results = []
-    for s in a.study:
-        for dim in [int(d) for d in a.dims.split(",")]:
+    for dim in [int(d) for d in a.dims.split(",")]:
+        for s in a.study:
             print(f"== {s} {dim}D", flush=True)
             results.append(run_study(s, dim, a.eval_samples, variants))
             print(table(results[-1]), flush=True)
