@@ -9,7 +9,15 @@ forward pass (batched.py), on a fixed evaluation subset of the study's train or 
 Point arrays: ``loss`` (mean cross-entropy, active scalar; NaN where the decoded model gives a
 non-finite loss), ``log_loss`` (log10 of it: losses of decoded models span decades, so views and merge
 trees use it; the tree of a monotone transform is the same), ``accuracy``, ``trust`` (Euclidean distance, in latent units, from the grid point to
-the nearest encoded checkpoint: large values mark where the decoder extrapolates).
+the nearest encoded checkpoint: large values mark where the decoder extrapolates), ``extrapolation``
+(distance outside the convex hull of the encoded checkpoints, as a fraction of their extent; 0 inside) and
+``trusted`` (1 inside the hull or within one grid cell of it (at most 5% of the extent), else 0: the decoder was fitted on nothing
+there; by default (``beyond_hull="clamp"``) such a point is evaluated at the hull boundary on the ray from the
+checkpoints' centroid, so the decoder is never asked for models it was not fitted near). Views fade or cut the untrusted part and the merge tree leaves it out by default; the report says
+how bad the decoded models get there (``extrapolated``) and counts isolated spikes (``spikes``).
+
+Default bounds: the box of the hull (= of the encoded checkpoints) widened by ``margin`` = 5% of its extent
+on each side, so most of the grid is trusted and the rim shows where extrapolation starts.
 
 Resumable: the grid is cut into chunks of ``chunk_points`` points, each written to
 ``STUDY/.landscape-{2d,3d}.partial/chunk-NNNNNN.npz`` (temporary name + rename) as soon as it is done,
@@ -72,6 +80,74 @@ def grid_bounds(Z: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
     ext = hi - lo
     ext = np.where(ext > 0, ext, np.maximum(1.0, np.abs(lo)))  # a degenerate axis still gets a width
     return lo - margin * ext, hi + margin * ext
+
+
+def hull_extrapolation(Z: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Distance of each point outside the convex hull of ``Z`` (0 inside), in latent units.
+
+    The largest signed distance to the hull's facet planes: exact where the nearest hull point lies on a
+    facet, a lower bound near hull vertices (never 0 outside). A degenerate hull (all points on a line
+    or plane) falls back to the distance to the nearest point of ``Z``."""
+    from scipy.spatial import ConvexHull, QhullError, cKDTree
+
+    try:
+        eq = ConvexHull(Z).equations  # rows [n, b]: n . x + b <= 0 inside, |n| = 1
+    except (QhullError, ValueError):
+        return cKDTree(Z).query(pts)[0]
+    out = np.empty(len(pts))
+    for s in range(0, len(pts), 65536):
+        p = pts[s : s + 65536]
+        out[s : s + 65536] = (p @ eq[:, :-1].T + eq[:, -1]).max(1)
+    return np.maximum(out, 0.0)
+
+
+class HullClamp:
+    """Moves latent points outside the convex hull of ``Z`` onto its boundary, along the ray from the
+    centroid of ``Z``: the decoder is then evaluated only where it was fitted, and beyond the hull the
+    landscape continues each boundary value outward instead of extrapolating the decoder (whose models
+    grow worse without bound with the distance). Points inside are unchanged. Degenerate hulls: no-op."""
+
+    def __init__(self, Z: np.ndarray):
+        from scipy.spatial import ConvexHull, QhullError
+
+        self.center = Z.mean(0)
+        try:
+            self.eq = ConvexHull(Z).equations
+        except (QhullError, ValueError):
+            self.eq = None
+
+    def __call__(self, pts: np.ndarray) -> np.ndarray:
+        if self.eq is None:
+            return pts
+        n, b = self.eq[:, :-1], self.eq[:, -1]
+        u = pts - self.center
+        num = -(self.center @ n.T + b)  # > 0: the centroid is inside every facet's half-space
+        den = u @ n.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(den > 0, num / den, np.inf).min(1)
+        t = t[:, None]
+        return np.where(t < 1.0, self.center + np.minimum(t, 1.0) * u, pts)  # inside: the very same point
+
+
+def find_spikes(log_loss: np.ndarray, dims, decades: float = 0.5) -> np.ndarray:
+    """VTK point ids of isolated spikes: points more than ``decades`` above every axis neighbour (4 in 2D,
+    6 in 3D; grid-boundary points have fewer and are not tested). NaN counts as +inf (never a spike)."""
+    nx, ny, nz = dims
+    f = np.where(np.isnan(log_loss), np.inf, log_loss).reshape(nz, ny, nx)
+    core = tuple(slice(1, -1) if n > 2 else slice(None) for n in (nz, ny, nx))
+    if any(n <= 2 and n != 1 for n in (nz, ny, nx)):
+        return np.zeros(0, np.int64)
+    nb = np.full(f[core].shape, -np.inf)
+    for ax, n in enumerate((nz, ny, nx)):
+        if n == 1:
+            continue
+        for d in (-1, 1):
+            sl = list(core)
+            sl[ax] = slice(1 + d, n - 1 + d)
+            nb = np.maximum(nb, f[tuple(sl)])
+    spike = np.zeros(f.shape, bool)
+    spike[core] = np.isfinite(f[core]) & (f[core] > nb + decades)
+    return np.flatnonzero(spike.ravel())
 
 
 def grid_points(idx: np.ndarray, dims, origin, spacing, dim: int) -> np.ndarray:
@@ -226,14 +302,17 @@ class _Dist:
 
 # --- the stage ------------------------------------------------------------------------------------
 def compute_landscape(study, reducer_name: str, resolution: int | None = None, split: str = "test",
-                      eval_samples: int | None = 1024, margin: float = 0.2, bounds=None, device="auto",
+                      eval_samples: int | None = 1024, margin: float = 0.05, bounds=None, device="auto",
                       progress: bool = True, chunk_points: int | None = None, fresh: bool = False,
-                      max_chunks: int | None = None, eval_seed: int = 0, trajectories: bool = True) -> dict:
+                      max_chunks: int | None = None, eval_seed: int = 0, trajectories: bool = True,
+                      beyond_hull: str = "clamp") -> dict:
     """Evaluate the loss on a latent grid and write ``STUDY/landscape-{dim}d.vti`` (+ trajectories .vtp).
 
     ``resolution`` points per axis (default 65 in 2D, 33 in 3D); ``bounds`` [lo_x, hi_x, lo_y, hi_y(, lo_z,
     hi_z)] overrides the margin rule; ``eval_samples`` None = the whole split. ``max_chunks`` stops this
     call after that many new chunks (the rest is computed by a later call: a controlled interruption).
+    ``beyond_hull``: "clamp" (default) evaluates a grid point outside the hull of the encoded checkpoints at
+    the hull boundary (HullClamp); "extrapolate" decodes it where it is.
     Returns a summary dict (also stored in report.json under ``landscape-{dim}d``), with ``complete``
     False when stopped early.
     """
@@ -253,6 +332,8 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         raise GlobScopeError(f"--split must be 'train' or 'test', not '{split}'")
     if eval_samples is not None and eval_samples <= 0:
         raise GlobScopeError(f"--eval-samples must be positive, not {eval_samples}")
+    if beyond_hull not in ("clamp", "extrapolate"):
+        raise GlobScopeError(f"--beyond-hull must be 'clamp' or 'extrapolate', not '{beyond_hull}'")
 
     dist = _Dist(resolve_device(device))
     try:
@@ -291,7 +372,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         config = {"version": PARTIAL_VERSION, "study_id": study_id(study), "reducer": reducer.name,
                   "reducer_sha256": _sha256(rpath), "resolution": resolution, "dims": list(dims),
                   "origin": list(origin), "spacing": list(spacing), "split": split, "eval_samples": int(len(x)),
-                  "eval_seed": int(eval_seed), "chunk_points": chunk_points}
+                  "eval_seed": int(eval_seed), "chunk_points": chunk_points, "beyond_hull": beyond_hull}
         store = PartialStore(os.path.join(study.dir, f".landscape-{tag}.partial"))
         if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
             from .store import check_writable
@@ -316,12 +397,14 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
             mine = mine[: max(0, int(max_chunks))]
 
         ev = BatchedEvaluator(study.model_spec, x, y, device=dist.device, layout=study.layout)
+        clamp = HullClamp(Z) if beyond_hull == "clamp" else (lambda p: p)
         results, t_eval = {}, time.time()
         bar = tqdm(total=n_points, initial=sum(sizes[k] for k in done), desc=f"landscape-{tag}", unit="pt",
                    disable=not progress or dist.rank != 0, smoothing=0.1)
         for k in mine:
             idx = np.arange(k * chunk_points, k * chunk_points + sizes[k])
-            z = torch.as_tensor(grid_points(idx, dims, origin, spacing, dim), dtype=torch.float32, device=dist.device)
+            z = torch.as_tensor(clamp(grid_points(idx, dims, origin, spacing, dim)), dtype=torch.float32,
+                                device=dist.device)
             with torch.no_grad():
                 params = reducer.inverse_transform_torch(z)
             loss, acc = ev.evaluate(params)
@@ -374,6 +457,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
             continue
         loss[k * cp : k * cp + sizes[k]], acc[k * cp : k * cp + sizes[k]] = got
     info = {"resolution": config["resolution"], "dims": list(dims), "reducer": reducer.name,
+            "beyond_hull": config.get("beyond_hull", "extrapolate"),
             "split": config["split"], "eval_samples": config["eval_samples"], "chunks": n_chunks,
             "chunks_done": n_chunks - len(missing), "points_computed_now": int(computed),
             "eval_seconds": round(eval_seconds, 3),
@@ -389,27 +473,57 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     pts = np.concatenate([grid_points(np.arange(s, min(s + 65536, n_points)), dims, origin, spacing, dim)
                           for s in range(0, n_points, 65536)])
     trust, _ = cKDTree(Z).query(pts)
+    outside = hull_extrapolation(Z, pts)
+    extent = float(np.max(Z.max(0) - Z.min(0))) or 1.0
+    # inside, or within one grid cell (so the cells around a final checkpoint on the hull count), at most 5%
+    trusted = outside <= min(np.linalg.norm(np.asarray(spacing[:dim])), 0.05 * extent)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_loss = np.log10(loss)
     lo = np.asarray(origin[:dim])
     hi = lo + np.asarray(spacing[:dim]) * (config["resolution"] - 1)
     name = os.path.basename(study.dir.rstrip("/"))
     vti = os.path.join(study.dir, f"landscape-{tag}.vti")
     field = ImageField(dims, origin, spacing,
-                       {"loss": loss.astype(np.float32), "log_loss": np.log10(loss).astype(np.float32),
-                        "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32)},
+                       {"loss": loss.astype(np.float32), "log_loss": log_loss.astype(np.float32),
+                        "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32),
+                        "extrapolation": (outside / extent).astype(np.float32),
+                        "trusted": trusted.astype(np.float32)},
                        {"study": name, "study_id": config["study_id"], "reducer": reducer.name,
                         "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),
-                        "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum())},
+                        "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum()),
+                        "beyond_hull": config.get("beyond_hull", "extrapolate")},
                        active_scalars="loss")
     write_vti(vti, field)
     info.update(complete=True, bounds=np.stack([lo, hi], 1).reshape(-1).round(9).tolist(), nan_count=int(bad.sum()),
                 loss_min=float(np.nanmin(loss)) if (~bad).any() else None,
-                loss_max=float(np.nanmax(loss)) if (~bad).any() else None, vti=vti)
+                loss_max=float(np.nanmax(loss)) if (~bad).any() else None, vti=vti,
+                trusted_fraction=float(trusted.mean()),
+                extrapolated=_extrapolated_report(study, config["split"], loss, trusted),
+                spikes=_spike_report(log_loss, dims, trusted))
     if trajectories:
         info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"])
     info["seconds"] = round(time.time() - t_start, 3)
     study.update_report(f"landscape-{tag}", info)
     store.remove()
     return info
+
+
+def _extrapolated_report(study, split, loss, trusted) -> dict:
+    """How bad the decoded models get outside the trusted part, against the worst stored checkpoint."""
+    worst = float(np.nanmax(study.metrics[f"{split}_loss"]))
+    out = {"points": int((~trusted).sum()), "worst_checkpoint_loss": worst,
+           "loss_max_trusted": float(np.nanmax(loss[trusted])) if np.isfinite(loss[trusted]).any() else None}
+    far = loss[~trusted]
+    if len(far):
+        bad = ~(far <= 2 * worst)  # NaN counts as bad
+        out.update(loss_max=float(np.nanmax(far)) if np.isfinite(far).any() else None,
+                   above_2x_worst_checkpoint=int(bad.sum()), above_2x_fraction=float(bad.mean()))
+    return out
+
+
+def _spike_report(log_loss, dims, trusted) -> dict:
+    ids = find_spikes(log_loss, dims)
+    return {"decades": 0.5, "all": int(len(ids)), "trusted": int(trusted[ids].sum()), "ids": ids[:20].tolist()}
 
 
 def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluator, split: str) -> str:

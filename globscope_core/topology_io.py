@@ -113,7 +113,8 @@ def final_points(path: str) -> tuple:
 
 
 def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PERSISTENCE, relative: bool = True,
-                   scalar: str = "log_loss", tree: str = "join", verbose: bool = True) -> dict:
+                   scalar: str = "log_loss", tree: str = "join", verbose: bool = True,
+                   trusted_only: bool = True) -> dict:
     """Simplified merge tree of ``landscape-{dim}d.vti`` and the basin of each run's final checkpoint.
 
     Writes ``STUDY/topology-{dim}d/`` and the report section ``basins-{dim}d``; returns that section.
@@ -121,6 +122,9 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     (falling back to ``loss`` for older files): same tree as ``loss``, but a relative persistence
     threshold means a fraction of the decades the landscape spans, not of its largest loss, which
     far-extrapolated grid corners can make huge. Reported basin losses are always plain losses.
+    ``trusted_only`` (default): grid points the landscape marks untrusted (``trusted`` == 0: outside the hull
+    of the encoded checkpoints) are set to the trusted part's highest value, a plateau whose minima have zero
+    persistence, so no kept minimum, basin or threshold comes from extrapolation.
     """
     from .store import update_report
 
@@ -134,6 +138,15 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
         scalar = "loss"
     field, values, order = read_scalar(land, scalar, field)
     n_nan = int(np.isnan(values).sum()) if values.dtype.kind == "f" else 0
+    n_untrusted = 0
+    if trusted_only and "trusted" in field.point_arrays:
+        keep = np.asarray(field.point_arrays["trusted"]).reshape(values.shape) > 0.5
+        n_untrusted = int((~keep).sum())
+        top = values[keep & np.isfinite(values)]
+        if top.size:
+            # a plateau at the trusted part's highest value: its minima have persistence 0 (simplified
+            # away) and the relative threshold keeps meaning a fraction of the trusted range
+            values, order = np.where(keep, values, top.max()).astype(values.dtype), None
     try:
         res = compute_topology(values, field.origin, field.spacing, tree=tree, persistence=persistence,
                                relative=relative, order=order, nan="inf", name=scalar)
@@ -163,6 +176,7 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     for b in per_run:
         basins.setdefault(b["basin_minimum_vertex"], []).append(b["run"])
     section = dict(summary(res), scalar=scalar, persistence=persistence, relative=relative, nan_values=n_nan,
+                   trusted_only=bool(trusted_only), untrusted_points_left_out=n_untrusted,
                    directory=os.path.relpath(out_dir, study_dir), seconds=round(time.perf_counter() - t0, 3),
                    n_basins_with_runs=len(basins), runs=per_run,
                    basins=[{"minimum_vertex": m, "runs": rs} for m, rs in sorted(basins.items())])

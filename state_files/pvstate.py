@@ -86,6 +86,17 @@ def _reader(study, dim):
     return r
 
 
+def _trusted_part(src, trusted, name):
+    """Cells of ``src`` where the landscape's ``trusted`` array is 1 (inside the hull of the encoded
+    checkpoints), or, with ``trusted`` False, those touching the extrapolated rest (drawn faded)."""
+    t = pv.Threshold(registrationName=name, Input=src)
+    t.Scalars = ["POINTS", "trusted"]
+    t.LowerThreshold, t.UpperThreshold = 0.5, 1.0
+    t.ThresholdMethod = "Between" if trusted else "Below Lower Threshold"
+    t.AllScalars = 1 if trusted else 0
+    return t
+
+
 def _trajectory_parts(r, view, warp, color_by, preset):
     """Runs as tubes (optionally lifted onto the warped surface) and the final checkpoints as spheres."""
     traj = _port(r, 1)
@@ -189,8 +200,9 @@ def build_2d(study, view=None):
     r = _reader(study, 2)
     surf = pv.WarpByScalar(registrationName="Surface Warp", Input=r)
     surf.Scalars = ["POINTS", LOSS]
-    d = _show(surf, v, LOSS, "Viridis (matplotlib)")
+    d = _show(_trusted_part(surf, True, "Trusted Surface"), v, LOSS, "Viridis (matplotlib)")
     d.SetScalarBarVisibility(v, True)
+    _show(_trusted_part(surf, False, "Extrapolated Surface"), v, LOSS, None, opacity=0.2)  # extrapolated: faded
     contour = pv.Contour(registrationName="Loss Contours", Input=r)
     contour.ContourBy = ["POINTS", LOSS]
     contour.ComputeScalars = 1
@@ -215,7 +227,7 @@ def build_3d(study):
     iso.ContourBy = ["POINTS", LOSS]
     iso.ComputeScalars = 1
     iso.Isosurfaces = [0.0]
-    _show(iso, v, LOSS, None, opacity=0.35)
+    _show(_trusted_part(iso, True, "Trusted Isosurfaces"), v, LOSS, None, opacity=0.35)  # cut to the trusted part
     _trajectory_parts(r, v, False, "run", "Rainbow Uniform")
     _tree_parts(r, v, False)
     _connect_parts(r, v, False)

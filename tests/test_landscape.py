@@ -132,19 +132,33 @@ def test_landscape_2d_field_and_trajectories(pca_study):
     assert f.field_data["reducer"] == "pca-2d" and f.field_data["split"] == "test"
     assert f.field_data["study"] == os.path.basename(pca_study.dir) and int(f.field_data["eval_samples"][0]) == 200
 
-    # bounds: the encoded checkpoints' box widened by 20% on each side
+    # bounds: the encoded checkpoints' box (their hull's) widened by 5% on each side
     red = load_reducer(pca_study, "pca-2d")
     Z = red.transform(pca_study.read_params())
     lo, hi = Z.min(0), Z.max(0)
-    np.testing.assert_allclose(f.origin[:2], lo - 0.2 * (hi - lo), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(f.origin[:2]) + 8 * np.asarray(f.spacing[:2]), hi + 0.2 * (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(f.origin[:2], lo - 0.05 * (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(f.origin[:2]) + 8 * np.asarray(f.spacing[:2]), hi + 0.05 * (hi - lo), rtol=1e-6)
+
+    # extrapolation: 0 exactly inside the hull of the encoded checkpoints, > 0 outside; trusted covers the hull
+    from scipy.spatial import Delaunay
+
+    inside = Delaunay(Z).find_simplex(f.point_coordinates()[:, :2]) >= 0
+    ex, tr = f.point_arrays["extrapolation"], f.point_arrays["trusted"]
+    assert inside.any() and (~inside).any()
+    assert np.all(ex[inside] < 1e-6) and np.all(ex[~inside] > 0) and np.all(tr[inside] == 1)
+    assert set(np.unique(tr)) == {0.0, 1.0} and info["trusted_fraction"] == pytest.approx(tr.mean())
+    assert info["extrapolated"]["points"] == int((tr == 0).sum()) and info["spikes"]["all"] >= 0
 
     # grid values: decode a few points and evaluate them one model at a time
     x, y = eval_data(pca_study, "test", 200)
     model = pca_study.build_model()
     pts = f.point_coordinates()[:, :2]
+    from globscope_core.landscape import HullClamp
+
+    clamp = HullClamp(Z)  # points outside the hull are evaluated on its boundary (the default)
+    assert not np.allclose(clamp(pts[:1]), pts[:1]) and np.allclose(clamp(pts[40:41]), pts[40:41])
     for i in (0, 40, 80, 17):
-        vec = red.inverse_transform(pts[i : i + 1])[0]
+        vec = red.inverse_transform(clamp(pts[i : i + 1]))[0]
         l, a = evaluate_model(pca_study.layout.load_into(model, vec), x, y)
         assert abs(f.point_arrays["loss"][i] - l) < 1e-4 * max(1, l)
         assert abs(f.point_arrays["accuracy"][i] - a) < 1e-6
@@ -262,17 +276,25 @@ def test_torchrun_two_processes_give_the_single_process_field(pca_study):
 
 # --- bad input -----------------------------------------------------------------------------------
 def test_nan_losses_are_kept_counted_and_reported(pca_study, capsys):
-    # a huge margin sends most grid points to absurd weights: their losses overflow
-    info = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False)
+    # decoded where they are, a huge margin sends most grid points to absurd weights: their losses overflow
+    info = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False,
+                             beyond_hull="extrapolate")
     f = _field(pca_study)
     loss = f.point_arrays["loss"]
     assert info["nan_count"] == int(np.isnan(loss).sum()) > 0
     assert np.isfinite(loss[4]), "the centre of the grid lies among the checkpoints"
     assert int(f.field_data["nan_count"][0]) == info["nan_count"]
     assert json.load(open(pca_study.report_path))["landscape-2d"]["nan_count"] == info["nan_count"]
+    assert info["extrapolated"]["above_2x_worst_checkpoint"] == 8  # every point but the centre, said loudly
     rc = cli.main(["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "3", "--margin", "1e20",
-                   "--eval-samples", "64", "--no-progress", "--no-trajectories"])
-    assert rc == 0 and f"{info['nan_count']} grid points gave a non-finite loss" in capsys.readouterr().out
+                   "--eval-samples", "64", "--no-progress", "--no-trajectories", "--beyond-hull", "extrapolate"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"{info['nan_count']} grid points gave a non-finite loss" in out
+    assert "warning: 8 of 8 untrusted points (outside the hull of the encoded checkpoints, decoded where" in out
+    # the default evaluates them at the hull's boundary instead: the same grid stays finite
+    tame = compute_landscape(pca_study, "pca-2d", 3, margin=1e20, eval_samples=64, progress=False, fresh=True)
+    assert tame["beyond_hull"] == "clamp" and tame["nan_count"] == 0
+    assert np.isfinite(_field(pca_study).point_arrays["loss"]).all()
 
 
 def test_bad_input_errors(pca_study, capsys):
@@ -299,3 +321,75 @@ def test_grid_points_are_in_vtk_order():
     pts = grid_points(np.arange(12), (3, 2, 2), (0.0, 10.0, 100.0), (1.0, 2.0, 5.0), 3)
     assert pts[1].tolist() == [1.0, 10.0, 100.0] and pts[3].tolist() == [0.0, 12.0, 100.0]
     assert pts[6].tolist() == [0.0, 10.0, 105.0]
+
+
+# --- trust: spikes, extrapolation, the merge tree on the trusted part ------------------------------
+def test_find_spikes_2d_and_3d():
+    from globscope_core.landscape import find_spikes
+
+    for dims in [(9, 7, 1), (7, 6, 5)]:
+        nx, ny, nz = dims
+        g = np.stack(np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij"))
+        f = (0.1 * g.sum(0)).astype(np.float64).ravel()  # a smooth ramp: no spike
+        assert len(find_spikes(f, dims)) == 0
+        inner = (nz // 2) * nx * ny + 3 * nx + 3
+        f1 = f.copy()
+        f1[inner] += 0.75  # 0.5 decades above its highest neighbour (+0.1): a spike
+        assert find_spikes(f1, dims).tolist() == [inner]
+        f1[inner] -= 0.3  # 0.35 above: not one
+        assert len(find_spikes(f1, dims)) == 0
+        f2 = f.copy()
+        f2[inner] += 5
+        f2[inner + 1] = np.nan  # a NaN neighbour counts as +inf: not isolated
+        assert len(find_spikes(f2, dims)) == 0
+        f3 = f.copy()
+        f3[0] += 5  # grid-boundary points have fewer neighbours and are not tested
+        assert len(find_spikes(f3, dims)) == 0
+
+
+def test_topology_leaves_untrusted_points_out(tmp_path):
+    from globscope_core import topology_io, vtkio
+
+    d = str(tmp_path / "s")
+    os.makedirs(d)
+    nx = ny = 33
+    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    f = 2.0 - np.exp(-((x + 0.4) ** 2 + y**2) / 0.05) - 0.8 * np.exp(-((x - 0.4) ** 2 + y**2) / 0.05)
+    f -= 1.5 * np.exp(-((x - 0.9) ** 2 + (y - 0.9) ** 2) / 0.02)  # the deepest well, in a corner ...
+    trusted = (np.hypot(x, y) < 0.8).astype(np.float32)  # ... outside the trusted disc
+    sp = (2 / (nx - 1), 2 / (ny - 1), 1.0)
+    vtkio.write_vti(os.path.join(d, "landscape-2d.vti"), vtkio.ImageField(
+        (nx, ny, 1), (-1.0, -1.0, 0.0), sp, {"log_loss": f.astype(np.float32).ravel(),
+                                             "trusted": trusted.ravel()}, {}, "log_loss"))
+    vtkio.write_vtp(os.path.join(d, "trajectories-2d.vtp"), np.array([[0, 0, 0], [-0.4, 0, 0], [0.4, 0, 0]]),
+                    lines=[[0, 1], [0, 2]], verts=[[1], [2]],
+                    point_arrays={"run": np.array([0, 0, 1]), "step": np.array([0, 9, 9])})
+    sec = topology_io.study_topology(d, 2, verbose=False)
+    assert sec["trusted_only"] and sec["untrusted_points_left_out"] == int((trusted == 0).sum())
+    assert sec["leaves"] == 2 and sec["n_basins_with_runs"] == 2
+    assert all(np.hypot(*r["basin_minimum_position"]) < 0.8 for r in sec["runs"])
+    every = topology_io.study_topology(d, 2, verbose=False, trusted_only=False)
+    assert every["leaves"] == 3 and not every["trusted_only"]
+    assert cli.main(["topology", d, "--dim", "2", "--all-points"]) == 0
+    assert json.load(open(os.path.join(d, "report.json")))["basins-2d"]["leaves"] == 3
+
+
+def test_hull_clamp_and_extrapolation_2d_3d():
+    from globscope_core.landscape import HullClamp, hull_extrapolation
+
+    rng = np.random.default_rng(0)
+    for dim in (2, 3):
+        Z = rng.normal(size=(40, dim))
+        pts = rng.normal(size=(500, dim)) * 3
+        ex = hull_extrapolation(Z, pts)
+        c = HullClamp(Z)(pts)
+        inside = ex == 0
+        assert inside.any() and (~inside).any()
+        np.testing.assert_array_equal(c[inside], pts[inside])  # inside: untouched
+        assert np.abs(hull_extrapolation(Z, c[~inside])).max() < 1e-9  # outside: onto the hull ...
+        center = Z.mean(0)  # ... along the ray from the centroid
+        u, v = pts[~inside] - center, c[~inside] - center
+        cos = (u * v).sum(1) / np.linalg.norm(u, axis=1) / np.linalg.norm(v, axis=1)
+        assert np.allclose(cos, 1) and np.all(np.linalg.norm(v, axis=1) < np.linalg.norm(u, axis=1))
+        # the facet-plane distance is a lower bound of the true distance to the hull, exact on a facet's normal
+        assert np.all(ex <= np.linalg.norm(pts[:, None] - Z[None], axis=2).min(1) + 1e-12)

@@ -149,9 +149,19 @@ def test_cli_fit_and_compare(study_copy, capsys):
                  "--eval-samples", "200"]) == 0
     out = capsys.readouterr().out
     assert "kpca-2d" in out and "ae-2d" in out
-    rows = json.load(open(os.path.join(d, "report.json")))["compare-2d"]
-    assert [r["reducer"] for r in rows] == ["ae-2d", "pca-2d", "kpca-2d"]
-    assert all(r["peak_rss_mb"] > 0 and 0 <= r["trustworthiness"] <= 1 for r in rows)
+    rep = json.load(open(os.path.join(d, "report.json")))
+    rows = rep["compare-2d"]
+    assert [r["reducer"] for r in rows] == ["ae-2d", "pca-2d", "kpca-2d", "two-neighbour"]
+    assert all(r["peak_rss_mb"] > 0 and 0 <= r["trustworthiness"] <= 1 for r in rows[:-1])
+    # held-out columns for every reducer, and the reference row has only those
+    assert all(r["ho_mse_std"] > 0 and r["ho_loss_gap_median"] >= 0 for r in rows[:-1])
+    assert rows[0]["ho_mse_std"] > 10 * rows[0]["mse_std"]  # the AE's memory is not its held-out fidelity
+    assert rows[-1]["mse_raw"] is None and rows[-1]["ho_mse_raw"] > 0
+    assert rep["fit-ae-3d"]["held_out"]["two_neighbour"]["mse_raw"] == rows[-1]["ho_mse_raw"]
+    assert "held-out" in out and "two-neighbour" in out
+    # compare fits in memory: the saved reducers and their report sections are fit's alone
+    assert os.listdir(os.path.join(d, "reducers")) == ["ae-3d.pt"]
+    assert not any(k.startswith("fit-") and k != "fit-ae-3d" for k in rep)
     with open(os.path.join(d, "compare-2d.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -192,3 +202,60 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_study, cap
     assert not os.path.exists(os.path.join(s.dir, "reducers"))
     with pytest.raises(GlobScopeError, match="latent dimension"):
         fit_reducer(s, "pca", 5)
+
+
+def test_held_out_rows_are_excluded_from_the_fit(tiny_study):
+    from globscope_core.reducers.holdout import HeldOutScorer, RowSubset, fit_held_out, holdout_split
+
+    fit_rows, held, nb = holdout_split(tiny_study)
+    # the rule: positions 3, 7, ... of each run, never the first two nor the last; neighbours are fitted
+    for r in range(len(tiny_study.runs)):
+        rows = list(tiny_study.run_rows(r, label=None))
+        pos = sorted(rows.index(h) for h in held if h in rows)
+        assert pos and all(p % 4 == 3 and 2 <= p < len(rows) - 1 for p in pos)
+    assert len(np.intersect1d(fit_rows, held)) == 0 and len(fit_rows) + len(held) == tiny_study.n_checkpoints
+    assert np.isin(nb, fit_rows).all()
+    # the streamed rows the reducer is fitted on are exactly the fitted rows
+    seen = [b for _, b in RowSubset(tiny_study, fit_rows).iter_params(4)]
+    np.testing.assert_array_equal(np.concatenate(seen), tiny_study.read_params(fit_rows))
+    r = fit_held_out(tiny_study, "pca", 2)
+    np.testing.assert_array_equal(r.fit_rows_, fit_rows)
+    assert r.embedding_.shape[0] == len(fit_rows)
+    # held-out rows are not in the fitted span: PCA with the full span keeps more of them than one without
+    X = tiny_study.read_params(held)
+    C = r.basis.to_coords(X)
+    resid = np.linalg.norm(r.basis.standardize(X)) ** 2 - np.linalg.norm(C) ** 2
+    assert resid > 1e-3 * np.linalg.norm(C) ** 2
+    # the two-neighbour reference scores what it says: a held-out row scored against its own value is 0
+    sc = HeldOutScorer(tiny_study, eval_samples=100)
+    assert sc.score(lambda k, B: B, r.basis.scale)["mse_raw"] == 0
+    two = sc.score_two_neighbour(r.basis.scale)
+    mean = 0.5 * (tiny_study.read_params(nb[:, 0]).astype(np.float64) + tiny_study.read_params(nb[:, 1]))
+    assert np.isclose(two["mse_raw"], ((mean - X) ** 2).mean(), rtol=1e-5)
+
+
+def test_ae_spline_residual_interpolates_between_checkpoints(tiny_study):
+    """The default residual (polyharmonic spline) keeps every fitted checkpoint and decodes held-out ones
+    about as well as the mean of their two trajectory neighbours; the earlier Gaussian kernel does worse."""
+    from globscope_core.reducers.holdout import HeldOutScorer, fit_held_out
+
+    sc = HeldOutScorer(tiny_study, eval_samples=200)
+    cfg = {"epochs": 200, "width": 32}
+    spline = fit_held_out(tiny_study, "ae", 2, **cfg)
+    gauss = fit_held_out(tiny_study, "ae", 2, residual="gaussian", **cfg)
+    C = spline.coords_
+    fitted = ((spline.decode_coords(spline.embedding_) - C) ** 2).sum(1).mean() / spline.basis.n_params
+    assert fitted < 1e-8
+    s, g = sc.score_reducer(spline), sc.score_reducer(gauss)
+    ref = sc.score_two_neighbour(spline.basis.scale)
+    assert s["mse_std"] < g["mse_std"] and s["mse_std"] < 1.5 * ref["mse_std"], (s, g, ref)
+    # saved and loaded, the spline decodes the same
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        spline.save(os.path.join(d, "ae.pt"))
+        from globscope_core.reducers import Reducer
+
+        back = Reducer.load(os.path.join(d, "ae.pt"))
+    z = spline.embedding_[:5] + 0.1
+    np.testing.assert_allclose(back.inverse_transform(z), spline.inverse_transform(z), rtol=1e-6, atol=1e-7)

@@ -9,7 +9,7 @@ from .args import csv_of, device, nonnegative_int, one_of, positive_float, posit
 
 def _ae_config(args) -> dict:
     cfg = {}
-    for key in ("width", "depth", "epochs", "lr", "seed"):
+    for key in ("width", "depth", "epochs", "lr", "seed", "residual"):
         v = getattr(args, key, None)
         if v is not None:
             cfg[key] = v
@@ -24,6 +24,7 @@ def register(sub):
     _add_ae_args(p)
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="samples for the decoded models' loss")
     p.add_argument("--no-eval", action="store_true", help="skip the metrics (fit and save only)")
+    _add_holdout_arg(p)
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-rank", type=positive_int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_fit)
@@ -35,9 +36,16 @@ def register(sub):
                    help=f"comma list of reducers (default: {','.join(KINDS)})")
     _add_ae_args(p)
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="samples for the decoded models' loss")
+    _add_holdout_arg(p)
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-rank", type=positive_int, help="basis directions kept (default: as many as fit in 2 GiB)")
     p.set_defaults(func=cmd_compare)
+
+
+def _add_holdout_arg(p):
+    p.add_argument("--no-holdout", action="store_true",
+                   help="skip the held-out fidelity (an extra fit on 3/4 of each run's checkpoints, scored on "
+                        "the rest); for huge studies")
 
 
 def _add_ae_args(p):
@@ -47,6 +55,8 @@ def _add_ae_args(p):
     g.add_argument("--epochs", type=positive_int, help="full-batch epochs (default 1500)")
     g.add_argument("--lr", type=positive_float, help="peak learning rate (default 2e-3)")
     g.add_argument("--seed", type=nonnegative_int, help="seed (default 0)")
+    g.add_argument("--residual", choices=("polyharmonic", "gaussian"),
+                   help="interpolant of the residual at the checkpoints (default polyharmonic: phi(r) = r spline)")
 
 
 def cmd_fit(args):
@@ -54,7 +64,7 @@ def cmd_fit(args):
     if args.max_rank:
         cfg["max_rank"] = args.max_rank
     r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
-                        eval_samples=args.eval_samples, device=args.device, **cfg)
+                        eval_samples=args.eval_samples, device=args.device, holdout=not args.no_holdout, **cfg)
     print(f"{os.path.join(args.study, 'reducers', r.name + '.pt')}: fitted in {info['fit_seconds']:.1f} s, "
           f"peak memory {info['peak_rss_mb']:.0f} MB")
     if "reconstruction" in info:
@@ -64,11 +74,19 @@ def cmd_fit(args):
               f"within 1%: {fs['within_1pct'] * 100:.0f}% of checkpoints")
         print(f"  trustworthiness {st['trustworthiness']:.3f}, continuity {st['continuity']:.3f}, "
               f"distance Spearman {st['distance_spearman']:.3f}, finals apart {st['finals_apart']}")
+    ho = info.get("held_out")
+    if ho:
+        p = ho["protocol"]
+        print(f"  held-out ({p['held_out']} of {p['held_out'] + p['fitted']} checkpoints: every 4th of each run, "
+              f"never its first two nor its last; fitted on the rest):")
+        for name, h in ((info["reducer"], ho), ("two-neighbour", ho["two_neighbour"])):
+            print(f"    {name:<14} MSE raw {h['mse_raw']:.3e}, standardized {h['mse_std']:.3e}; loss gap mean "
+                  f"{h['loss_gap_mean']:.2e}, median {h['loss_gap_median']:.2e}, max {h['loss_gap_max']:.2e}")
 
 
 def cmd_compare(args):
     kinds = list(dict.fromkeys(args.reducers))  # checked by the option's type; each once
     rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
-                         max_rank=args.max_rank, **_ae_config(args))
+                         max_rank=args.max_rank, holdout=not args.no_holdout, **_ae_config(args))
     print(format_table(rows))
     print(f"saved: {os.path.join(args.study, f'compare-{args.dim}d.png')}, report.json[compare-{args.dim}d]")

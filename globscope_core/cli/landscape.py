@@ -17,8 +17,12 @@ def register(sub):
     p.add_argument("--split", choices=("train", "test"), default="test", help="data split to evaluate on")
     p.add_argument("--eval-samples", type=nonnegative_int, default=1024,
                    help="evaluation subset size (0 = the whole split)")
-    p.add_argument("--margin", type=nonnegative_float, default=0.2,
-                   help="grid bounds: box around the encoded checkpoints widened by this fraction of its extent")
+    p.add_argument("--margin", type=nonnegative_float, default=0.05,
+                   help="grid bounds: box around the encoded checkpoints (their hull) widened by this fraction of "
+                        "its extent; points outside the hull are marked untrusted (arrays extrapolation, trusted)")
+    p.add_argument("--beyond-hull", choices=("clamp", "extrapolate"), default="clamp",
+                   help="grid points outside the hull of the encoded checkpoints: evaluated at the hull boundary "
+                        "(clamp, default: the decoder stays where it was fitted) or decoded where they are")
     p.add_argument("--bounds", type=bounds, help="explicit bounds lo,hi per axis (overrides --margin)")
     p.add_argument("--chunk-points", type=positive_int,
                    help="grid points per chunk (one batch of decoded models; default: ~256 MiB of parameters)")
@@ -38,7 +42,8 @@ def cmd_landscape(args):
     info = compute_landscape(args.study, args.reducer, args.resolution, split=args.split,
                              eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,
                              device=args.device, progress=not args.no_progress, chunk_points=args.chunk_points,
-                             fresh=args.fresh, max_chunks=args.max_chunks, trajectories=not args.no_trajectories)
+                             fresh=args.fresh, max_chunks=args.max_chunks, trajectories=not args.no_trajectories,
+                             beyond_hull=args.beyond_hull)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if not info.get("complete"):
@@ -51,6 +56,16 @@ def cmd_landscape(args):
           f"{info['eval_samples']} {info['split']} samples" + (f", {rate:.0f} points/s" if rate else ""))
     if info["nan_count"]:
         print(f"  warning: {info['nan_count']} grid points gave a non-finite loss (kept as NaN)")
+    ex, sp = info.get("extrapolated", {}), info.get("spikes", {})
+    print(f"  trusted (inside the hull of the encoded checkpoints): {info.get('trusted_fraction', 1) * 100:.0f}% "
+          f"of the grid; isolated spikes (> 0.5 decades above every neighbour): {sp.get('trusted', 0)} trusted, "
+          f"{sp.get('all', 0)} in all")
+    if ex.get("above_2x_worst_checkpoint"):
+        how = "decoded where they are" if info.get("beyond_hull") == "extrapolate" else "evaluated at the hull boundary"
+        top = "NaN" if ex.get("loss_max") is None else f"{ex['loss_max']:.3g}"
+        print(f"  warning: {ex['above_2x_worst_checkpoint']} of {ex['points']} untrusted points (outside the hull of "
+              f"the encoded checkpoints, {how}) have a loss above twice the worst checkpoint's "
+              f"({2 * ex['worst_checkpoint_loss']:.3g}; max {top}); views fade them, the merge tree leaves them out")
     if info.get("trajectories"):
         print(f"{info['trajectories']}")
     return 0

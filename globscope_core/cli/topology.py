@@ -26,6 +26,8 @@ def register(sub):
                    help="a split tree's diagram: the tree's own saddle-max pairs (as TTK's FTM backend) or "
                         "TTK's default backend's (homology: a maximum on the domain boundary makes no pair)")
     p.add_argument("--dim", type=int, choices=[2, 3], action="append", help="(study) which landscapes; default all present")
+    p.add_argument("--all-points", action="store_true",
+                   help="(study) include the untrusted (extrapolated) grid points in the merge tree and basins")
     p.add_argument("--nan-as-inf", action="store_true", help="treat NaN values as +inf instead of refusing (a study always does)")
     p.set_defaults(func=cmd_topology)
 
@@ -50,7 +52,8 @@ def cmd_topology(args) -> int:
         pers = topology_io.DEFAULT_PERSISTENCE if args.persistence is None else args.persistence
         relative = not args.absolute if args.persistence is None else (args.relative or not args.absolute)
         for d in dims:
-            topology_io.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree)
+            topology_io.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree,
+                                       trusted_only=not args.all_points)
         return 0
     if not args.out:
         raise GlobScopeError("--out DIR is required for a .vti input")

@@ -55,7 +55,7 @@ def function_space(reducer, study, split="test", eval_samples=2000, device="cpu"
     orig, dec = np.array(orig), np.array(dec)
     rel = np.abs(dec[:, 0] - orig[:, 0]) / np.maximum(orig[:, 0], 1e-12)
     return {"split": split, "eval_samples": int(len(x)), "loss_gap_mean": float(rel.mean()),
-            "loss_gap_max": float(rel.max()), "within_1pct": float((rel <= 0.01).mean()),
+            "loss_gap_median": float(np.median(rel)), "loss_gap_max": float(rel.max()), "within_1pct": float((rel <= 0.01).mean()),
             "acc_gap_max": float(np.abs(dec[:, 1] - orig[:, 1]).max()),
             "loss_original": orig[:, 0].tolist(), "loss_decoded": dec[:, 0].tolist()}
 
