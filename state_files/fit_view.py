@@ -76,7 +76,10 @@ def fit_view(view=None, name=None):
     connect_lift = pv.FindSource("Connect Lift")  # above the trajectories: the paths end on runs' finals
     if connect_lift is not None:
         connect_lift.Transform.Translate = [0, 0, 2 * lift]
-    for t, frac in (("Trajectory Tubes", 0.006), ("Tree Arcs", 0.004), ("Connect Line Tube", 0.009),
+    # 3D: the line's tube is wider than the curve's: where the two paths meet in the latent view, it stays visible
+    # as a rim around the curve (in 2D they are lifted apart)
+    line_frac = 0.014 if name == "landscape-3d" else 0.009
+    for t, frac in (("Trajectory Tubes", 0.006), ("Tree Arcs", 0.004), ("Connect Line Tube", line_frac),
                     ("Connect Curve Tube", 0.009)):
         _set(t, "Radius", frac * extent)
     for g, frac in (("Final Spheres", 0.035), ("Tree Nodes", 0.025)):
@@ -88,6 +91,8 @@ def fit_view(view=None, name=None):
         if _coloured(rep) and rep.Visibility:
             src.UpdatePipeline()
             rep.RescaleTransferFunctionToDataRange(False, True)
+    # the loss colours span the whole landscape, not whichever loss-coloured part (a cut isosurface) came last
+    pv.GetColorTransferFunction(LOSS).RescaleTransferFunction(lo, hi)
     bars = {"trajectories-2d": (LOSS, "step")}.get(name, (LOSS,))
     for src in pv.GetSources().values():  # one legend per colour that matters, no overlapping bars
         rep = sm.GetRepresentation(src, view)
