@@ -14,6 +14,7 @@ import pytest
 
 from globscope_core import pvenv, vtkio
 from globscope_core.cli import main
+from test_topology import smooth  # the same smooth random fields as the core tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PVPYTHON = pvenv.find("pvpython")
@@ -22,16 +23,6 @@ pytestmark = [
     pytest.mark.skipif(PVPYTHON is None, reason="no pvpython (ParaView): run `bash setup.sh`"),
     pytest.mark.skipif(TTK is None, reason="TTK is not installed: run `bash setup.sh --with-ttk`"),
 ]
-
-
-def smooth(shape, seed, waves=6):
-    rng = np.random.default_rng(seed)
-    axes = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
-    f = np.zeros(shape)
-    for _ in range(waves):
-        w = rng.normal(0, 6, len(shape))
-        f += np.sin(sum(wi * x for wi, x in zip(w, axes)) + rng.uniform(0, 6))
-    return f.astype(np.float32)
 
 
 def wells(shape, seed):
