@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from globscope_core import connect as C
+from globscope_core import connect_views, curves
 from globscope_core import data, models
 from globscope_core.cli import main
 from globscope_core.errors import GlobScopeError
@@ -42,7 +43,7 @@ def _digest(study_dir):
 @pytest.mark.parametrize("bends", [1, 3])
 def test_curve_ends_fixed_and_bends_on_the_line_give_the_line(kind, bends):
     t = np.linspace(0, 1, 61)
-    w = C.curve_coefficients(kind, bends, t).numpy()
+    w = curves.curve_coefficients(kind, bends, t).numpy()
     assert w.shape == (61, bends + 2)
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
     np.testing.assert_allclose(w[0], np.eye(bends + 2)[0], atol=1e-12)  # phi(0) = A
@@ -53,23 +54,23 @@ def test_curve_ends_fixed_and_bends_on_the_line_give_the_line(kind, bends):
 
 
 def test_polychain_passes_through_its_bends_and_bezier_is_quadratic():
-    w = C.curve_coefficients("polychain", 2, [1 / 3, 2 / 3]).numpy()
+    w = curves.curve_coefficients("polychain", 2, [1 / 3, 2 / 3]).numpy()
     np.testing.assert_allclose(w, [[0, 1, 0, 0], [0, 0, 1, 0]], atol=1e-12)
-    w = C.curve_coefficients("bezier", 1, [0.5]).numpy()
+    w = curves.curve_coefficients("bezier", 1, [0.5]).numpy()
     np.testing.assert_allclose(w, [[0.25, 0.5, 0.25]])
 
 
 def test_barrier_is_the_rise_above_the_linear_mix_of_the_ends():
-    b, at = C.barrier([1.0, 3.0, 2.0], [0.0, 0.5, 1.0])
+    b, at = curves.barrier([1.0, 3.0, 2.0], [0.0, 0.5, 1.0])
     assert b == pytest.approx(1.5) and at == 0.5
-    b, _ = C.barrier([2.0, 1.5, 1.0], [0.0, 0.5, 1.0])  # exactly on the mix: no barrier
+    b, _ = curves.barrier([2.0, 1.5, 1.0], [0.0, 0.5, 1.0])  # exactly on the mix: no barrier
     assert b == pytest.approx(0.0)
 
 
 def test_lr_schedule_of_garipov():
-    assert C.lr_factor(0, 10) == 1 and C.lr_factor(5, 10) == 1
-    assert C.lr_factor(7, 10) == pytest.approx(1 - 0.5 * 0.99)
-    assert C.lr_factor(9, 10) == pytest.approx(0.01 + 0.0, abs=0.011)
+    assert curves.lr_factor(0, 10) == 1 and curves.lr_factor(5, 10) == 1
+    assert curves.lr_factor(7, 10) == pytest.approx(1 - 0.5 * 0.99)
+    assert curves.lr_factor(9, 10) == pytest.approx(0.01 + 0.0, abs=0.011)
 
 
 # --- end to end on a real study --------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_connect_stores_curve_and_line_points_apart_from_the_ensemble(connected)
     # the control points are kept and rebuild the stored curve
     control, cfg = C.load_control_points(os.path.join(study.dir, "connect-0-1.pt"))
     assert cfg["curve"] == "bezier" and control.shape == (3, study.n_params)
-    np.testing.assert_allclose(C.curve_coefficients("bezier", 1, np.linspace(0, 1, 61)).numpy() @ control, curve,
+    np.testing.assert_allclose(curves.curve_coefficients("bezier", 1, np.linspace(0, 1, 61)).numpy() @ control, curve,
                                atol=1e-5)
     assert not os.path.exists(os.path.join(study.dir, "connect-0-1.partial.pt"))
 
@@ -134,7 +135,7 @@ def test_connect_metrics_are_true_evaluations_and_barriers_follow_them(connected
     # barriers recomputed from the stored curves
     t = np.linspace(0, 1, 61)
     for path, key in (("curve", "curve_summary"), ("line", "line_summary")):
-        b, _ = C.barrier(along[path]["train_loss"], t)
+        b, _ = curves.barrier(along[path]["train_loss"], t)
         assert report[key]["train_loss_barrier"] == pytest.approx(b)
     on_disk = Study.open(study.dir).read_report()["connect-0-1"]
     assert on_disk["curve_summary"] == report["curve_summary"]
@@ -179,7 +180,7 @@ def test_landscape_loss_is_interpolated_at_the_encoded_points(tmp_path):
     write_vti(str(tmp_path / "l.vti"), ImageField((nx, ny, 1), (-1, 0, 0), (0.5, 2.0, 1), {"loss": 3 * xs + ys},
                                                   {"reducer": "pca-2d"}, "loss"))
     z = np.array([[0.3, 1.0], [-0.9, 5.5], [5.0, 0.0]])
-    vals, fd = C._landscape_loss(str(tmp_path / "l.vti"), z)
+    vals, fd = connect_views._landscape_loss(str(tmp_path / "l.vti"), z)
     np.testing.assert_allclose(vals[:2], 3 * z[:2, 0] + z[:2, 1])
     assert np.isnan(vals[2]) and fd["reducer"] == "pca-2d"  # outside the grid: no value, not a guess
 
@@ -214,7 +215,7 @@ def test_batchnorm_statistics_are_recomputed_at_each_point(tmp_path):
     loss, _ = evaluate_model(model, *subset(ds.train_x, ds.train_y, 10000, seed=1))
     assert loss == pytest.approx(study.metrics["train_loss"][row], rel=1e-5)
     # a model without BatchNorm is left alone
-    assert C.recompute_bn(models.build_model(models.make_spec("mlp", (1, 8, 8), 10)), ds.train_x) is False
+    assert curves.recompute_bn(models.build_model(models.make_spec("mlp", (1, 8, 8), 10)), ds.train_x) is False
 
 
 # --- resume -----------------------------------------------------------------------------------------
@@ -225,14 +226,14 @@ def test_curve_training_resumes_from_its_partial_file(tiny_study, tmp_path):
     model = tiny_study.build_model()
     part = str(tmp_path / "c.partial.pt")
     kw = dict(epochs=2, lr=0.05, batch_size=256, partial_path=part, progress=False, config_key="k")
-    first = C.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **kw)
+    first = curves.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **kw)
     st = torch.load(part, weights_only=True)
     assert st["epoch"] == 2
     # a rerun with the same configuration finds all epochs done and returns the same curve
-    again = C.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **kw)
+    again = curves.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **kw)
     np.testing.assert_array_equal(first, again)
     # another configuration starts afresh
-    fresh = C.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **dict(kw, epochs=1, config_key="j"))
+    fresh = curves.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **dict(kw, epochs=1, config_key="j"))
     assert not np.array_equal(first[1], fresh[1])
 
 
