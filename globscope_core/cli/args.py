@@ -20,39 +20,24 @@ def _number(kind, text: str, what: str):
     return v
 
 
-def positive_int(text: str) -> int:
-    v = _number(int, text, "an integer")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {v}")
-    return v
+def _checked(kind, rule: str, ok):
+    """A number of ``kind`` (int or float) for which ``ok(v)`` holds; otherwise "must be <rule>, not <value>"."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        v = _number(kind, text, what)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {v if kind is int else text}")
+        return v
+
+    parse.__name__ = rule
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    v = _number(int, text, "an integer")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {v}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    v = _number(float, text, "a number")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return v
-
-
-def nonnegative_float(text: str) -> float:
-    v = _number(float, text, "a number")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return v
-
-
-def fraction(text: str) -> float:
-    v = _number(float, text, "a number")
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
-    return v
+positive_int = _checked(int, "a positive integer", lambda v: v > 0)
+nonnegative_int = _checked(int, "0 or more", lambda v: v >= 0)
+positive_float = _checked(float, "a positive number", lambda v: v > 0)
+nonnegative_float = _checked(float, "0 or more", lambda v: v >= 0)
 
 
 def csv_of(kind):
@@ -76,28 +61,12 @@ def csv_of(kind):
 
 def at_least(low: int):
     """An integer >= ``low`` (e.g. grid points per axis: at_least(2))."""
-
-    def parse(text: str) -> int:
-        v = _number(int, text, "an integer")
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {v}")
-        return v
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
+    return _checked(int, f"at least {low}", lambda v: v >= low)
 
 
 def zero_or_at_least(low: int):
     """0 (meaning: none / off) or an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        v = _number(int, text, "an integer")
-        if v != 0 and v < low:
-            raise argparse.ArgumentTypeError(f"must be 0 or at least {low}, not {v}")
-        return v
-
-    parse.__name__ = f"0 or integer >= {low}"
-    return parse
+    return _checked(int, f"0 or at least {low}", lambda v: v == 0 or v >= low)
 
 
 def one_of(*choices: str):
