@@ -28,13 +28,13 @@ def main():
     ap.add_argument("--residual", default="polyharmonic")
     ap.add_argument("--out")
     a = ap.parse_args()
-    import numpy as np
     import torch
 
     from globscope_core import topology_io
     from globscope_core.landscape import compute_landscape
     from globscope_core.reducers import fit_reducer
-    from globscope_core.store import Study, atomic_write_bytes
+    from globscope_core.store import Study
+    from globscope_core.safe_write import atomic_write_bytes
 
     torch.set_num_threads(2)
     study = Study.open(a.study)

@@ -305,7 +305,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    from .store import atomic_file
+    from .safe_write import atomic_file
 
     with atomic_file(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
@@ -346,7 +346,7 @@ def plot_barriers(report: dict, path: str) -> str:
     ax.set_title(f"Linear interpolation to the reference, {report['method']}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    from .store import save_figure
+    from .safe_write import save_figure
 
     try:
         save_figure(fig, path)
@@ -421,7 +421,7 @@ def _plot_side_by_side(raw_dir: str, aligned_dir: str, section: dict) -> str:
     fig.tight_layout()
     path = os.path.join(aligned_dir, "renders", "align-compare-2d.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    from .store import save_figure
+    from .safe_write import save_figure
 
     try:
         save_figure(fig, path)

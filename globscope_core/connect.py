@@ -110,7 +110,7 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     if plane_resolution and plane_resolution < 2:
         raise GlobScopeError(f"--plane-resolution must be 0 (no plane) or at least 2, not {plane_resolution}")
     study = Study.open(study_dir)
-    from .store import check_writable
+    from .safe_write import check_writable
 
     check_writable(study.dir, 2 * (2 * points * study.n_params * 4) + (1 << 20), "connect")  # paths.h5 and its copy
     wa, wb, (sa, ra), (sb, rb) = _endpoints(study, list(runs))

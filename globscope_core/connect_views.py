@@ -226,7 +226,7 @@ def plot_paths(path: str, t, line: dict, curve: dict, title: str, views: dict | 
         _plot_latent(ax, v)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    from .store import save_figure
+    from .safe_write import save_figure
 
     try:
         save_figure(fig, path, dpi=110)

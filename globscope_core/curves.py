@@ -159,7 +159,7 @@ def _remove(path) -> None:
 
 
 def _save_pt(path: str, obj) -> None:
-    from .store import save_torch
+    from .safe_write import save_torch
 
     save_torch(obj, path)
 

@@ -219,7 +219,7 @@ def compatible(config: dict, arch: dict) -> bool:
 
 def save_aligner(path: str, config: dict, net: nn.Module, optimizer=None, step: int = 0) -> None:
     """Atomic write of the aligner (and the optimizer state while training runs)."""
-    from .store import atomic_write_bytes
+    from .safe_write import atomic_write_bytes
 
     blob = {"config": json.dumps(config), "model": net.state_dict(), "step": int(step)}
     if optimizer is not None:

@@ -173,7 +173,7 @@ def plot_compare(rows, path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .store import atomic_write_bytes
+    from .safe_write import atomic_write_bytes
 
     ref = next((r for r in rows if r["reducer"] == "two-neighbour"), None)
     rows = [r for r in rows if r["reducer"] != "two-neighbour"]

@@ -14,7 +14,8 @@ from . import models
 from .errors import GlobScopeError
 from .evaluation import evaluate_model, resolve_device, subset
 from .flat import StateLayout
-from .store import Study, check_writable
+from .store import Study
+from .safe_write import check_writable
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 

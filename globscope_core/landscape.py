@@ -48,7 +48,8 @@ from .errors import GlobScopeError
 from .evaluation import resolve_device
 from .reducers import load_reducer
 from .reducers.base import reducer_path, study_id
-from .store import Study, atomic_write_bytes
+from .store import Study
+from .safe_write import atomic_write_bytes
 
 PARTIAL_VERSION = 1
 MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~180 GB of field arrays at 2^31 points)
@@ -375,7 +376,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                   "eval_seed": int(eval_seed), "chunk_points": chunk_points, "beyond_hull": beyond_hull}
         store = PartialStore(os.path.join(study.dir, f".landscape-{tag}.partial"))
         if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
-            from .store import check_writable
+            from .safe_write import check_writable
 
             check_writable(study.dir, n_points * (16 + 16) + (1 << 20), f"landscape-{tag}")
 

@@ -35,8 +35,7 @@ import numpy as np
 from .errors import GlobScopeError
 from .flat import StateLayout
 # the shared write path (stdlib only, so vtkio and render use it without h5py or torch)
-from .safe_write import (_fsync_path, _mb, atomic_file, atomic_write_bytes, check_writable, free_bytes,  # noqa: F401
-                         note, reserve as _reserve, save_figure, save_torch, write_error)
+from .safe_write import _mb, atomic_file, atomic_write_bytes, free_bytes, note, reserve as _reserve, write_error
 
 FORMAT = "globscope-study"
 VERSION = 1

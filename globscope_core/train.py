@@ -19,7 +19,8 @@ from . import models
 from .errors import GlobScopeError
 from .evaluation import evaluate_model, resolve_device, subset
 from .flat import StateLayout
-from .store import Study, check_writable, dir_lock, final_summary  # noqa: F401 - final_summary lived here
+from .store import Study, dir_lock, final_summary  # noqa: F401 - final_summary lived here
+from .safe_write import check_writable
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

@@ -147,7 +147,7 @@ def test_full_disk_import_leaves_the_study_unchanged(ready, tmp_path, capsys, mo
 
 def test_full_disk_keeps_every_result_file(ready, tmp_path, capsys, monkeypatch):
     """Reducers, landscapes (VTK), trees, PNGs and report.json: the old file stays, one line, no temporaries."""
-    from globscope_core.store import atomic_write_bytes, save_figure
+    from globscope_core.safe_write import atomic_write_bytes, save_figure
     from globscope_core.vtkio import ImageField, write_vti
 
     with tmpfs(tmp_path / "fs") as fs:

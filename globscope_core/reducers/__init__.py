@@ -23,7 +23,7 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
         raise GlobScopeError(f"unknown reducer '{kind}'; choose one of {', '.join(sorted(REDUCER_KINDS))}")
     r = REDUCER_KINDS[kind](dim=dim, **config)
     if save:  # a read-only study directory is refused before the fit, not after it
-        from ..store import check_writable
+        from ..safe_write import check_writable
 
         check_writable(os.path.dirname(reducer_path(study.dir, r.name)), what=f"fit {r.name}")
     if isinstance(r, SpanReducer) and hasattr(study, "n_params"):

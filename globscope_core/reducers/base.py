@@ -80,7 +80,7 @@ class Reducer:
         payload = {"kind": self.kind, "dim": self.dim, "config": json.dumps(self.config),
                    "study_id": self.study_id or "", "state": self.state()}
         payload["checksum"] = _checksum(payload)  # torch's zip reader does not check its CRCs
-        from ..store import save_torch
+        from ..safe_write import save_torch
 
         save_torch(payload, path)  # verified, atomic; a full disk is one line and the old file stays
 
