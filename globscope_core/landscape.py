@@ -83,17 +83,27 @@ def grid_bounds(Z: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
     return lo - margin * ext, hi + margin * ext
 
 
+def _hull_equations(Z: np.ndarray):
+    """Facet planes of the convex hull of ``Z``, rows [n, b] with n . x + b <= 0 inside and |n| = 1; None when
+    the hull is degenerate (all points on a line or plane)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    try:
+        return ConvexHull(Z).equations
+    except (QhullError, ValueError):
+        return None
+
+
 def hull_extrapolation(Z: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """Distance of each point outside the convex hull of ``Z`` (0 inside), in latent units.
 
     The largest signed distance to the hull's facet planes: exact where the nearest hull point lies on a
     facet, a lower bound near hull vertices (never 0 outside). A degenerate hull (all points on a line
     or plane) falls back to the distance to the nearest point of ``Z``."""
-    from scipy.spatial import ConvexHull, QhullError, cKDTree
+    eq = _hull_equations(Z)
+    if eq is None:
+        from scipy.spatial import cKDTree
 
-    try:
-        eq = ConvexHull(Z).equations  # rows [n, b]: n . x + b <= 0 inside, |n| = 1
-    except (QhullError, ValueError):
         return cKDTree(Z).query(pts)[0]
     out = np.empty(len(pts))
     for s in range(0, len(pts), 65536):
@@ -109,13 +119,8 @@ class HullClamp:
     grow worse without bound with the distance). Points inside are unchanged. Degenerate hulls: no-op."""
 
     def __init__(self, Z: np.ndarray):
-        from scipy.spatial import ConvexHull, QhullError
-
         self.center = Z.mean(0)
-        try:
-            self.eq = ConvexHull(Z).equations
-        except (QhullError, ValueError):
-            self.eq = None
+        self.eq = _hull_equations(Z)
 
     def __call__(self, pts: np.ndarray) -> np.ndarray:
         if self.eq is None:
