@@ -238,18 +238,30 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     spec = spec_for_model(src.model_spec, src.layout, src.build_model())
     aligner = make_aligner(method, spec, src, seed=seed, device=dev, progress=progress, **options)
 
+    # what decides the aligned study and its report: the same command finds its own finished work
+    plan = {"aligned_from": src.h5_path, "reference": int(reference), "method": method, "seed": int(seed),
+            "alphas": int(alphas), "eval_samples": eval_samples}
     if os.path.exists(os.path.join(out, "study.h5")):
         dst = Study.open(out)
-        if (dst.runs and (dst.plan or {}).get("aligned_from") == src.h5_path
-                and "align" not in dst.read_report()):  # killed after its commit, before its report: redo
+        mine = (dst.plan or {}).get("aligned_from") == src.h5_path
+        done = dst.read_report().get("align") if mine and dst.runs else None
+        if done is not None:  # finished before (perhaps killed on its way out): the same command is done
+            differ = [f"--{k.replace('_', '-')} {dst.plan.get(k)}" for k in plan if dst.plan.get(k) != plan[k]]
+            if differ:
+                raise GlobScopeError(f"{dst.h5_path}: already aligned with {', '.join(differ)} "
+                                     "(use another --out)")
+            return {**done, "already_done": True}
+        if mine and dst.runs:  # killed after its commit, before its report: redo
             os.remove(dst.h5_path)
-            dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan={"aligned_from": src.h5_path})
+            dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan=plan)
         if dst.n_checkpoints or dst.runs:  # an empty one is what an interrupted earlier call leaves
             raise GlobScopeError(f"{dst.h5_path}: a study already exists here (use another --out)")
         if dst.model_spec != src.model_spec or dst.layout != src.layout:
             raise GlobScopeError(f"{dst.h5_path}: an empty study for another model is in the way (use another --out)")
+        if dst.plan != plan:
+            dst.set_plan(plan)
     else:
-        dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan={"aligned_from": src.h5_path})
+        dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan=plan)
 
     ds = load_dataset(src.dataset_spec)
     x, y = subset(ds.train_x, ds.train_y, eval_samples, seed=1)

@@ -180,10 +180,21 @@ def test_align_cli_and_errors(tiny_study, tmp_path, capsys):
     out = tmp_path / "aligned"
     assert cli.main(["align", tiny_study.dir, "--reference", "0", "--out", str(out), "--alphas", "5"]) == 0
     assert "mean:" in capsys.readouterr().out
-    # the output exists now: refused, one line
+    before = open(out / "study.h5", "rb").read()
+    # the same command again finds its finished work and redoes nothing
+    assert cli.main(["align", tiny_study.dir, "--reference", "0", "--out", str(out), "--alphas", "5"]) == 0
+    assert "done before, nothing redone" in capsys.readouterr().out
+    # other settings into the same output: refused, one line, naming what differs
     assert cli.main(["align", tiny_study.dir, "--out", str(out)]) == 2
     err = capsys.readouterr().err
+    assert "already aligned with --alphas 5" in err and err.count("\n") == 1
+    # a study that is not this source's alignment: refused
+    assert cli.main(["align", str(out), "--out", str(out / "again")]) == 0
+    capsys.readouterr()
+    assert cli.main(["align", tiny_study.dir, "--out", str(out / "again")]) == 2
+    err = capsys.readouterr().err
     assert "already exists" in err and err.count("\n") == 1
+    assert open(out / "study.h5", "rb").read() == before
     assert cli.main(["align", tiny_study.dir, "--reference", "7", "--out", str(tmp_path / "x")]) == 2
     assert "--reference 7 is not a run" in capsys.readouterr().err
     assert cli.main(["align", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2

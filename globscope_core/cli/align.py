@@ -37,7 +37,8 @@ def cmd_align(args):
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
                       act_samples=args.act_samples, aligner_steps=args.aligner_steps, device=args.device)
-    print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)")
+    print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)"
+          + ("; done before, nothing redone" if rep.get("already_done") else ""))
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
     for d in rep["runs"]:
         print(f"  run {d['run']:3d}: {d['barrier_before']:.4f} -> {d['barrier_after']:.4f}   "
