@@ -12,6 +12,8 @@ process; on a GPU also ``torch.cuda.max_memory_allocated``) and wall time:
   fit        ``fit_study(kind="ae", dim=2, evaluate=False)``: streamed span basis + autoencoder
   error      reconstruction error of decode(encode(x)), streamed over every checkpoint
   landscape  ``compute_landscape(resolution=R)`` on a small evaluation subset, with trajectories
+  landscape-vmap  the same with every model batched under vmap (the CPU's general path before issue 17;
+             ``--stages landscape-vmap,landscape`` times both side by side, the table shows ``landscape``)
 The table (bench/results/scale.md and scale.json) also gives the estimate of resources.py for each
 stage, next to the measured peak, and the relative loss gap of the decoded checkpoints (from the
 trajectories file: loss_decoded vs loss_eval on the same subset).
@@ -137,9 +139,15 @@ def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
 
         s = Study.open(study_dir)
         out.update(reconstruction(load_reducer(s, "ae-2d"), s))
-    elif stage == "landscape":
+    elif stage in ("landscape", "landscape-vmap"):
+        import functools
+
+        from globscope_core import landscape
         from globscope_core.landscape import compute_landscape
         from globscope_core.vtkio import arrays_of, read_any
+
+        if stage == "landscape-vmap":  # the general path before issue 17, for a side-by-side time
+            landscape.BatchedEvaluator = functools.partial(landscape.BatchedEvaluator, path="vmap")
 
         info = compute_landscape(study_dir, "ae-2d", cfg["resolution"], eval_samples=cfg["eval_samples"],
                                  device=device, progress=False, fresh=True, max_chunks=max_chunks)
@@ -157,7 +165,8 @@ def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
         out.update(points=int(np.prod(info["dims"])), eval_samples=info["eval_samples"],
                    estimate_bytes=(info.get("needs") or {}).get("host_bytes"),
                    points_per_second=info.get("points_per_second"), loss_gap_mean=float(np.nanmean(gap)),
-                   loss_gap_max=float(np.nanmax(gap)), nan_count=info.get("nan_count"))
+                   loss_gap_max=float(np.nanmax(gap)), nan_count=info.get("nan_count"),
+                   evaluation=info.get("evaluation"))
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available() and str(device).startswith("cuda"):

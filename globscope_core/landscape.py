@@ -43,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from .batched import BatchedEvaluator, eval_data
+from .batched import BatchedEvaluator, check_precision, eval_data
 from .errors import GlobScopeError
 from .evaluation import resolve_device
 from .reducers import load_reducer
@@ -311,21 +311,23 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                       eval_samples: int | None = 1024, margin: float = 0.05, bounds=None, device="auto",
                       progress: bool = True, chunk_points: int | None = None, fresh: bool = False,
                       max_chunks: int | None = None, eval_seed: int = 0, trajectories: bool = True,
-                      beyond_hull: str = "clamp") -> dict:
+                      beyond_hull: str = "clamp", precision: str = "fp32", compile: bool = False) -> dict:
     """Evaluate the loss on a latent grid and write ``STUDY/landscape-{dim}d.vti`` (+ trajectories .vtp).
 
     ``resolution`` points per axis (default 65 in 2D, 33 in 3D); ``bounds`` [lo_x, hi_x, lo_y, hi_y(, lo_z,
     hi_z)] overrides the margin rule; ``eval_samples`` None = the whole split. ``max_chunks`` stops this
     call after that many new chunks (the rest is computed by a later call: a controlled interruption).
     ``beyond_hull``: "clamp" (default) evaluates a grid point outside the hull of the encoded checkpoints at
-    the hull boundary (HullClamp); "extrapolate" decodes it where it is.
+    the hull boundary (HullClamp); "extrapolate" decodes it where it is. ``precision`` (fp32, tf32, bf16)
+    and ``compile``: how the decoded models are evaluated (batched.BatchedEvaluator); a landscape resumes
+    only in the precision it was started in.
     Returns a summary dict (also stored in report.json under ``landscape-{dim}d``), with ``complete``
     False when stopped early.
     """
     from tqdm import tqdm
 
     study = study if isinstance(study, Study) else Study.open(study)
-    resolve_device(device)  # --device cuda without a GPU: a clear error before any work
+    check_precision(precision, resolve_device(device))  # --device cuda without a GPU: a clear error before any work
     reducer = load_reducer(study, reducer_name)
     dim = int(reducer.dim)
     tag = f"{dim}d"
@@ -379,6 +381,8 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                   "reducer_sha256": _sha256(rpath), "resolution": resolution, "dims": list(dims),
                   "origin": list(origin), "spacing": list(spacing), "split": split, "eval_samples": int(len(x)),
                   "eval_seed": int(eval_seed), "chunk_points": chunk_points, "beyond_hull": beyond_hull}
+        if precision != "fp32":  # absent for fp32: partial landscapes of earlier versions still resume
+            config["precision"] = precision
         store = PartialStore(os.path.join(study.dir, f".landscape-{tag}.partial"))
         if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
             from .safe_write import check_writable
@@ -402,7 +406,8 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         if max_chunks is not None:
             mine = mine[: max(0, int(max_chunks))]
 
-        ev = BatchedEvaluator(study.model_spec, x, y, device=dist.device, layout=study.layout)
+        ev = BatchedEvaluator(study.model_spec, x, y, device=dist.device, layout=study.layout,
+                              precision=precision, compile=compile)
         clamp = HullClamp(Z) if beyond_hull == "clamp" else (lambda p: p)
         results, t_eval = {}, time.time()
         bar = tqdm(total=n_points, initial=sum(sizes[k] for k in done), desc=f"landscape-{tag}", unit="pt",
@@ -469,6 +474,8 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
             "eval_seconds": round(eval_seconds, 3),
             "points_per_second": round(computed / eval_seconds, 2) if eval_seconds > 0 and computed else None,
             "processes": world, "device": str(ev.device), "fast_path": ev.fast, "needs": needs,
+            "evaluation": {"path": ev.path, "precision": ev.precision, "compile": ev.compile,
+                           "compile_seconds": None if ev.compile_seconds is None else round(ev.compile_seconds, 1)},
             "partial": store.dir}
     if missing:
         info["complete"] = False
@@ -497,7 +504,8 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
                        {"study": name, "study_id": config["study_id"], "reducer": reducer.name,
                         "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),
                         "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum()),
-                        "beyond_hull": config.get("beyond_hull", "extrapolate")},
+                        "beyond_hull": config.get("beyond_hull", "extrapolate"),
+                        "precision": config.get("precision", "fp32")},
                        active_scalars="loss")
     write_vti(vti, field)
     info.update(complete=True, bounds=np.stack([lo, hi], 1).reshape(-1).round(9).tolist(), nan_count=int(bad.sum()),

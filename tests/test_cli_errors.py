@@ -120,6 +120,8 @@ CASES = [
     (["landscape", "{S}", "--reducer", "pca-2d", "--split", "val"], "argument --split"),
     (["landscape", "{S}", "--reducer", "pca-2d", "--device", "cpu0"], "not a device"),
     (["landscape", "{S}", "--reducer", "nosuch-2d"], "nosuch-2d"),
+    (["landscape", "{S}", "--reducer", "pca-2d", "--precision", "tf32", "--device", "cpu"], "tf32 is a CUDA mode"),
+    (["landscape", "{S}", "--reducer", "pca-2d", "--precision", "fp16"], "argument --precision"),
     (["landscape", "{S}"], "required: --reducer"),
     (["landscape", "{E}", "--reducer", "pca-2d"], "not a study"),
     (["topology", "{S}", "--relative", "--absolute"], "not allowed with argument"),
