@@ -48,8 +48,9 @@ from .errors import GlobScopeError
 from .evaluation import resolve_device
 from .reducers import load_reducer
 from .reducers.base import reducer_path, study_id
-from .store import Study
+from .latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation  # noqa: F401
 from .safe_write import atomic_write_bytes
+from .store import Study
 
 PARTIAL_VERSION = 1
 MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~180 GB of field arrays at 2^31 points)
@@ -73,94 +74,6 @@ def encode_checkpoints(study: Study, reducer) -> np.ndarray:
     rows = max(1, (64 << 20) // (4 * study.n_params))  # small blocks: standardizing one copies it twice
     return np.concatenate([np.asarray(reducer.transform(block), dtype=np.float64)
                            for _, block in study.iter_params(rows)])
-
-
-def grid_bounds(Z: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """Box around the points ``Z``, widened by ``margin`` x its extent on each side."""
-    lo, hi = Z.min(0), Z.max(0)
-    ext = hi - lo
-    ext = np.where(ext > 0, ext, np.maximum(1.0, np.abs(lo)))  # a degenerate axis still gets a width
-    return lo - margin * ext, hi + margin * ext
-
-
-def _hull_equations(Z: np.ndarray):
-    """Facet planes of the convex hull of ``Z``, rows [n, b] with n . x + b <= 0 inside and |n| = 1; None when
-    the hull is degenerate (all points on a line or plane)."""
-    from scipy.spatial import ConvexHull, QhullError
-
-    try:
-        return ConvexHull(Z).equations
-    except (QhullError, ValueError):
-        return None
-
-
-def hull_extrapolation(Z: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Distance of each point outside the convex hull of ``Z`` (0 inside), in latent units.
-
-    The largest signed distance to the hull's facet planes: exact where the nearest hull point lies on a
-    facet, a lower bound near hull vertices (never 0 outside). A degenerate hull (all points on a line
-    or plane) falls back to the distance to the nearest point of ``Z``."""
-    eq = _hull_equations(Z)
-    if eq is None:
-        from scipy.spatial import cKDTree
-
-        return cKDTree(Z).query(pts)[0]
-    out = np.empty(len(pts))
-    for s in range(0, len(pts), 65536):
-        p = pts[s : s + 65536]
-        out[s : s + 65536] = (p @ eq[:, :-1].T + eq[:, -1]).max(1)
-    return np.maximum(out, 0.0)
-
-
-class HullClamp:
-    """Moves latent points outside the convex hull of ``Z`` onto its boundary, along the ray from the
-    centroid of ``Z``: the decoder is then evaluated only where it was fitted, and beyond the hull the
-    landscape continues each boundary value outward instead of extrapolating the decoder (whose models
-    grow worse without bound with the distance). Points inside are unchanged. Degenerate hulls: no-op."""
-
-    def __init__(self, Z: np.ndarray):
-        self.center = Z.mean(0)
-        self.eq = _hull_equations(Z)
-
-    def __call__(self, pts: np.ndarray) -> np.ndarray:
-        if self.eq is None:
-            return pts
-        n, b = self.eq[:, :-1], self.eq[:, -1]
-        u = pts - self.center
-        num = -(self.center @ n.T + b)  # > 0: the centroid is inside every facet's half-space
-        den = u @ n.T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(den > 0, num / den, np.inf).min(1)
-        t = t[:, None]
-        return np.where(t < 1.0, self.center + np.minimum(t, 1.0) * u, pts)  # inside: the very same point
-
-
-def find_spikes(log_loss: np.ndarray, dims, decades: float = 0.5) -> np.ndarray:
-    """VTK point ids of isolated spikes: points more than ``decades`` above every axis neighbour (4 in 2D,
-    6 in 3D; grid-boundary points have fewer and are not tested). NaN counts as +inf (never a spike)."""
-    nx, ny, nz = dims
-    f = np.where(np.isnan(log_loss), np.inf, log_loss).reshape(nz, ny, nx)
-    core = tuple(slice(1, -1) if n > 2 else slice(None) for n in (nz, ny, nx))
-    if any(n <= 2 and n != 1 for n in (nz, ny, nx)):
-        return np.zeros(0, np.int64)
-    nb = np.full(f[core].shape, -np.inf)
-    for ax, n in enumerate((nz, ny, nx)):
-        if n == 1:
-            continue
-        for d in (-1, 1):
-            sl = list(core)
-            sl[ax] = slice(1 + d, n - 1 + d)
-            nb = np.maximum(nb, f[tuple(sl)])
-    spike = np.zeros(f.shape, bool)
-    spike[core] = np.isfinite(f[core]) & (f[core] > nb + decades)
-    return np.flatnonzero(spike.ravel())
-
-
-def grid_points(idx: np.ndarray, dims, origin, spacing, dim: int) -> np.ndarray:
-    """Latent coordinates [k, dim] of grid points with VTK point indices ``idx`` (x fastest)."""
-    nx, ny, _ = dims
-    ijk = np.stack([idx % nx, (idx // nx) % ny, idx // (nx * ny)], 1).astype(np.float64)
-    return (np.asarray(origin) + ijk * np.asarray(spacing))[:, :dim]
 
 
 def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, resolution: int) -> dict:

@@ -3,13 +3,15 @@
 ``atomic_file(path, verify=...)`` yields a temporary name; the file written there is fsynced, checked
 non-empty, verified (read back) and only then renamed over ``path``. Any failure removes the
 temporary and leaves ``path`` as it was; a full disk or a read-only directory becomes one line
-(``write_error``): "no space left on DIR: NAME unchanged". ``check_writable`` refuses long work
+(``write_error``): "no space left on DIR: NAME unchanged". A temporary left by a writer that was killed
+(``NAME.tmp-PID``, that process gone) is removed by the next write of the same file. ``check_writable`` refuses long work
 whose results could not be written. Standard library only: ParaView's Python can import it.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import sys
@@ -127,6 +129,7 @@ def atomic_file(path: str, suffix: str = "", verify=None):
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise write_error(exc, path) from None
+    _remove_orphans(path)
     tmp = f"{path}.tmp-{os.getpid()}{suffix}"
     try:
         yield tmp
@@ -147,6 +150,25 @@ def atomic_file(path: str, suffix: str = "", verify=None):
             if str(err).startswith("no space") or " is not writable" in str(err):
                 raise err from None
         raise
+
+
+def _remove_orphans(path: str) -> None:
+    """Remove ``path.tmp-PID*`` left by a writer that was killed (its process is gone) before it renamed."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        pid = tmp[len(path) + 5:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -359,6 +359,20 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
 
 
 # --- concurrent writers and the training plan --------------------------------------------------------
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    from globscope_core.store import update_report
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a writer that died (its pid is gone)
+    orphan = tmp_path / f"report.json.tmp-{dead.pid}"
+    orphan.write_text('{"half": ')
+    live = tmp_path / f"report.json.tmp-{os.getppid()}"  # a writer that is still running: left alone
+    live.write_text("{")
+    update_report(str(tmp_path), "k", 1)
+    assert json.loads((tmp_path / "report.json").read_text()) == {"k": 1}
+    assert not orphan.exists() and live.exists()
+
+
 def test_two_resumes_at_once_do_not_duplicate_a_run(tmp_path):
     d = str(tmp_path / "s")
     make_study(d, runs=1, epochs=2, widths=(16,), eval_samples=128)
