@@ -220,7 +220,8 @@ def test_killed_process_resumes_and_disk_full_keeps_partial(pca_study, tmp_path)
     args = ["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "65", "--chunk-points", "8",
             "--eval-samples", "64", "--no-progress", "--no-trajectories"]
     partial = os.path.join(pca_study.dir, ".landscape-2d.partial")
-    chunks = lambda: [p for p in os.listdir(partial) if p.startswith("chunk-")] if os.path.isdir(partial) else []  # noqa
+    # finished chunks (a kill mid-write leaves a chunk-N.npz.tmp-PID, which the next write of chunk N removes)
+    chunks = lambda: [p for p in os.listdir(partial) if p.startswith("chunk-") and ".tmp-" not in p] if os.path.isdir(partial) else []  # noqa
     proc = subprocess.Popen([sys.executable, "-m", "globscope_core.cli", *args], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
