@@ -326,7 +326,11 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         compute_landscape(ref, "pca-2d", 33, eval_samples=256, chunk_points=8, progress=False, trajectories=False)
         a = read_vti(os.path.join(d, "landscape-2d.vti")).point_arrays["loss"]
         b = read_vti(os.path.join(ref, "landscape-2d.vti")).point_arrays["loss"]
-        np.testing.assert_array_equal(a, b)
+        # computed in this process: the same field up to the GEMMs' last bit (it failed bitwise once in a
+        # full-suite run whose kill came before any chunk was written: a plain second computation; MKL's
+        # kernels may round differently with the buffers' alignment). test_landscape checks resumed against
+        # uninterrupted bitwise, both from the command line.
+        np.testing.assert_allclose(a, b, rtol=2e-6)
         assert not os.path.exists(os.path.join(d, ".landscape-2d.partial"))
     elif stage == "connect":
         ensemble = _sha(os.path.join(d, "study.h5"))
