@@ -251,17 +251,15 @@ class BatchedEvaluator:
         if self.fast:
             weights = self._mlp_weights(rows)
             return lambda s, e: self._forward_mlp(weights, self.xt[:, s:e])
-        if self.path == "per-model" and not self.compile:
-            for t, e in self.slots:  # copy_ keeps the copy's (channels-last) layout and casts the dtype
-                t.copy_(rows[0, e.offset : e.offset + e.numel].view(e.shape))
-                if e.name.endswith("running_var"):
-                    t.clamp_(min=0)  # see _decoded_state
-            return lambda s, e: self.module(self.xm[s:e]).unsqueeze(0)
         state = _decoded_state(self.layout, rows)
-        if self.path == "per-model":
-            state = {k: v[0] for k, v in state.items()}
+        if self.path == "vmap":
+            return lambda s, e: self._forward_vmap(state, self.x[s:e])
+        state = {k: v[0] for k, v in state.items()}  # per-model: one model
+        if self.compile:
             return lambda s, e: self._call_compiled(state, self.xm[s:e]).unsqueeze(0)
-        return lambda s, e: self._forward_vmap(state, self.x[s:e])
+        for t, e in self.slots:  # copy_ keeps the copy's (channels-last) layout
+            t.copy_(state[e.name])
+        return lambda s, e: self.module(self.xm[s:e]).unsqueeze(0)
 
     def _call_compiled(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         if self.compile_seconds is not None:

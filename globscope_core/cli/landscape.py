@@ -57,9 +57,9 @@ def cmd_landscape(args):
         print(f"{args.study}: stopped after {info['chunks_done']} of {info['chunks']} chunks; "
               f"rerun the same command to resume ({info['partial']})")
         return 0
-    rate, how = info.get("points_per_second"), info.get("evaluation", {})
-    how = ", ".join([how.get("path", "?"), how.get("precision", "fp32")]
-                    + ([f"compiled in {how['compile_seconds']} s"] if how.get("compile_seconds") else []))
+    rate, ev = info.get("points_per_second"), info.get("evaluation", {})
+    how = ", ".join([ev.get("path", "?"), ev.get("precision", "fp32")]
+                    + ([f"compiled in {ev['compile_seconds']} s"] if ev.get("compile_seconds") else []))
     print(f"{info['vti']}: {info['dims'][0]}^{len(info['bounds']) // 2} points, loss "
           f"{info['loss_min']} .. {info['loss_max']}, {info['nan_count']} NaN, "
           f"{info['eval_samples']} {info['split']} samples" + (f", {rate:.0f} points/s ({how})" if rate else ""))
