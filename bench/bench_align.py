@@ -24,28 +24,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from globscope_core.align import _final_row, barrier, interpolation_curve, make_aligner  # noqa: E402
-from globscope_core.batched import eval_data  # noqa: E402
-from globscope_core.permutation import flat_index, spec_for_model  # noqa: E402
-from globscope_core.store import Study  # noqa: E402
+from globscope_core.alignment.methods import make_aligner  # noqa: E402
+from globscope_core.alignment.permutation import flat_index, spec_for_model  # noqa: E402
+from globscope_core.evaluation.many_models import eval_data  # noqa: E402
+from globscope_core.evaluation.paths import barrier, interpolation_curve  # noqa: E402
+from globscope_core.networks.models import study_model
+from globscope_core.storage.study import Study  # noqa: E402
 
 METHODS = ("weight-matching", "activation-matching", "deep-align", "deep-align+wm")
 
 
 def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, seed: int = 0) -> dict:
     st = Study.open(path)
-    spec = spec_for_model(st.model_spec, st.layout, st.build_model())
+    spec = spec_for_model(st.model_spec, st.layout, study_model(st))
     name = os.path.basename(os.path.normpath(path))
     aligner_path = os.path.join(work, f"deep-align-{name}.pt")
     if os.path.exists(aligner_path):
         os.remove(aligner_path)  # a fresh training, timed
     x, y = eval_data(st, "train", eval_samples, seed=1)
     al = np.linspace(0.0, 1.0, 25)
-    finals = [st.read_params([_final_row(st, r)])[0] for r in range(len(st.runs))]
+    finals = [st.read_params([st.final_row(r)])[0] for r in range(len(st.runs))]
     states = [st.layout.unflatten(torch.from_numpy(f)) for f in finals]
     res = {"study": path, "model": st.model_spec["name"], "params": int(st.layout.size), "runs": len(st.runs),
            "eval_samples": int(len(x)), "methods": {}}
-    before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y), al) for r in range(1, len(finals))]
+    before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y), al)[0] for r in range(1, len(finals))]
     res["barrier_before"] = {"mean": float(np.mean(before)), "max": float(np.max(before)), "runs": before}
 
     aligners = {}
@@ -67,7 +69,7 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
             perms = aligner.find(states[0], states[r])
             times.append(time.perf_counter() - t0)
             aligned = finals[r][flat_index(spec, st.layout, perms)]
-            bars.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y), al))
+            bars.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y), al)[0])
         d.update({"barrier_mean": float(np.mean(bars)), "barrier_max": float(np.max(bars)), "barriers": bars,
                   "pair_seconds_mean": float(np.mean(times)), "pair_seconds": times})
         print(f"{name} {m}: barrier mean {d['barrier_mean']:.4f} max {d['barrier_max']:.4f}, "

@@ -31,9 +31,9 @@ VARIANTS = [("ae", "ae", {}), ("ae-gaussian", "ae", {"residual": "gaussian"}), (
 
 
 def run_study(study_dir, dim, eval_samples, variants):
-    from globscope_core.fitting import fit_study
     from globscope_core.reducers.holdout import HeldOutScorer
-    from globscope_core.store import Study
+    from globscope_core.stages.fit import fit_study
+    from globscope_core.storage.study import Study
 
     study = Study.open(study_dir)
     scorer = HeldOutScorer(study, eval_samples=eval_samples)
@@ -131,7 +131,7 @@ def main():
             results.append(run_study(s, dim, a.eval_samples, variants))
             print(table(results[-1]), flush=True)
             # written after every table: a long run keeps what it has
-            from globscope_core.safe_write import atomic_write_bytes
+            from globscope_core.storage.safe_write import atomic_write_bytes
 
             atomic_write_bytes(a.out + ".json", json.dumps(results, indent=1, default=float).encode())
             atomic_write_bytes(a.out + ".md", ("\n\n".join(table(r) for r in results) + "\n").encode())

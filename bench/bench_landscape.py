@@ -35,11 +35,12 @@ if "--zoo" in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # compi
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
 import torch  # noqa: E402
 
-from globscope_core.batched import BatchedEvaluator, eval_data
-from globscope_core.evaluation import evaluate_model, resolve_device
-from globscope_core.landscape import encode_checkpoints, grid_bounds
+from globscope_core.evaluation.many_models import BatchedEvaluator, eval_data
+from globscope_core.evaluation.one_model import evaluate_model, resolve_device
+from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
-from globscope_core.store import Study
+from globscope_core.stages.landscape import encode_checkpoints, grid_bounds
+from globscope_core.storage.study import Study
 
 
 def sync(dev):
@@ -83,8 +84,8 @@ def conv_rate(dev, dtype=torch.float32, reps=5) -> float:
 
 def zoo_case(name, n_models, n, dev):
     """(spec, layout, params [n_models, P], x, y) of a full-size model, random states near a fresh one."""
-    from globscope_core.flat import StateLayout
-    from globscope_core.models import build_model, make_spec
+    from globscope_core.networks.models import build_model, make_spec
+    from globscope_core.storage.state_layout import StateLayout
 
     shape = (1, 28, 28) if "mlp" in name else (3, 32, 32)
     spec = make_spec(name, shape, 10)
@@ -103,7 +104,7 @@ def zoo_case(name, n_models, n, dev):
 
 def zoo(args, dev):
     """Every path against the per-point loop, interleaved, best of ``--repeats``; rates in the same run."""
-    from globscope_core.models import build_model
+    from globscope_core.networks.models import build_model
 
     models = {"mnist-mlp": 64, "resnet20": 32, "resnet56": 12, "cifar-cnn": 16, "vit": 4}  # models timed
     peak = {"gemm_fp32": gemm_rate(dev), "conv_fp32": conv_rate(dev)}
@@ -210,7 +211,7 @@ def main(argv=None):
         lo, hi = grid_bounds(encode_checkpoints(study, reducer), 0.2)
         rng = np.random.default_rng(0)
         z = torch.as_tensor(lo + rng.random((args.batch, 2)) * (hi - lo), dtype=torch.float32, device=dev)
-        model = study.build_model().to(dev)
+        model = study_model(study).to(dev)
         layout = study.layout
 
         gemm_before = gemm_rate(dev)

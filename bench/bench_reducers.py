@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 def demo_table(study_dir, work, dims):
-    from globscope_core.fitting import compare_study, format_table
+    from globscope_core.stages.fit import compare_study, format_table
 
     dst = os.path.join(work, "demo")
     shutil.rmtree(dst, ignore_errors=True)
@@ -63,9 +63,8 @@ def child(study_dir, mode, block_rows, max_rank):
     torch.set_num_threads(1)
     from globscope_core.reducers import fit_reducer
     from globscope_core.reducers.metrics import reconstruction
-    from globscope_core.store import Study
-
-    from globscope_core.fitting import PeakRSS
+    from globscope_core.stages.fit import PeakRSS
+    from globscope_core.storage.study import Study
 
     s = Study.open(study_dir)
     t = time.perf_counter()
@@ -87,13 +86,13 @@ def child(study_dir, mode, block_rows, max_rank):
 
 
 def wide(work, runs, epochs):
-    from globscope_core import data
-    from globscope_core.store import Study
-    from globscope_core.train import train_study
+    from globscope_core.networks import datasets
+    from globscope_core.stages.train import train_study
+    from globscope_core.storage.study import Study
 
     d = os.path.join(work, "wide")
     if not os.path.exists(os.path.join(d, "study.h5")):
-        train_study(d, data.make_spec("digits"), "mlp", {"widths": [1024, 1024]}, runs=runs, epochs=epochs,
+        train_study(d, datasets.make_spec("digits"), "mlp", {"widths": [1024, 1024]}, runs=runs, epochs=epochs,
                     progress=False)
     s = Study.open(d)
     print(f"\n== wide study: {s.n_checkpoints} checkpoints x {s.n_params} parameters "

@@ -106,14 +106,14 @@ def write_cifar(directory, classes, n_train, n_test):
 def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
     import torch
 
-    from globscope_core import data
+    from globscope_core.networks import datasets
 
     t0 = time.perf_counter()
     out = {}
     if stage == "train":
-        from globscope_core.train import train_study
+        from globscope_core.stages.train import train_study
 
-        spec = data.make_spec(cfg["dataset"], data_dir)
+        spec = datasets.make_spec(cfg["dataset"], data_dir)
         steps = cfg["train"] // cfg["batch"]
         s = train_study(study_dir, spec, cfg["model"], runs=cfg["runs"], epochs=1, batch_size=cfg["batch"],
                         optimizers=[cfg["optimizer"]], lrs=[cfg["lr"]], every=1, eval_samples=64, device=device,
@@ -121,10 +121,9 @@ def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
         out.update(n_params=s.n_params, n_checkpoints=s.n_checkpoints, steps_per_run=steps,
                    final_train_loss=float(np.mean([s.metrics["train_loss"][r] for r in s.final_rows().values()])))
     elif stage == "fit":
-        from globscope_core.fitting import fit_study
-
-        from globscope_core.resources import default_max_rank, estimate_fit
-        from globscope_core.store import Study
+        from globscope_core.reducers.budget import default_max_rank, estimate_fit
+        from globscope_core.stages.fit import fit_study
+        from globscope_core.storage.study import Study
 
         s = Study.open(study_dir)
         est = estimate_fit(s.n_params, s.n_checkpoints, max_rank=default_max_rank(s.n_params))
@@ -135,16 +134,16 @@ def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
     elif stage == "error":
         from globscope_core.reducers import load_reducer
         from globscope_core.reducers.metrics import reconstruction
-        from globscope_core.store import Study
+        from globscope_core.storage.study import Study
 
         s = Study.open(study_dir)
         out.update(reconstruction(load_reducer(s, "ae-2d"), s))
     elif stage in ("landscape", "landscape-vmap"):
         import functools
 
-        from globscope_core import landscape
-        from globscope_core.landscape import compute_landscape
-        from globscope_core.vtkio import arrays_of, read_any
+        from globscope_core.stages import landscape
+        from globscope_core.stages.landscape import compute_landscape
+        from globscope_core.storage.vtk_files import arrays_of, read_any
 
         if stage == "landscape-vmap":  # the general path before issue 17, for a side-by-side time
             landscape.BatchedEvaluator = functools.partial(landscape.BatchedEvaluator, path="vmap")

@@ -47,7 +47,7 @@ def field(shape, kind, seed=0):
 
 
 def run_ours(shape, kind):
-    from globscope_core import topology as T
+    import globscope_core.topology as T
 
     T.compute_topology(np.random.default_rng(1).random((6, 6, 6), dtype=np.float32), persistence=0.1)  # JIT
     v = field(shape, kind)
@@ -62,7 +62,7 @@ def run_ours(shape, kind):
 def run_gudhi(shape, kind):
     import gudhi
 
-    from globscope_core import topology as T
+    import globscope_core.topology as T
 
     v = field(shape, kind).ravel()
     t = time.perf_counter()
@@ -86,7 +86,7 @@ def run_gudhi(shape, kind):
 
 
 def run_ttk(shape, kind):
-    """In pvpython with TTK's wrappers on the path (pvenv.environment)."""
+    """In pvpython with TTK's wrappers on the path (paraview_env.environment)."""
     import topologytoolkit as tk
     from vtkmodules.util import numpy_support as ns
     from vtkmodules.vtkCommonDataModel import vtkImageData
@@ -136,9 +136,9 @@ def spawn(which, shape, kind, pairs_path, timeout):
     env = dict(os.environ, BENCH_PAIRS=pairs_path)
     python = sys.executable
     if which == "ttk":
-        from globscope_core import pvenv
+        from globscope_core.stages import paraview_env
 
-        python, env = pvenv.require("pvpython"), pvenv.environment(env)
+        python, env = paraview_env.require("pvpython"), paraview_env.environment(env)
     cmd = [python, os.path.abspath(__file__), "--child", which, "--shape", "x".join(map(str, shape)), "--field", kind]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -39,10 +39,10 @@ def main(argv=None):
     ap.add_argument("--out")
     a = ap.parse_args(argv)
 
-    from globscope_core import topology_io
-    from globscope_core.landscape import compute_landscape
-    from globscope_core.safe_write import atomic_write_bytes
-    from globscope_core.vtkio import read_vti
+    from globscope_core.stages import topology as topology_stage
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.storage.safe_write import atomic_write_bytes
+    from globscope_core.storage.vtk_files import read_vti
 
     tmp = tempfile.mkdtemp(prefix="check-precision-")
     runs = {}
@@ -56,7 +56,7 @@ def main(argv=None):
             seconds = time.perf_counter() - t
             dim = int(a.reducer.split("-")[-1][0]) if not a.reducer.endswith(".pt") else len(info["bounds"]) // 2
             field = read_vti(os.path.join(d, f"landscape-{dim}d.vti"))
-            topo = topology_io.study_topology(d, dim, verbose=False)
+            topo = topology_stage.study_topology(d, dim, verbose=False)
             runs[prec] = {"seconds": round(seconds, 2), "eval_seconds": info["eval_seconds"],
                           "evaluation": info["evaluation"], "field": field, "topology": topo}
         f32, low = runs["fp32"]["field"].point_arrays, runs[a.precision]["field"].point_arrays

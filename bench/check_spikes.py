@@ -30,11 +30,11 @@ def main():
     a = ap.parse_args()
     import torch
 
-    from globscope_core import topology_io
-    from globscope_core.landscape import compute_landscape
     from globscope_core.reducers import fit_reducer
-    from globscope_core.store import Study
-    from globscope_core.safe_write import atomic_write_bytes
+    from globscope_core.stages import topology as topology_stage
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.storage.safe_write import atomic_write_bytes
+    from globscope_core.storage.study import Study
 
     torch.set_num_threads(2)
     study = Study.open(a.study)
@@ -44,9 +44,9 @@ def main():
         fit_reducer(study, "ae", dim, residual=a.residual)
         fit_s = time.perf_counter() - t0
         info = compute_landscape(study, f"ae-{dim}d", 65 if dim == 2 else 33, progress=False)
-        every = topology_io.study_topology(a.study, dim, verbose=False, trusted_only=False)
+        every = topology_stage.study_topology(a.study, dim, verbose=False, trusted_only=False)
         # the trusted-only run last: its files and report section are what the study keeps
-        trusted = topology_io.study_topology(a.study, dim, verbose=False)
+        trusted = topology_stage.study_topology(a.study, dim, verbose=False)
         res = {"resolution": info["resolution"], "bounds": info["bounds"], "fit_seconds": round(fit_s, 1),
                "landscape_seconds": info["seconds"], "loss_min": info["loss_min"], "loss_max": info["loss_max"],
                "nan_count": info["nan_count"], "trusted_fraction": info["trusted_fraction"],

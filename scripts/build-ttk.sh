@@ -5,7 +5,7 @@
 #   TTK_PREFIX  install prefix, outside the checkout (default /opt/globscope-ttk/ttk-1.2.0-pv<ParaView major.minor>)
 #   TTK_SOURCE  a TTK source tarball or directory (default: shallow clone of the 1.2.0 tag from GitHub)
 #   TTK_JOBS    parallel compile jobs (default: number of cores)
-# Result: $TTK_PREFIX/bin/plugins/TopologyToolKit/TopologyToolKit.so (loaded by globscope_core.pvenv) and the
+# Result: $TTK_PREFIX/bin/plugins/TopologyToolKit/TopologyToolKit.so (loaded by globscope_core.stages.paraview_env) and the
 # `topologytoolkit` Python package in $TTK_PREFIX/lib/python3/site-packages. Facts in shared/ttk/BUILD.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

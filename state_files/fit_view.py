@@ -9,7 +9,7 @@ pvbatch or the GUI's Python shell, with the repository root on PYTHONPATH):
     fit_view()          # the view kind is found from the pipeline; fit_view(view, "landscape-3d") to say it
 
 `globscope render` (state_files/pvstate.py) calls the same function. Runs in ParaView's own Python
-(numpy 1.24, no pip vtk); the connect caption needs globscope_core.render (numpy only).
+(numpy 1.24, no pip vtk); the connect caption needs globscope_core.stages.render (numpy only).
 """
 import json
 import os
@@ -136,7 +136,7 @@ def _fit_connect_legend(view, r, dim):
     n = r.GetDataInformation(6).GetNumberOfPoints()
     text = ""
     if n:
-        from globscope_core.render import connect_files
+        from globscope_core.stages.render import connect_files
 
         study = os.path.dirname(r.FileName)
         keys = [os.path.basename(p)[: -len(f"-{dim}d.vtp")] for p in connect_files(study, f"{dim}d")]

@@ -1,7 +1,7 @@
 """GlobScope's ParaView views: build the state files, load them on any study, fit and render them.
 
 Runs inside pvpython/pvbatch (ParaView's Python, numpy 1.24, no pip vtk), with plugin/ and the repository
-root on PYTHONPATH (globscope_core.pvenv sets them). Three uses:
+root on PYTHONPATH (globscope_core.stages.paraview_env sets them). Three uses:
 
     pvpython state_files/pvstate.py make STUDY            # (re)build state_files/*.pvsm on a study
     pvbatch  state_files/pvstate.py render STUDY OUTDIR [VIEW...]   # load each state on STUDY, write PNGs
@@ -31,9 +31,9 @@ distance), so rebuild them on a similar study to keep renders unchanged.
 import os
 import sys
 
-from paraview.simple import *  # noqa: F401,F403 - the pvpython idiom
 from paraview import servermanager as sm
 from paraview import simple as pv
+from paraview.simple import *  # noqa: F401,F403 - the pvpython idiom
 
 try:
     HERE = os.path.dirname(os.path.abspath(__file__))
@@ -281,7 +281,7 @@ def load(name, study):
 # --- the plane of a connect curve (Garipov et al.'s picture; built here, it needs no state file) --------------
 def build_plane(study):
     """The loss in the plane through A, B and the bend (log colours, contours), both paths on it."""
-    from globscope_core.render import newest_plane  # numpy only: fine in ParaView's Python
+    from globscope_core.stages.render import newest_plane  # numpy only: fine in ParaView's Python
 
     vti = newest_plane(study)
     if vti is None:

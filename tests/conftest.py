@@ -6,16 +6,16 @@ import os
 import pytest
 import torch
 
-from globscope_core import data
-from globscope_core.store import Study
-from globscope_core.train import train_study
+from globscope_core.networks import datasets
+from globscope_core.stages.train import train_study
+from globscope_core.storage.study import Study
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def make_study(path, runs=3, epochs=6, widths=(32,), every=None, seed=0, **kw) -> Study:
     """A real digits study: ``runs`` MLPs trained for ``epochs`` epochs."""
-    return train_study(str(path), data.make_spec("digits"), "mlp", {"widths": list(widths)}, runs=runs,
+    return train_study(str(path), datasets.make_spec("digits"), "mlp", {"widths": list(widths)}, runs=runs,
                        epochs=epochs, every=every, seed=seed, progress=False, **kw)
 
 

@@ -10,14 +10,23 @@ import torch
 from torch import nn
 
 from globscope_core import cli
-from globscope_core.align import ActivationMatching, WeightMatching, align_study, barrier, load_permutations
-from globscope_core.data import load_dataset
-from globscope_core.evaluation import evaluate_model, subset
-from globscope_core.flat import StateLayout
-from globscope_core.models import build_model, make_spec
-from globscope_core.permutation import (PermutationSpec, conv, dense, flat_index, norm, permute_state,
-                                        spec_for_model)
-from globscope_core.store import Study
+from globscope_core.alignment.matching import ActivationMatching, WeightMatching
+from globscope_core.alignment.permutation import (
+    PermutationSpec,
+    conv,
+    dense,
+    flat_index,
+    norm,
+    permute_state,
+    spec_for_model,
+)
+from globscope_core.evaluation.one_model import evaluate_model, subset
+from globscope_core.evaluation.paths import barrier
+from globscope_core.networks.datasets import load_dataset
+from globscope_core.networks.models import build_model, make_spec, study_model
+from globscope_core.stages.align import align_study, load_permutations
+from globscope_core.storage.state_layout import StateLayout
+from globscope_core.storage.study import Study
 
 
 class ResCNN(nn.Module):
@@ -130,8 +139,8 @@ def test_activation_matching_recovers_a_known_permutation():
 
 def test_barrier_definition():
     al = np.linspace(0, 1, 5)
-    assert barrier(np.array([1.0, 2.0, 3.0, 2.5, 2.0]), al) == pytest.approx(3.0 - 1.5)
-    assert barrier(np.array([1.0, 1.25, 1.5, 1.75, 2.0]), al) == pytest.approx(0.0)
+    assert barrier(np.array([1.0, 2.0, 3.0, 2.5, 2.0]), al)[0] == pytest.approx(3.0 - 1.5)
+    assert barrier(np.array([1.0, 1.25, 1.5, 1.75, 2.0]), al)[0] == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("method", ["weight-matching", "activation-matching"])
@@ -145,7 +154,7 @@ def test_align_study_keeps_losses_and_trajectories(tiny_study, tmp_path, method)
     # alignment never changes a run's loss: re-evaluate every aligned checkpoint
     ds = load_dataset(al.dataset_spec)
     ev = {"train": subset(ds.train_x, ds.train_y, 10000, seed=1), "test": subset(ds.test_x, ds.test_y, 10000, seed=2)}
-    model = al.build_model()
+    model = study_model(al)
     params = al.read_params()
     for row in range(al.n_checkpoints):
         al.layout.load_into(model, torch.from_numpy(params[row]))

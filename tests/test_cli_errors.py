@@ -21,13 +21,13 @@ BAD_NUMBERS = ["0", "-1", "nan", "inf", "x", "1.5"]
 @pytest.fixture(scope="module")
 def env(tiny_study, tmp_path_factory):
     """Paths the cases refer to: a study with reducers and a landscape, a file, an empty dir, a broken study."""
-    from globscope_core.landscape import compute_landscape
     from globscope_core.reducers import fit_reducer
+    from globscope_core.stages.landscape import compute_landscape
 
     root = tmp_path_factory.mktemp("cli")
     study = root / "study"
     shutil.copytree(tiny_study.dir, study)
-    from globscope_core.store import Study
+    from globscope_core.storage.study import Study
 
     s = Study.open(str(study))
     fit_reducer(s, "pca", 2)

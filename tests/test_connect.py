@@ -9,20 +9,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_study
 from torch import nn
 
-from globscope_core import connect as C
-from globscope_core import connect_views, curves
-from globscope_core import data, models
 from globscope_core.cli import main
+from globscope_core.connectivity import curves
 from globscope_core.errors import GlobScopeError
-from globscope_core.evaluation import evaluate_model, subset
+from globscope_core.evaluation.one_model import evaluate_model, subset
+from globscope_core.evaluation.paths import barrier
+from globscope_core.networks import datasets, models
+from globscope_core.networks.batchnorm import recompute_bn
+from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
-from globscope_core.store import Study
-from globscope_core.train import train_study
-from globscope_core.vtkio import arrays_of, read_any
-
-from conftest import make_study
+from globscope_core.stages import connect as C
+from globscope_core.stages import connect_views
+from globscope_core.stages.train import train_study
+from globscope_core.storage.study import Study
+from globscope_core.storage.vtk_files import arrays_of, read_any
 
 
 def _digest(study_dir):
@@ -61,9 +64,9 @@ def test_polychain_passes_through_its_bends_and_bezier_is_quadratic():
 
 
 def test_barrier_is_the_rise_above_the_linear_mix_of_the_ends():
-    b, at = curves.barrier([1.0, 3.0, 2.0], [0.0, 0.5, 1.0])
+    b, at = barrier([1.0, 3.0, 2.0], [0.0, 0.5, 1.0])
     assert b == pytest.approx(1.5) and at == 0.5
-    b, _ = curves.barrier([2.0, 1.5, 1.0], [0.0, 0.5, 1.0])  # exactly on the mix: no barrier
+    b, _ = barrier([2.0, 1.5, 1.0], [0.0, 0.5, 1.0])  # exactly on the mix: no barrier
     assert b == pytest.approx(0.0)
 
 
@@ -127,15 +130,15 @@ def test_connect_metrics_are_true_evaluations_and_barriers_follow_them(connected
     assert along["curve"]["train_loss"][0] == pytest.approx(before.metrics["train_loss"][final[0]], rel=1e-5)
     assert along["line"]["test_acc"][-1] == pytest.approx(before.metrics["test_acc"][final[1]])
     # a stored point, rebuilt and evaluated again, gives its stored metric
-    ds = data.load_dataset(study.dataset_spec)
+    ds = datasets.load_dataset(study.dataset_spec)
     row = study.run_rows(report["curve_run"], label="curve")[20]
-    model = study.layout.load_into(study.build_model(), torch.from_numpy(study.read_params([row])[0]))
+    model = study.layout.load_into(study_model(study), torch.from_numpy(study.read_params([row])[0]))
     loss, _ = evaluate_model(model, *subset(ds.test_x, ds.test_y, 10000, seed=2))
     assert loss == pytest.approx(study.metrics["test_loss"][row], rel=1e-5)
     # barriers recomputed from the stored curves
     t = np.linspace(0, 1, 61)
     for path, key in (("curve", "curve_summary"), ("line", "line_summary")):
-        b, _ = curves.barrier(along[path]["train_loss"], t)
+        b, _ = barrier(along[path]["train_loss"], t)
         assert report[key]["train_loss_barrier"] == pytest.approx(b)
     on_disk = Study.open(study.dir).read_report()["connect-0-1"]
     assert on_disk["curve_summary"] == report["curve_summary"]
@@ -172,7 +175,7 @@ def test_connect_writes_the_plot_and_the_latent_polylines(connected):
 
 
 def test_landscape_loss_is_interpolated_at_the_encoded_points(tmp_path):
-    from globscope_core.vtkio import ImageField, write_vti
+    from globscope_core.storage.vtk_files import ImageField, write_vti
 
     # a linear field is reproduced exactly by linear interpolation
     nx, ny = 5, 4
@@ -194,7 +197,7 @@ def _bn_mlp(input_shape, num_classes, width=16):
 
 def test_batchnorm_statistics_are_recomputed_at_each_point(tmp_path):
     d = str(tmp_path / "bn")
-    train_study(d, data.make_spec("digits"), "test-bn-mlp", {}, runs=2, epochs=2, progress=False)
+    train_study(d, datasets.make_spec("digits"), "test-bn-mlp", {}, runs=2, epochs=2, progress=False)
     report = C.connect(d, runs=(0, 1), curve="polychain", bends=2, epochs=1, batch_size=256, points=5,
                        progress=False)
     study = Study.open(d, "paths.h5")
@@ -203,9 +206,9 @@ def test_batchnorm_statistics_are_recomputed_at_each_point(tmp_path):
     assert control.shape == (4, study.n_params)
     row = study.run_rows(report["curve_run"], label="curve")[2]
     vec = study.read_params([row])[0]
-    model = study.layout.load_into(study.build_model(), torch.from_numpy(vec))
+    model = study.layout.load_into(study_model(study), torch.from_numpy(vec))
     # the stored running statistics are those of the point itself on the training set
-    ds = data.load_dataset(study.dataset_spec)
+    ds = datasets.load_dataset(study.dataset_spec)
     with torch.no_grad():
         h = model[1](model[0](ds.train_x))
     bn = model[2]
@@ -215,15 +218,15 @@ def test_batchnorm_statistics_are_recomputed_at_each_point(tmp_path):
     loss, _ = evaluate_model(model, *subset(ds.train_x, ds.train_y, 10000, seed=1))
     assert loss == pytest.approx(study.metrics["train_loss"][row], rel=1e-5)
     # a model without BatchNorm is left alone
-    assert curves.recompute_bn(models.build_model(models.make_spec("mlp", (1, 8, 8), 10)), ds.train_x) is False
+    assert recompute_bn(models.build_model(models.make_spec("mlp", (1, 8, 8), 10)), ds.train_x) is False
 
 
 # --- resume -----------------------------------------------------------------------------------------
 def test_curve_training_resumes_from_its_partial_file(tiny_study, tmp_path):
-    ds = data.load_dataset(tiny_study.dataset_spec)
+    ds = datasets.load_dataset(tiny_study.dataset_spec)
     final = tiny_study.final_rows()
     wa, wb = tiny_study.read_params([final[0], final[1]])
-    model = tiny_study.build_model()
+    model = study_model(tiny_study)
     part = str(tmp_path / "c.partial.pt")
     kw = dict(epochs=2, lr=0.05, batch_size=256, partial_path=part, progress=False, config_key="k")
     first = curves.train_curve(model, tiny_study.layout, wa, wb, "polychain", 1, ds, **kw)
@@ -300,18 +303,18 @@ def test_plane_of_the_curve_shows_the_valley_and_the_ridge(connected):
     assert plane["line_landscape_barrier"] == pytest.approx(report["line_summary"]["test_loss_barrier"], rel=0.2)
     pd = read_any(os.path.join(study.dir, plane["file"]))
     assert pd.GetNumberOfPoints() == 122 and "loss_landscape" in arrays_of(pd)
-    from globscope_core.vtkio import read_vti
+    from globscope_core.storage.vtk_files import read_vti
 
     f = read_vti(os.path.join(study.dir, plane["landscape"]))
     assert f.dims == (41, 41, 1) and np.isfinite(f.point_arrays["loss"]).all()
 
 
 def test_refit_puts_the_curve_into_the_reducer_and_recomputes_the_landscape(study_copy):
-    from globscope_core.landscape import compute_landscape
+    from globscope_core.stages.landscape import compute_landscape
 
     d = study_copy.dir
     fit_reducer(study_copy, "pca", 2)
-    from globscope_core.topology_io import study_topology
+    from globscope_core.stages.topology import study_topology
 
     compute_landscape(study_copy, "pca-2d", 9, eval_samples=64, progress=False)
     study_topology(d, dim=2, verbose=False)
@@ -328,6 +331,6 @@ def test_refit_puts_the_curve_into_the_reducer_and_recomputes_the_landscape(stud
     red = load_reducer(study, "pca-2d")  # refitted with the curve rows, and still the study's
     assert red.basis.rank > fit_reducer(study, "pca", 2, save=False).basis.rank  # the curve left the span
     from globscope_core.reducers import study_id
-    from globscope_core.vtkio import read_vti
+    from globscope_core.storage.vtk_files import read_vti
 
     assert read_vti(os.path.join(d, "landscape-2d.vti")).field_data["study_id"] == study_id(study)

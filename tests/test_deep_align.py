@@ -9,15 +9,21 @@ import pytest
 import torch
 
 from globscope_core import cli
-from globscope_core.align import barrier, interpolation_curve
-from globscope_core.batched import eval_data
-from globscope_core.deep_align import (DeepAlign, NeuronEncoder, load_aligner_file, mlp_layers, permute_weights,
-                                       weights_from_state)
-from globscope_core.deep_align_train import PairSampler, ensure_aligner, supervised_loss, train_aligner
+from globscope_core.alignment.deep_align import (
+    DeepAlign,
+    NeuronEncoder,
+    load_aligner_file,
+    mlp_layers,
+    permute_weights,
+    weights_from_state,
+)
+from globscope_core.alignment.deep_align_train import PairSampler, ensure_aligner, supervised_loss, train_aligner
+from globscope_core.alignment.permutation import flat_index, spec_for_model
 from globscope_core.errors import GlobScopeError
-from globscope_core.flat import StateLayout
-from globscope_core.models import build_model, make_spec
-from globscope_core.permutation import flat_index, spec_for_model
+from globscope_core.evaluation.many_models import eval_data
+from globscope_core.evaluation.paths import barrier, interpolation_curve
+from globscope_core.networks.models import build_model, make_spec, study_model
+from globscope_core.storage.state_layout import StateLayout
 
 FAST = {"save_every": 10}
 
@@ -71,13 +77,13 @@ def test_exactly_permuted_copy_is_recovered(tiny_study, trained):
     np.testing.assert_array_equal(aligned, ref)
     # the same function, and a flat line between the two (identity barrier)
     x, y = eval_data(tiny_study, "train", 500, seed=1)
-    model = tiny_study.build_model().eval()
+    model = study_model(tiny_study).eval()
     layout.load_into(model, torch.from_numpy(shuffled))
     out_shuffled = model(x)
     layout.load_into(model, torch.from_numpy(ref))
     torch.testing.assert_close(out_shuffled, model(x), atol=1e-5, rtol=1e-5)
     al = np.linspace(0, 1, 5)
-    assert barrier(interpolation_curve(tiny_study, aligned, ref, al, x, y), al) == pytest.approx(0.0, abs=1e-6)
+    assert barrier(interpolation_curve(tiny_study, aligned, ref, al, x, y), al)[0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_independent_runs_give_valid_permutations_and_reload_gives_the_same(tiny_study, trained):

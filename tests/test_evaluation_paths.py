@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from globscope_core import batched
-from globscope_core.batched import BatchedEvaluator
 from globscope_core.errors import GlobScopeError
-from globscope_core.evaluation import evaluate_model
-from globscope_core.flat import StateLayout
-from globscope_core.models import build_model, make_spec
+from globscope_core.evaluation import many_models as batched
+from globscope_core.evaluation.many_models import BatchedEvaluator
+from globscope_core.evaluation.one_model import evaluate_model
+from globscope_core.networks.models import build_model, make_spec
+from globscope_core.storage.state_layout import StateLayout
 
 # small members of each family (same code paths as the full-size ones, seconds to run)
 ZOO = {
@@ -105,9 +105,9 @@ def test_unavailable_modes_are_clear_errors():
 
 
 def test_landscape_in_bf16_records_its_precision_and_resumes_only_in_it(study_copy):
-    from globscope_core.landscape import compute_landscape
     from globscope_core.reducers import fit_reducer
-    from globscope_core.vtkio import read_vti
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.storage.vtk_files import read_vti
 
     fit_reducer(study_copy, "pca", 2)
     kw = dict(eval_samples=64, chunk_points=8, progress=False, trajectories=False, device="cpu")

@@ -23,13 +23,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import make_study
 
-from globscope_core import safe_write, store
 from globscope_core.cli import main
 from globscope_core.reducers import fit_reducer, load_reducer
-from globscope_core.store import Study
-
-from conftest import make_study
+from globscope_core.storage import safe_write
+from globscope_core.storage import study as store
+from globscope_core.storage.study import Study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,8 +103,8 @@ def fill(directory, leave: int = 0) -> str:
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory):
     """A small study with a PCA reducer, a 9x9 landscape and its merge tree (the inputs of every stage)."""
-    from globscope_core.landscape import compute_landscape
-    from globscope_core.topology_io import study_topology
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.stages.topology import study_topology
 
     d = tmp_path_factory.mktemp("faults") / "study"
     s = make_study(d, runs=3, epochs=3, widths=(16,), eval_samples=256)
@@ -147,8 +147,8 @@ def test_full_disk_import_leaves_the_study_unchanged(ready, tmp_path, capsys, mo
 
 def test_full_disk_keeps_every_result_file(ready, tmp_path, capsys, monkeypatch):
     """Reducers, landscapes (VTK), trees, PNGs and report.json: the old file stays, one line, no temporaries."""
-    from globscope_core.safe_write import atomic_write_bytes, save_figure
-    from globscope_core.vtkio import ImageField, write_vti
+    from globscope_core.storage.safe_write import atomic_write_bytes, save_figure
+    from globscope_core.storage.vtk_files import ImageField, write_vti
 
     with tmpfs(tmp_path / "fs") as fs:
         d = _copy(ready, os.path.join(fs, "s"))
@@ -320,8 +320,8 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         _report(stage, killed, tmp_path)
         _finish(argv)
         ref = _copy(ready, tmp_path / "ref")
-        from globscope_core.landscape import compute_landscape
-        from globscope_core.vtkio import read_vti
+        from globscope_core.stages.landscape import compute_landscape
+        from globscope_core.storage.vtk_files import read_vti
 
         compute_landscape(ref, "pca-2d", 33, eval_samples=256, chunk_points=8, progress=False, trajectories=False)
         a = read_vti(os.path.join(d, "landscape-2d.vti")).point_arrays["loss"]
@@ -354,7 +354,7 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         _intact(out) if os.path.exists(out) else None
         _finish(argv)  # the same command resumes, also when the kill came after its commit, before its report
         assert "align" in Study.open(out).read_report()
-        from globscope_core.align import align_study
+        from globscope_core.stages.align import align_study
 
         ref = str(tmp_path / "ref-aligned")
         align_study(d, ref, eval_samples=256, alphas=5, progress=False, plot=False, max_iter=100, act_samples=1024)
@@ -364,7 +364,7 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
 
 # --- concurrent writers and the training plan --------------------------------------------------------
 def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
-    from globscope_core.store import update_report
+    from globscope_core.storage.study import update_report
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a writer that died (its pid is gone)

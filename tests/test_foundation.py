@@ -14,15 +14,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import make_study
 from torch import nn
 
-from conftest import make_study
-from globscope_core import cli, data, models
 from globscope_core.errors import GlobScopeError
-from globscope_core.flat import StateLayout
-from globscope_core.importer import import_checkpoints, load_state_file
-from globscope_core.store import Study
-from globscope_core.train import train_study
+from globscope_core.networks import datasets, models
+from globscope_core.networks.models import study_model
+from globscope_core.stages.import_ import import_checkpoints, load_state_file
+from globscope_core.stages.train import train_study
+from globscope_core.storage.state_layout import StateLayout
+from globscope_core.storage.study import Study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +127,7 @@ def test_killed_writer_leaves_a_readable_study(tmp_path):
         w.append(w.add_run(seed=0), [0], np.ones(200_000))
     script = (
         "import numpy as np, sys\n"
-        "from globscope_core.store import Study\n"
+        "from globscope_core.storage.study import Study\n"
         "s = Study.open(sys.argv[1])\n"
         "with s.transaction() as w:\n"
         "    r = w.add_run(seed=1)\n"
@@ -173,11 +174,11 @@ def test_training_lowers_loss_and_stores_trajectories(tiny_study):
     finals = s.read_params(list(s.final_rows().values()))
     assert np.abs(finals[0] - finals[1]).max() > 1e-3
     # the stored final vector evaluates to the stored loss
-    from globscope_core.evaluation import evaluate_model
+    from globscope_core.evaluation.one_model import evaluate_model
 
-    model = s.build_model()
+    model = study_model(s)
     s.layout.load_into(model, finals[0])
-    ds = data.load_dataset(s.dataset_spec)
+    ds = datasets.load_dataset(s.dataset_spec)
     loss, acc = evaluate_model(model, ds.test_x, ds.test_y)
     row = s.final_rows()[0]
     assert abs(loss - s.metrics["test_loss"][row]) < 1e-5 and acc == s.metrics["test_acc"][row]
@@ -223,7 +224,7 @@ def test_mnist_idx_files(tmp_path):
         ext = ".gz" if gz else ""
         _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{ext}", rng.integers(0, 10, n, dtype=np.uint8), gz)
-    ds = data.load_dataset(data.make_spec("mnist", str(tmp_path)))
+    ds = datasets.load_dataset(datasets.make_spec("mnist", str(tmp_path)))
     assert ds.train_x.shape == (30, 1, 28, 28) and ds.test_y.shape == (10,) and ds.num_classes == 10
     # the paper's MNIST MLP builds on it
     model = models.build_model(models.make_spec("mnist-mlp", ds.input_shape, ds.num_classes))
@@ -232,7 +233,7 @@ def test_mnist_idx_files(tmp_path):
     raw = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:-5])
     with pytest.raises(GlobScopeError, match="t10k-images-idx3-ubyte: IDX header says"):
-        data.load_dataset(data.make_spec("mnist", str(tmp_path)))
+        datasets.load_dataset(datasets.make_spec("mnist", str(tmp_path)))
 
 
 @pytest.mark.parametrize("classes", [10, 100])
@@ -244,7 +245,7 @@ def test_cifar_python_batches(tmp_path, classes):
         d = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), key: list(rng.integers(0, classes, 4))}
         with open(tmp_path / name, "wb") as f:
             pickle.dump(d, f)
-    ds = data.load_dataset(data.make_spec(f"cifar{classes}", str(tmp_path)))
+    ds = datasets.load_dataset(datasets.make_spec(f"cifar{classes}", str(tmp_path)))
     assert ds.train_x.shape == ((20 if classes == 10 else 4), 3, 32, 32) and ds.num_classes == classes
 
 
@@ -257,7 +258,7 @@ def test_cifar_refuses_pickled_code(tmp_path):
         with open(tmp_path / name, "wb") as f:
             pickle.dump({b"data": Evil(), b"labels": [0]}, f)
     with pytest.raises(GlobScopeError, match="data_batch_1: not a CIFAR python batch.*refusing"):
-        data.load_dataset(data.make_spec("cifar10", str(tmp_path)))
+        datasets.load_dataset(datasets.make_spec("cifar10", str(tmp_path)))
 
 
 def test_user_model_and_dataset(tmp_path, monkeypatch):
@@ -271,7 +272,7 @@ def test_user_model_and_dataset(tmp_path, monkeypatch):
         "    x = torch.randn(200, 4, generator=g); y = (x[:, 0] > 0).long()\n"
         "    return x[:150], y[:150], x[150:], y[150:]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    s = train_study(str(tmp_path / "s"), data.make_spec("usermod:blobs"), "usermod:build", {"hidden": 6}, runs=1,
+    s = train_study(str(tmp_path / "s"), datasets.make_spec("usermod:blobs"), "usermod:build", {"hidden": 6}, runs=1,
                     epochs=5, progress=False)
     assert s.model_spec["name"] == "usermod:build" and s.n_params == 4 * 6 + 6 + 6 * 2 + 2
     assert s.metrics["test_acc"][s.final_rows()[0]] > 0.8
@@ -281,7 +282,7 @@ def test_user_model_and_dataset(tmp_path, monkeypatch):
 def test_import_state_dicts_and_safetensors(tiny_study, tmp_path):
     from safetensors.torch import save_file
 
-    model = tiny_study.build_model()
+    model = study_model(tiny_study)
     files = []
     for i, row in enumerate(tiny_study.run_rows(1)[:3]):
         state = tiny_study.layout.unflatten(torch.from_numpy(tiny_study.read_params([row])[0]))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,15 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from globscope_core import batched, cli, models
-from globscope_core.batched import BatchedEvaluator, eval_data, evaluate_flat
+from globscope_core import cli
 from globscope_core.errors import GlobScopeError
-from globscope_core.evaluation import evaluate_model
-from globscope_core.flat import StateLayout
-from globscope_core.landscape import compute_landscape, grid_points
+from globscope_core.evaluation import many_models as batched
+from globscope_core.evaluation.many_models import BatchedEvaluator, eval_data, evaluate_flat
+from globscope_core.evaluation.one_model import evaluate_model
+from globscope_core.networks import models
+from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
-from globscope_core.store import Study
-from globscope_core.vtkio import arrays_of, read_any, read_vti
+from globscope_core.stages.landscape import compute_landscape, grid_points
+from globscope_core.storage.state_layout import StateLayout
+from globscope_core.storage.vtk_files import arrays_of, read_any, read_vti
 
 VENV_BIN = os.path.dirname(sys.executable)
 # Every run compared bitwise runs one thread, as torchrun's workers do: another thread count may change
@@ -51,7 +52,7 @@ def test_batched_paths_match_one_model_at_a_time(tiny_study):
     rows = np.arange(0, tiny_study.n_checkpoints, 3)
     params = torch.from_numpy(tiny_study.read_params(rows))
     params[-1] += 0.05 * torch.randn(params.shape[1], generator=torch.Generator().manual_seed(0))
-    model = tiny_study.build_model()
+    model = study_model(tiny_study)
     ref = np.array([evaluate_model(tiny_study.layout.load_into(model, p), x, y) for p in params])
     fast = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
     general = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu", fast=False)
@@ -151,9 +152,9 @@ def test_landscape_2d_field_and_trajectories(pca_study):
 
     # grid values: decode a few points and evaluate them one model at a time
     x, y = eval_data(pca_study, "test", 200)
-    model = pca_study.build_model()
+    model = study_model(pca_study)
     pts = f.point_coordinates()[:, :2]
-    from globscope_core.landscape import HullClamp
+    from globscope_core.stages.landscape import HullClamp
 
     clamp = HullClamp(Z)  # points outside the hull are evaluated on its boundary (the default)
     assert not np.allclose(clamp(pts[:1]), pts[:1]) and np.allclose(clamp(pts[40:41]), pts[40:41])
@@ -326,7 +327,7 @@ def test_grid_points_are_in_vtk_order():
 
 # --- trust: spikes, extrapolation, the merge tree on the trusted part ------------------------------
 def test_find_spikes_2d_and_3d():
-    from globscope_core.landscape import find_spikes
+    from globscope_core.stages.landscape import find_spikes
 
     for dims in [(9, 7, 1), (7, 6, 5)]:
         nx, ny, nz = dims
@@ -349,7 +350,8 @@ def test_find_spikes_2d_and_3d():
 
 
 def test_topology_leaves_untrusted_points_out(tmp_path):
-    from globscope_core import topology_io, vtkio
+    from globscope_core.stages import topology as topology_stage
+    from globscope_core.storage import vtk_files
 
     d = str(tmp_path / "s")
     os.makedirs(d)
@@ -359,24 +361,24 @@ def test_topology_leaves_untrusted_points_out(tmp_path):
     f -= 1.5 * np.exp(-((x - 0.9) ** 2 + (y - 0.9) ** 2) / 0.02)  # the deepest well, in a corner ...
     trusted = (np.hypot(x, y) < 0.8).astype(np.float32)  # ... outside the trusted disc
     sp = (2 / (nx - 1), 2 / (ny - 1), 1.0)
-    vtkio.write_vti(os.path.join(d, "landscape-2d.vti"), vtkio.ImageField(
+    vtk_files.write_vti(os.path.join(d, "landscape-2d.vti"), vtk_files.ImageField(
         (nx, ny, 1), (-1.0, -1.0, 0.0), sp, {"log_loss": f.astype(np.float32).ravel(),
                                              "trusted": trusted.ravel()}, {}, "log_loss"))
-    vtkio.write_vtp(os.path.join(d, "trajectories-2d.vtp"), np.array([[0, 0, 0], [-0.4, 0, 0], [0.4, 0, 0]]),
+    vtk_files.write_vtp(os.path.join(d, "trajectories-2d.vtp"), np.array([[0, 0, 0], [-0.4, 0, 0], [0.4, 0, 0]]),
                     lines=[[0, 1], [0, 2]], verts=[[1], [2]],
                     point_arrays={"run": np.array([0, 0, 1]), "step": np.array([0, 9, 9])})
-    sec = topology_io.study_topology(d, 2, verbose=False)
+    sec = topology_stage.study_topology(d, 2, verbose=False)
     assert sec["trusted_only"] and sec["untrusted_points_left_out"] == int((trusted == 0).sum())
     assert sec["leaves"] == 2 and sec["n_basins_with_runs"] == 2
     assert all(np.hypot(*r["basin_minimum_position"]) < 0.8 for r in sec["runs"])
-    every = topology_io.study_topology(d, 2, verbose=False, trusted_only=False)
+    every = topology_stage.study_topology(d, 2, verbose=False, trusted_only=False)
     assert every["leaves"] == 3 and not every["trusted_only"]
     assert cli.main(["topology", d, "--dim", "2", "--all-points"]) == 0
     assert json.load(open(os.path.join(d, "report.json")))["basins-2d"]["leaves"] == 3
 
 
 def test_hull_clamp_and_extrapolation_2d_3d():
-    from globscope_core.landscape import HullClamp, hull_extrapolation
+    from globscope_core.stages.landscape import HullClamp, hull_extrapolation
 
     rng = np.random.default_rng(0)
     for dim in (2, 3):

@@ -7,8 +7,8 @@ namespace (`unshare -n`, loopback only) and are killed by process group in `fina
 from __future__ import annotations
 
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,13 +18,13 @@ import time
 import numpy as np
 import pytest
 
-from globscope_core import pvenv
 from globscope_core.errors import GlobScopeError
-from globscope_core.render import available_views, render_study
+from globscope_core.stages import paraview_env
+from globscope_core.stages.render import available_views, render_study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "paraview", "pv_tree.py")
-HAVE_PV = pvenv.find("pvpython") is not None and pvenv.find("pvbatch") is not None
+HAVE_PV = paraview_env.find("pvpython") is not None and paraview_env.find("pvbatch") is not None
 needs_pv = pytest.mark.skipif(not HAVE_PV, reason="Debian ParaView (pvpython/pvbatch) not installed; setup.sh installs it")
 paraview = [pytest.mark.paraview, needs_pv]
 
@@ -32,9 +32,10 @@ paraview = [pytest.mark.paraview, needs_pv]
 def _study_pipeline(path, seed, runs, epochs):
     """A real study with 2D and 3D PCA landscapes and their merge trees (the inputs of every view)."""
     from conftest import make_study
-    from globscope_core.landscape import compute_landscape
+
     from globscope_core.reducers import fit_reducer
-    from globscope_core.topology_io import study_topology
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.stages.topology import study_topology
 
     study = make_study(path, runs=runs, epochs=epochs, widths=(32,), seed=seed)
     for dim, res in ((2, 33), (3, 13)):
@@ -59,15 +60,15 @@ def study_b(tmp_path_factory):
 
 
 def _run(argv, timeout, env=None, cwd=None, prefix=()):
-    env = env or pvenv.environment()
-    p = subprocess.run(["timeout", "-s", "KILL", str(timeout)] + list(prefix) + pvenv.command(argv, env), env=env, cwd=cwd,
+    env = env or paraview_env.environment()
+    p = subprocess.run(["timeout", "-s", "KILL", str(timeout)] + list(prefix) + paraview_env.command(argv, env), env=env, cwd=cwd,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return p.returncode, p.stdout
 
 
 def _core_tree(study, persistence=0.0):
+    from globscope_core.stages.topology import read_scalar
     from globscope_core.topology import compute_topology
-    from globscope_core.topology_io import read_scalar
 
     field, values, order = read_scalar(os.path.join(study, "landscape-2d.vti"), "loss")
     return compute_topology(values, field.origin, field.spacing, persistence=persistence, relative=True,
@@ -108,7 +109,7 @@ def _assert_not_blank(img, what):
 @needs_pv
 def test_plugin_merge_tree_equals_core(study_a, tmp_path, persistence):
     out = str(tmp_path / "tree.npz")
-    rc, log = _run([pvenv.find("pvpython"), DRIVER, pvenv.PLUGIN, study_a, out, "--persistence", str(persistence)], 120)
+    rc, log = _run([paraview_env.find("pvpython"), DRIVER, paraview_env.PLUGIN, study_a, out, "--persistence", str(persistence)], 120)
     assert rc == 0 and "done" in log, log[-3000:]
     _assert_same_tree(out, _core_tree(study_a, persistence))
     if persistence:  # simplification removed minima: fewer nodes than the raw tree
@@ -125,7 +126,7 @@ def test_reader_errors_are_messages_not_crashes(study_a, tmp_path):
     script = tmp_path / "bad.py"
     script.write_text(f"""
 from paraview import simple as pv
-pv.LoadPlugin({pvenv.PLUGIN!r}, ns=vars(pv))
+pv.LoadPlugin({paraview_env.PLUGIN!r}, ns=vars(pv))
 for path in ({str(tmp_path / 'missing' / 'study.h5')!r}, {str(bad / 'study.h5')!r}):
     r = pv.GlobScopeStudyReader(FileName=path)
     r.UpdatePipeline()
@@ -135,7 +136,7 @@ mt.ScalarField = ['POINTS', 'nonexistent']
 mt.UpdatePipeline()
 print("survived", flush=True)
 """)
-    rc, log = _run([pvenv.find("pvpython"), str(script)], 60)
+    rc, log = _run([paraview_env.find("pvpython"), str(script)], 60)
     assert rc == 0 and "survived" in log, log[-3000:]
     assert "GlobScope Study Reader: " + str(tmp_path / "missing" / "study.h5") + ": no such file" in log
     assert str(bad / "landscape-2d.vti") + ": unreadable VTK XML file" in log
@@ -148,7 +149,7 @@ def test_state_files_use_the_plugin_reader_by_basename():
     import xml.etree.ElementTree as ET
 
     for name in ("landscape-2d.pvsm", "landscape-3d.pvsm", "trajectories.pvsm"):
-        root = ET.parse(os.path.join(pvenv.STATE_DIR, name)).getroot()
+        root = ET.parse(os.path.join(paraview_env.STATE_DIR, name)).getroot()
         readers = [p for p in root.iter("Proxy") if p.get("type") == "GlobScopeStudyReader"]
         assert len(readers) == 1, name
         files = [e.get("value") for prop in readers[0].iter("Property") if prop.get("name") == "FileName"
@@ -161,7 +162,7 @@ def test_state_files_show_log_loss():
     import xml.etree.ElementTree as ET
 
     for name in ("landscape-2d.pvsm", "landscape-3d.pvsm", "trajectories.pvsm"):
-        root = ET.parse(os.path.join(pvenv.STATE_DIR, name)).getroot()
+        root = ET.parse(os.path.join(paraview_env.STATE_DIR, name)).getroot()
         used = {(p.get("name"), e.get("value")) for p in root.iter("Property")
                 if p.get("name") in ("ColorArrayName", "SelectInputScalars") for e in p.iter("Element")}
         arrays = {v for _, v in used}
@@ -205,7 +206,7 @@ def _colour_pixels(img, colour, tol=0.3):
 @needs_pv
 def test_render_draws_connect_paths(study_a, tmp_path):
     """`globscope connect` then `render`: the line and the curve over both landscapes, and the plane picture."""
-    from globscope_core.connect import connect
+    from globscope_core.stages.connect import connect
 
     study = str(tmp_path / "connected")
     shutil.copytree(study_a, study)
@@ -213,7 +214,7 @@ def test_render_draws_connect_paths(study_a, tmp_path):
                   plane_eval_samples=128, device="cpu", progress=False)
     for f in ("connect-0-1-2d.vtp", "connect-0-1-3d.vtp", "connect-0-1-plane.vti", "connect-0-1-plane.vtp"):
         assert os.path.exists(os.path.join(study, f)), f
-    from globscope_core.vtkio import arrays_of, read_any
+    from globscope_core.storage.vtk_files import arrays_of, read_any
 
     for f in ("connect-0-1-2d.vtp", "trajectories-2d.vtp"):  # the heights of the paths and runs in the log views
         arr = arrays_of(read_any(os.path.join(study, f)))
@@ -289,12 +290,12 @@ def _client_server(study, tmp_path, ranks):
 
 def _client_server_once(study, tmp_path, ranks):
     tmp_path.mkdir()
-    env = pvenv.environment()
+    env = paraview_env.environment()
     port = _free_port()
-    server = [pvenv.find("pvserver"), f"--server-port={port}"]
+    server = [paraview_env.find("pvserver"), f"--server-port={port}"]
     if ranks > 1:
         server = [shutil.which("mpiexec"), "-n", str(ranks)] + server
-    if pvenv.needs_xvfb(env):
+    if paraview_env.needs_xvfb(env):
         # the server's own display number: two `xvfb-run -a` started together (server, then the
         # client) can pick the same free number
         num = next(n for n in range(400 + port % 400, 1200) if not os.path.exists(f"/tmp/.X{n}-lock"))
@@ -308,7 +309,7 @@ def _client_server_once(study, tmp_path, ranks):
         time.sleep(0.5)
         out, png = str(tmp_path / "tree.npz"), str(tmp_path / "server.png")
         # the client joins the server's network namespace: 127.0.0.1 there is the server's loopback
-        rc, text = _run([pvenv.find("pvpython"), DRIVER, pvenv.PLUGIN, study, out, "--connect", str(port), "--png", png],
+        rc, text = _run([paraview_env.find("pvpython"), DRIVER, paraview_env.PLUGIN, study, out, "--connect", str(port), "--png", png],
                         200, env=env, prefix=["nsenter", "-t", str(proc.pid), "-n", "--"])
         ok = rc == 0 and "done" in text
     finally:
@@ -343,7 +344,7 @@ def test_client_server_mpi_two_ranks_same_tree(study_a, tmp_path):
 @pytest.mark.paraview
 @needs_pv
 def test_globscope_paraview_opens_gui_with_the_2d_view(study_a, tmp_path):
-    if pvenv.find("paraview") is None:
+    if paraview_env.find("paraview") is None:
         pytest.fail("the ParaView GUI (paraview) is not installed")
     shot = tmp_path / "gui.png"
     env = dict(os.environ, GLOBSCOPE_SCREENSHOT=str(shot))  # the GUI script saves what it shows
@@ -369,7 +370,7 @@ def test_globscope_paraview_opens_gui_with_the_2d_view(study_a, tmp_path):
 def test_state_files_carry_no_study_caption():
     """Captions come from the study a state is loaded on: none is saved in the state files."""
     for name in ("landscape-2d.pvsm", "landscape-3d.pvsm", "trajectories.pvsm"):
-        text = open(os.path.join(pvenv.STATE_DIR, name)).read()
+        text = open(os.path.join(paraview_env.STATE_DIR, name)).read()
         assert "train-loss barrier" not in text and "connect-0-1:" not in text, name
 
 
@@ -378,11 +379,11 @@ def test_state_files_carry_no_study_caption():
 def test_fit_view_follows_the_loaded_study(study_a, tmp_path):
     """LoadState by hand onto two studies 10x apart in latent extent (one with a connect curve), then fit_view:
     camera, warp, sphere size, colour range and caption follow each study's data, not the state's."""
-    from globscope_core.connect import connect
-    from globscope_core.landscape import compute_landscape
-    from globscope_core.store import Study
-    from globscope_core.topology_io import study_topology
-    from globscope_core.vtkio import read_vti
+    from globscope_core.stages.connect import connect
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.stages.topology import study_topology
+    from globscope_core.storage.study import Study
+    from globscope_core.storage.vtk_files import read_vti
 
     wide = str(tmp_path / "wide")
     shutil.copytree(study_a, wide)
@@ -396,8 +397,8 @@ def test_fit_view_follows_the_loaded_study(study_a, tmp_path):
         study_topology(wide, dim, verbose=False)
     rep = connect(wide, runs=(0, 2), epochs=2, points=5, eval_samples=128, plane_resolution=0, device="cpu",
                   progress=False)
-    rc, log = _run([pvenv.find("pvbatch"), os.path.join(HERE, "paraview", "pv_fit_view.py"), pvenv.PLUGIN,
-                    pvenv.STATE_DIR, study_a, wide], 300)
+    rc, log = _run([paraview_env.find("pvbatch"), os.path.join(HERE, "paraview", "pv_fit_view.py"), paraview_env.PLUGIN,
+                    paraview_env.STATE_DIR, study_a, wide], 300)
     assert rc == 0 and "done" in log, log[-3000:]
     import json
 

@@ -14,7 +14,7 @@ from globscope_core.errors import GlobScopeError
 from globscope_core.reducers import fit_reducer, load_reducer
 from globscope_core.reducers.basis import SpanBasis
 from globscope_core.reducers.metrics import finals_apart, reconstruction, structure
-from globscope_core.store import Study
+from globscope_core.storage.study import Study
 
 FAST_AE = {"epochs": 300, "width": 64}
 
@@ -33,9 +33,9 @@ def test_span_basis_is_exact_and_streams(tiny_study):
 
 def test_decoded_batchnorm_variances_keep_a_floor(tmp_path):
     """Variances decode to no less than the smallest a checkpoint had; other coordinates are free."""
-    from globscope_core import models
-    from globscope_core.data import make_spec
-    from globscope_core.flat import StateLayout
+    from globscope_core.networks import models
+    from globscope_core.networks.datasets import make_spec
+    from globscope_core.storage.state_layout import StateLayout
 
     spec = models.make_spec("resnet20", (1, 8, 8), 10)
     layout = StateLayout.from_module(models.build_model(spec))

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from globscope_core import data, models, resources
+from globscope_core import resources
 from globscope_core.errors import GlobScopeError
-from globscope_core.evaluation import evaluate_model
-from globscope_core.importer import import_checkpoints
-from globscope_core.store import Study
+from globscope_core.evaluation.one_model import evaluate_model
+from globscope_core.networks.models import study_model
+from globscope_core.reducers import budget
+from globscope_core.stages.import_ import import_checkpoints
+from globscope_core.storage.study import Study
 
 
 def run_cli(*args, env=None):
@@ -62,14 +64,14 @@ def test_sizes_and_limits(monkeypatch):
     have, source = resources.host_memory()
     assert have == 1 << 30 and source == "GLOBSCOPE_MEMORY_LIMIT"
     # the paper's CNN with 500 checkpoints and an exact basis: the basis alone is 9.5 GB
-    parts = resources.estimate_fit(4_718_118, 500, block_rows=8)
+    parts = budget.estimate_fit(4_718_118, 500, block_rows=8)
     assert 9.4e9 < parts["basis V [k, P]"] < 9.5e9
     with pytest.raises(GlobScopeError, match=r"fit x: needs about 10\.\d\d GiB of memory \(basis V \[k, P\] 8\.79 GiB"):
         resources.require(parts, "fit x")
     # a truncated basis is what makes it fit
-    k = resources.default_max_rank(4_718_118)
+    k = budget.default_max_rank(4_718_118)
     assert 100 < k and k * 4_718_118 * 4 <= 2 << 30
-    small = resources.estimate_fit(4_718_118, 500, max_rank=k)
+    small = budget.estimate_fit(4_718_118, 500, max_rank=k)
     assert sum(small.values()) < 4.5e9  # the issue's target
     assert resources.require({"a": 1 << 20}, "ok")["host_bytes"] == 1 << 20
 
@@ -105,7 +107,7 @@ def test_device_cuda_without_gpu_is_a_clear_error_everywhere(tiny_study, tmp_pat
 
 def test_streamed_gram_matrix_equals_the_whole_product(tiny_study):
     """Panels held against streamed blocks (sized in bytes) give S S^T exactly, in float64."""
-    from globscope_core.streaming import gram_matrix
+    from globscope_core.reducers.gram import gram_matrix
 
     X = tiny_study.read_params()
     mean = X.mean(0)
@@ -118,7 +120,7 @@ def test_streamed_gram_matrix_equals_the_whole_product(tiny_study):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path of the Gram pass)")
 def test_streamed_gram_matrix_on_gpu_equals_the_host_one(tiny_study):
-    from globscope_core.streaming import gram_matrix
+    from globscope_core.reducers.gram import gram_matrix
 
     X = tiny_study.read_params()
     mean = X.mean(0)
@@ -206,9 +208,9 @@ def test_resnet_study_stores_batchnorm_statistics(bn_study):
 
 
 def test_resnet_fit_and_landscape_match_one_model_loop(bn_study):
-    from globscope_core.batched import eval_data, evaluate_flat
+    from globscope_core.evaluation.many_models import eval_data, evaluate_flat
     from globscope_core.reducers import load_reducer
-    from globscope_core.vtkio import arrays_of, read_any
+    from globscope_core.storage.vtk_files import arrays_of, read_any
 
     d = bn_study.dir
     rc, _, err = run_cli("fit", d, "--reducer", "pca", "--no-eval", "--device", "cpu")
@@ -230,7 +232,7 @@ def test_resnet_fit_and_landscape_match_one_model_loop(bn_study):
     reducer = load_reducer(bn_study, "pca-2d")
     W = reducer.inverse_transform(Z)
     x, y = eval_data(bn_study, "test", 16)
-    model = bn_study.build_model()
+    model = study_model(bn_study)
     loop = []
     for w in W:
         bn_study.layout.load_into(model, torch.from_numpy(np.ascontiguousarray(w)))

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from globscope_core import vtkio
+from globscope_core.storage import vtk_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = ("import sys; from globscope_core.cli import main; rc = main(sys.argv[1:]); "
@@ -27,7 +27,7 @@ def run_cli(*args):
 def test_topology_and_info_do_not_import_torch(tiny_study, tmp_path):
     v = np.random.default_rng(0).random((1, 20, 30)).astype(np.float32)
     src = str(tmp_path / "f.vti")
-    vtkio.write_vti(src, vtkio.ImageField((30, 20, 1), (0, 0, 0), (1, 1, 1), {"loss": v.ravel()}, {}, "loss"))
+    vtk_files.write_vti(src, vtk_files.ImageField((30, 20, 1), (0, 0, 0), (1, 1, 1), {"loss": v.ravel()}, {}, "loss"))
     rc, torch_loaded, p = run_cli("topology", src, "--out", str(tmp_path / "t"))
     assert rc == 0 and os.path.exists(tmp_path / "t" / "diagram.vtu")
     assert not torch_loaded, "globscope topology imported torch"

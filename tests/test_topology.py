@@ -9,10 +9,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from globscope_core import topology as T
-from globscope_core import topology_io, vtkio
+import globscope_core.topology as T
 from globscope_core.cli import main
 from globscope_core.errors import GlobScopeError
+from globscope_core.stages import topology as topology_stage
+from globscope_core.storage import vtk_files
 
 gudhi = pytest.importorskip("gudhi")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,8 @@ def test_pure_python_path_equals_numba():
             np.testing.assert_array_equal(arr, y.segmentation[k])
     os.environ["GLOBSCOPE_NO_NUMBA"] = "1"
     try:
-        assert T._kernels(None)["sweep"] is T._sweep
+        from globscope_core.topology.kernels import kernels_for
+        assert kernels_for(None) is kernels_for(False)  # the pure-Python kernels
     finally:
         del os.environ["GLOBSCOPE_NO_NUMBA"]
 
@@ -225,7 +227,7 @@ def test_bad_input_values():
 def _field(path, values, **extra):
     nz, ny, nx = values.shape
     arrays = {"loss": values.ravel(), **{k: a.ravel() for k, a in extra.items()}}
-    vtkio.write_vti(path, vtkio.ImageField((nx, ny, nz), (-1.0, -2.0, 0.0), (0.1, 0.2, 1.0), arrays, {}, "loss"))
+    vtk_files.write_vti(path, vtk_files.ImageField((nx, ny, nz), (-1.0, -2.0, 0.0), (0.1, 0.2, 1.0), arrays, {}, "loss"))
 
 
 def test_cli_writes_ttk_files(tmp_path, capsys):
@@ -235,9 +237,9 @@ def test_cli_writes_ttk_files(tmp_path, capsys):
     out = str(tmp_path / "topo")
     assert main(["topology", src, "--scalar", "loss", "--out", out, "--persistence", "0.1", "--relative"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert sorted(os.listdir(out)) == sorted(topology_io.FILES) and info["pairs_kept"] <= info["pairs"]
-    nodes = vtkio.read_any(os.path.join(out, "nodes.vtu"))
-    na = vtkio.arrays_of(nodes)
+    assert sorted(os.listdir(out)) == sorted(topology_stage.FILES) and info["pairs_kept"] <= info["pairs"]
+    nodes = vtk_files.read_any(os.path.join(out, "nodes.vtu"))
+    na = vtk_files.arrays_of(nodes)
     assert {k: str(a.dtype) for k, a in na.items()} == {"NodeId": "int32", "Scalar": "float32", "VertexId": "int32",
                                                          "CriticalType": "int32", "RegionSize": "int32", "RegionSpan": "int32"}
     assert nodes.GetNumberOfPoints() == info["nodes"]  # TTK: one poly-vertex cell holding every node
@@ -247,20 +249,20 @@ def test_cli_writes_ttk_files(tmp_path, capsys):
     np.testing.assert_allclose(p[:, 0], -1.0 + 0.1 * (vid % 40), atol=1e-6)
     np.testing.assert_allclose(p[:, 1], -2.0 + 0.2 * (vid // 40), atol=1e-6)
     assert (p[:, 2] == 0).all()
-    arcs = vtkio.read_any(os.path.join(out, "arcs.vtu"))
-    ca = vtkio.arrays_of(arcs, "cell")
+    arcs = vtk_files.read_any(os.path.join(out, "arcs.vtu"))
+    ca = vtk_files.arrays_of(arcs, "cell")
     assert set(ca) == {"SegmentationId", "upNodeId", "downNodeId", "RegionSize", "RegionSpan"}
-    assert set(vtkio.arrays_of(arcs)) == {"Scalar", "ttkMaskScalarField"}
-    assert arcs.GetNumberOfCells() == info["arcs"] and arcs.GetCellType(0) == vtkio.VTK_LINE
-    seg = vtkio.read_vti(os.path.join(out, "segmentation.vti"))
+    assert set(vtk_files.arrays_of(arcs)) == {"Scalar", "ttkMaskScalarField"}
+    assert arcs.GetNumberOfCells() == info["arcs"] and arcs.GetCellType(0) == vtk_files.VTK_LINE
+    seg = vtk_files.read_vti(os.path.join(out, "segmentation.vti"))
     assert {"SegmentationId", "RegionType", "RegionSize", "RegionSpan", "loss", "loss_Order", "accuracy"} <= set(seg.point_arrays)
     assert seg.point_arrays["RegionType"].dtype == np.int8 and seg.dims == (40, 30, 1)
     # TTK's chain: the segmentation file (simplified loss + loss_Order) gives the same tree again
     again = str(tmp_path / "again")
     assert main(["topology", os.path.join(out, "segmentation.vti"), "--out", again]) == 0
     capsys.readouterr()
-    assert vtkio.arrays_of(vtkio.read_any(os.path.join(again, "nodes.vtu")))["VertexId"].tolist() == vid.tolist()
-    dg = vtkio.arrays_of(vtkio.read_any(os.path.join(out, "diagram.vtu")), "cell")
+    assert vtk_files.arrays_of(vtk_files.read_any(os.path.join(again, "nodes.vtu")))["VertexId"].tolist() == vid.tolist()
+    dg = vtk_files.arrays_of(vtk_files.read_any(os.path.join(out, "diagram.vtu")), "cell")
     assert set(dg) == {"PairIdentifier", "PairType", "Persistence", "Birth", "IsFinite"}
     assert dg["IsFinite"].dtype == np.uint8 and dg["PairIdentifier"][-1] == -1
     assert len(dg["PairIdentifier"]) == info["pairs"] + 2
@@ -273,7 +275,7 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main(["topology", src, "--scalar", "nope", "--out", str(tmp_path / "o")]) == 2
     assert "no point array 'nope' (arrays: loss)" in capsys.readouterr().err
     poly = str(tmp_path / "poly.vti")
-    vtkio.write_vtp(str(tmp_path / "p.vtp"), np.zeros((2, 3)), lines=[[0, 1]])
+    vtk_files.write_vtp(str(tmp_path / "p.vtp"), np.zeros((2, 3)), lines=[[0, 1]])
     shutil.copy(str(tmp_path / "p.vtp"), poly)
     assert main(["topology", poly, "--out", str(tmp_path / "o")]) == 2
     assert "not image data" in capsys.readouterr().err
@@ -299,11 +301,11 @@ def _fake_study(path, dim):
     for (cx, cy, cz), d in zip([(-0.5, -0.5, 0), (0.5, 0.4, 0), (0.0, 0.7, 0)], [1.0, 0.6, 0.3]):
         f -= d * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / 0.05)
     values = (f + np.random.default_rng(0).normal(0, 0.005, shape)).astype(np.float32)
-    vtkio.write_vti(os.path.join(path, f"landscape-{dim}d.vti"),
-                    vtkio.ImageField((nx, ny, nz), origin, spacing, {"loss": values.ravel()}, {}, "loss"))
+    vtk_files.write_vti(os.path.join(path, f"landscape-{dim}d.vti"),
+                    vtk_files.ImageField((nx, ny, nz), origin, spacing, {"loss": values.ravel()}, {}, "loss"))
     ends = np.array([[-0.45, -0.5, 0], [0.52, 0.4, 0], [-0.5, -0.55, 0]])
     pts = np.concatenate([np.zeros((3, 3)), ends])
-    vtkio.write_vtp(os.path.join(path, f"trajectories-{dim}d.vtp"), pts,
+    vtk_files.write_vtp(os.path.join(path, f"trajectories-{dim}d.vtp"), pts,
                     lines=[[0, 3], [1, 4], [2, 5]], verts=[[3], [4], [5]],
                     point_arrays={"run": np.array([0, 1, 2, 0, 1, 2]), "step": np.array([0, 0, 0, 9, 9, 9])})
     return values
@@ -313,7 +315,7 @@ def _fake_study(path, dim):
 def test_study_basins(tmp_path, capsys, dim):
     d = str(tmp_path / "study")
     values = _fake_study(d, dim)
-    sec = topology_io.study_topology(d, dim=dim)
+    sec = topology_stage.study_topology(d, dim=dim)
     out = capsys.readouterr().out
     assert f"basins-{dim}d" in out and "run   0" in out
     report = json.load(open(os.path.join(d, "report.json")))[f"basins-{dim}d"]
@@ -325,7 +327,7 @@ def test_study_basins(tmp_path, capsys, dim):
     assert runs[0]["basin_minimum_loss"] == pytest.approx(float(values.min()))
     np.testing.assert_allclose(runs[1]["basin_minimum_position"][:2], [0.5, 0.4], atol=0.11)
     assert sec["leaves"] == 3  # three wells survive simplification, the noise does not
-    assert sorted(os.listdir(os.path.join(d, f"topology-{dim}d"))) == sorted(topology_io.FILES)
+    assert sorted(os.listdir(os.path.join(d, f"topology-{dim}d"))) == sorted(topology_stage.FILES)
     assert main(["topology", d, "--dim", str(dim), "--persistence", "0.5", "--absolute"]) == 0
     sec2 = json.load(open(os.path.join(d, "report.json")))[f"basins-{dim}d"]
     assert sec2["leaves"] == 2 and sec2["threshold"] == 0.5

@@ -11,14 +11,15 @@ import subprocess
 
 import numpy as np
 import pytest
-
-from globscope_core import pvenv, vtkio
-from globscope_core.cli import main
 from test_topology import smooth  # the same smooth random fields as the core tests
 
+from globscope_core.cli import main
+from globscope_core.stages import paraview_env
+from globscope_core.storage import vtk_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PVPYTHON = pvenv.find("pvpython")
-TTK = pvenv.ttk_plugin()
+PVPYTHON = paraview_env.find("pvpython")
+TTK = paraview_env.ttk_plugin()
 pytestmark = [
     pytest.mark.skipif(PVPYTHON is None, reason="no pvpython (ParaView): run `bash setup.sh`"),
     pytest.mark.skipif(TTK is None, reason="TTK is not installed: run `bash setup.sh --with-ttk`"),
@@ -39,7 +40,7 @@ def wells(shape, seed):
 def write(path, values, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0)):
     v = values if values.ndim == 3 else values[None]
     nz, ny, nx = v.shape
-    vtkio.write_vti(path, vtkio.ImageField((nx, ny, nz), origin, spacing, {"loss": v.ravel()}, {}, "loss"))
+    vtk_files.write_vti(path, vtk_files.ImageField((nx, ny, nz), origin, spacing, {"loss": v.ravel()}, {}, "loss"))
 
 
 def run_compare(tmp_path, cases, env=None):
@@ -47,7 +48,7 @@ def run_compare(tmp_path, cases, env=None):
     spec.write_text(json.dumps(cases))
     out = tmp_path / "result.json"
     argv = [PVPYTHON, os.path.join(ROOT, "tests", "ttk_compare.py"), str(spec), str(out)]
-    p = subprocess.run(pvenv.command(argv, display=False), env=pvenv.environment(env), capture_output=True,
+    p = subprocess.run(paraview_env.command(argv, display=False), env=paraview_env.environment(env), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0 and out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(out.read_text()), p
@@ -147,8 +148,8 @@ def test_plugin_says_which_engine_ran(tmp_path, engine):
     script = tmp_path / "pipeline.py"
     script.write_text(PIPELINE)
     env = dict(os.environ, GLOBSCOPE_NO_TTK="1") if engine == "globscope_core" else None
-    argv = [PVPYTHON, str(script), pvenv.PLUGIN, path]
-    p = subprocess.run(pvenv.command(argv, display=False), env=pvenv.environment(env), capture_output=True,
+    argv = [PVPYTHON, str(script), paraview_env.PLUGIN, path]
+    p = subprocess.run(paraview_env.command(argv, display=False), env=paraview_env.environment(env), capture_output=True,
                        text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
@@ -160,7 +161,7 @@ def test_plugin_says_which_engine_ran(tmp_path, engine):
 
 
 def test_pvbatch_under_mpiexec_loads_ttk(tmp_path):
-    mpiexec, pvbatch = pvenv.find("mpiexec"), pvenv.find("pvbatch")
+    mpiexec, pvbatch = paraview_env.find("mpiexec"), paraview_env.find("pvbatch")
     if mpiexec is None or pvbatch is None:
         pytest.skip("no mpiexec/pvbatch: run `bash setup.sh`")
     script = tmp_path / "s.py"
@@ -168,7 +169,7 @@ def test_pvbatch_under_mpiexec_loads_ttk(tmp_path):
                       "print('RANK', hasattr(s, 'TTKMergeandContourTreeFTM') or hasattr(s, 'TTKMergeTree'),"
                       " P.ttk_module()[0] is not None, flush=True)\n")
     argv = [mpiexec, "-n", "2", pvbatch, str(script)]
-    p = subprocess.run(pvenv.command(argv), env=pvenv.environment(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(paraview_env.command(argv), env=paraview_env.environment(), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("RANK")]
     assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-3000:]
     assert all(ln.split()[1:] == ["True", "True"] for ln in lines), lines

@@ -11,11 +11,10 @@ import json
 import os
 import sys
 
+import GlobScopePlugin as P
 import numpy as np
 from vtkmodules.util import numpy_support as ns
 from vtkmodules.vtkIOXML import vtkXMLImageDataReader, vtkXMLUnstructuredGridReader
-
-import GlobScopePlugin as P
 
 
 def read(path):

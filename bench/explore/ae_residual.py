@@ -13,7 +13,7 @@ import torch
 from scipy.spatial import Delaunay
 
 from globscope_core.reducers.holdout import HeldOutScorer, fit_held_out
-from globscope_core.store import Study
+from globscope_core.storage.study import Study
 
 study = Study.open(sys.argv[1])
 dim = int(sys.argv[2])

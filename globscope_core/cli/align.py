@@ -1,7 +1,7 @@
 """``globscope align``: permute every run of a study to a reference run (permutation symmetry)."""
 from __future__ import annotations
 
-from ..fitting import KINDS
+from ..stages.fit import KINDS
 from .args import at_least, device, new_or_dir, nonnegative_int, positive_int, study_dir
 
 
@@ -32,7 +32,7 @@ def register(sub):
 
 
 def cmd_align(args):
-    from ..align import align_study
+    from ..stages.align import align_study
 
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
@@ -46,7 +46,7 @@ def cmd_align(args):
     print(f"  mean: {rep['mean_barrier_before']:.4f} -> {rep['mean_barrier_after']:.4f}"
           + (f"   plot: {args.out}/{rep['plot']}" if rep.get("plot") else ""))
     if args.compare_basins:
-        from ..align import compare_basins
+        from ..stages.align import compare_basins
 
         cmp = compare_basins(args.study, args.out, reducer=args.reducer, resolution=args.resolution,
                              device=args.device)

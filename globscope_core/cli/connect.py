@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from .args import (at_least, device, nonnegative_float, nonnegative_int, positive_float, positive_int, study_dir,
-                   zero_or_at_least)
+from .args import (
+    at_least,
+    device,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    study_dir,
+    zero_or_at_least,
+)
 
 
 def _run_ref(text):
@@ -52,7 +60,7 @@ def register(sub):
 
 
 def cmd_connect(args):
-    from ..connect import connect
+    from ..stages.connect import connect
 
     r = connect(args.study, runs=args.runs, curve=args.curve, bends=args.bends, epochs=args.epochs, lr=args.lr,
                 optimizer=args.optimizer, batch_size=args.batch_size, weight_decay=args.weight_decay,

@@ -28,17 +28,17 @@ def _stage(name):
 
 
 def cmd_demo(args):
-    from .. import data
-    from ..landscape import compute_landscape
+    from ..networks import datasets
     from ..reducers import fit_reducer, reducer_path
-    from ..render import render_study
-    from ..topology_io import format_basins, study_topology
-    from ..train import final_summary, train_study
+    from ..stages.landscape import compute_landscape
+    from ..stages.render import render_study
+    from ..stages.topology import format_basins, study_topology
+    from ..stages.train import final_summary, train_study
 
     t_all = time.time()
     out = args.out
     t = _stage(f"train {args.runs} MLPs on digits -> {out}/study.h5")
-    study = train_study(out, data.make_spec("digits"), "mlp", {}, runs=args.runs, epochs=args.epochs,
+    study = train_study(out, datasets.make_spec("digits"), "mlp", {}, runs=args.runs, epochs=args.epochs,
                         device=args.device, resume=True)
     for d in final_summary(study):
         print(f"  run {d['run']}: train loss {d['train_loss']:.4f}, test acc {d['test_acc']:.3f}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..fitting import KINDS, compare_study, fit_study, format_table
+from ..stages.fit import KINDS, compare_study, fit_study, format_table
 from .args import csv_of, device, nonnegative_int, one_of, positive_float, positive_int, study_dir
 
 

@@ -44,7 +44,7 @@ def register(sub):
 def cmd_landscape(args):
     import os
 
-    from ..landscape import compute_landscape
+    from ..stages.landscape import compute_landscape
 
     info = compute_landscape(args.study, args.reducer, args.resolution, split=args.split,
                              eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,

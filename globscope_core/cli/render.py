@@ -18,13 +18,13 @@ def register(sub):
 
 
 def cmd_render(args):
-    from ..render import render_study
+    from ..stages.render import render_study
 
     render_study(args.study, args.out, paraview=False if args.quick else None, timeout=args.timeout)
     return 0
 
 
 def cmd_paraview(args):
-    from ..render import open_gui
+    from ..stages.render import open_gui
 
     return open_gui(args.study)

@@ -43,21 +43,21 @@ def _input(text):
 
 
 def cmd_topology(args) -> int:
-    from .. import topology_io
+    from ..stages import topology as topology_stage
 
     if os.path.isdir(args.input):
         dims = args.dim or [d for d in (2, 3) if os.path.exists(os.path.join(args.input, f"landscape-{d}d.vti"))]
         if not dims:
             raise GlobScopeError(f"{args.input}: no landscape-2d.vti or landscape-3d.vti (run `globscope landscape` first)")
-        pers = topology_io.DEFAULT_PERSISTENCE if args.persistence is None else args.persistence
+        pers = topology_stage.DEFAULT_PERSISTENCE if args.persistence is None else args.persistence
         relative = not args.absolute if args.persistence is None else (args.relative or not args.absolute)
         for d in dims:
-            topology_io.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree,
+            topology_stage.study_topology(args.input, d, pers, relative, args.scalar or "log_loss", args.tree,
                                        trusted_only=not args.all_points)
         return 0
     if not args.out:
         raise GlobScopeError("--out DIR is required for a .vti input")
-    res = topology_io.topology_of_file(args.input, args.scalar or "loss", args.out, args.persistence or 0.0, args.relative,
+    res = topology_stage.topology_of_file(args.input, args.scalar or "loss", args.out, args.persistence or 0.0, args.relative,
                                        args.tree, "inf" if args.nan_as_inf else "error", args.split_pairs)
-    print(json.dumps(dict(topology_io.summary(res), out=args.out)))
+    print(json.dumps(dict(topology_stage.summary(res), out=args.out)))
     return 0

@@ -1,8 +1,18 @@
 """Subcommands of the foundation: train, import, info (torch is imported only by the commands that use it)."""
 from __future__ import annotations
 
-from .args import (csv_of, device, new_or_dir, nonnegative_float, nonnegative_int, one_of,
-                   positive_float, positive_int, study_dir, existing_file)
+from .args import (
+    csv_of,
+    device,
+    existing_file,
+    new_or_dir,
+    nonnegative_float,
+    nonnegative_int,
+    one_of,
+    positive_float,
+    positive_int,
+    study_dir,
+)
 
 
 def add_dataset_args(p, required=True):
@@ -59,14 +69,14 @@ def register(sub):
 
 
 def _dataset_spec(args):
-    from .. import data as data_mod  # imports torch: only for the commands that need it
+    from ..networks import datasets  # imports torch: only for the commands that need it
 
-    return data_mod.make_spec(args.dataset, args.data_dir, args.data_seed)
+    return datasets.make_spec(args.dataset, args.data_dir, args.data_seed)
 
 
 def cmd_train(args):
-    from ..models import parse_kwargs
-    from ..train import final_summary, train_study
+    from ..networks.models import parse_kwargs
+    from ..stages.train import final_summary, train_study
 
     study = train_study(args.out, _dataset_spec(args), args.model, parse_kwargs(args.model_arg), runs=args.runs,
                         epochs=args.epochs, batch_size=args.batch_size, optimizers=args.optimizer, lrs=args.lr,
@@ -78,8 +88,8 @@ def cmd_train(args):
 
 
 def cmd_import(args):
-    from ..importer import import_checkpoints
-    from ..models import parse_kwargs
+    from ..networks.models import parse_kwargs
+    from ..stages.import_ import import_checkpoints
 
     dataset = _dataset_spec(args) if args.dataset else None
     study = import_checkpoints(args.study, args.files, args.model, parse_kwargs(args.model_arg), dataset,
@@ -88,7 +98,7 @@ def cmd_import(args):
 
 
 def cmd_info(args):
-    from ..store import Study, final_summary  # not ..train: `info` starts without importing torch
+    from ..storage.study import Study, final_summary  # not ..train: `info` starts without importing torch
 
     s = Study.open(args.study)
     print(f"study      {s.dir}")
@@ -102,7 +112,7 @@ def cmd_info(args):
         print(f"  run {d['run']:3d} seed {d['seed']} {d['optimizer']} lr {d['lr']}: last step {d['step']}, "
               f"train loss {d['train_loss']:.4f} acc {d['train_acc']:.3f}, test loss {d['test_loss']:.4f} "
               f"acc {d['test_acc']:.3f}")
-    from ..store import paths_store
+    from ..storage.study import paths_store
 
     paths = paths_store(s)
     if paths is not None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from .base import REDUCER_KINDS, Reducer, SpanReducer, load_reducer, reducer_path, study_id
 from . import ae, kpca, pca, umap_  # noqa: F401  (register the kinds)
+from .base import REDUCER_KINDS, Reducer, SpanReducer, load_reducer, reducer_path, study_id
 
 
 def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = False, **config) -> Reducer:
@@ -23,7 +23,7 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
         raise GlobScopeError(f"unknown reducer '{kind}'; choose one of {', '.join(sorted(REDUCER_KINDS))}")
     r = REDUCER_KINDS[kind](dim=dim, **config)
     if save:  # a read-only study directory is refused before the fit, not after it
-        from ..safe_write import check_writable
+        from ..storage.safe_write import check_writable
 
         check_writable(os.path.dirname(reducer_path(study.dir, r.name)), what=f"fit {r.name}")
     if isinstance(r, SpanReducer) and hasattr(study, "n_params"):
@@ -37,8 +37,8 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
 
 def _check_memory(r, study, config) -> None:
     """Refuse, before any work, a fit that would not fit in memory (resources.py)."""
-    from ..resources import estimate_fit, require
-    from .base import default_max_rank
+    from ..resources import require
+    from .budget import default_max_rank, estimate_fit
 
     rank = config.get("max_rank") or default_max_rank(study.n_params)
     require(estimate_fit(study.n_params, study.n_checkpoints, config.get("block_rows"), rank),

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import GlobScopeError
-from ..store import Study
+from ..storage.study import Study
+from .budget import default_max_rank
 
 REDUCER_KINDS: dict[str, type] = {}
 
@@ -80,7 +81,7 @@ class Reducer:
         payload = {"kind": self.kind, "dim": self.dim, "config": json.dumps(self.config),
                    "study_id": self.study_id or "", "state": self.state()}
         payload["checksum"] = _checksum(payload)  # torch's zip reader does not check its CRCs
-        from ..safe_write import save_torch
+        from ..storage.safe_write import save_torch
 
         save_torch(payload, path)  # verified, atomic; a full disk is one line and the old file stays
 
@@ -143,7 +144,7 @@ class SpanReducer(Reducer):
     def fit(self, X, progress: bool = False):
         import time
 
-        from ..evaluation import resolve_device
+        from ..evaluation.one_model import resolve_device
         from .basis import SpanBasis
 
         t0 = time.perf_counter()
@@ -214,13 +215,6 @@ def _variance_mask(X):
 
 def _n_params(X) -> int:
     return int(X.n_params) if hasattr(X, "n_params") else int(np.shape(X)[1])
-
-
-def default_max_rank(n_params: int) -> int:
-    """Basis rows kept unless ``max_rank`` is given: what fits in 2 GiB (resources.default_max_rank)."""
-    from ..resources import default_max_rank as budget_rank
-
-    return budget_rank(n_params)
 
 
 def study_id(study: Study) -> str:

@@ -125,7 +125,7 @@ class SpanBasis:
 
         # pass 2: Gram matrix of the standardized rows, a held panel against streamed blocks
         # (streaming.py: the study is read ~N/panel times, products in float64)
-        from ..streaming import gram_matrix
+        from .gram import gram_matrix
 
         G = gram_matrix(src, self.standardize, progress=progress, desc="basis 2/3 Gram", device=device)
 

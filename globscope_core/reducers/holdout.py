@@ -74,8 +74,8 @@ class HeldOutScorer:
     """Scores decoded held-out rows against the originals (one instance per study and split)."""
 
     def __init__(self, study, split="test", eval_samples=2000, device="cpu", every=EVERY, block_rows=64):
-        from ..batched import BatchedEvaluator, eval_data
-        from ..evaluation import resolve_device
+        from ..evaluation.many_models import BatchedEvaluator, eval_data
+        from ..evaluation.one_model import resolve_device
 
         self.study = study
         self.fit_rows, self.held_rows, self.neighbours = holdout_split(study, every)

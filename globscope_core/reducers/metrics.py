@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..networks.models import study_model
+
 
 def reconstruction(reducer, study, block_rows=None) -> dict:
     sum_raw = sum_std = 0.0
@@ -37,13 +39,13 @@ def reconstruction(reducer, study, block_rows=None) -> dict:
 
 def function_space(reducer, study, split="test", eval_samples=2000, device="cpu", block_rows=256) -> dict:
     """Loss/accuracy of every original and decoded checkpoint on the same fixed evaluation subset."""
-    from ..data import load_dataset
-    from ..evaluation import evaluate_model, resolve_device, subset
+    from ..evaluation.one_model import evaluate_model, resolve_device, subset
+    from ..networks.datasets import load_dataset
 
     dev = resolve_device(device)
     x, y = subset(*load_dataset(study.dataset_spec).split(split), eval_samples)
     x, y = x.to(dev), y.to(dev)
-    model = study.build_model().to(dev)
+    model = study_model(study).to(dev)
     orig, dec = [], []
     for _, X in study.iter_params(block_rows):
         Xr = reducer.inverse_transform(reducer.transform(X))

@@ -1,0 +1,1 @@
+"""Permutation symmetry: weight matching, activation matching and the learned DEEP-ALIGN."""

@@ -1,0 +1,280 @@
+"""Learned alignment of MLPs (DEEP-ALIGN, Navon et al., ICML 2024): one forward pass predicts the permutations.
+
+A Siamese weight-space encoder maps each network to one embedding per hidden neuron, equivariantly: permuting
+the hidden neurons of a layer (rows of W_k and b_k, columns of W_{k+1}) permutes that layer's embeddings in the
+same way and changes nothing else. Per hidden layer, the similarity of A's and B's embeddings is projected to a
+soft permutation (Sinkhorn, training) or a hard one (Hungarian, inference).
+
+The encoder is neuron-level message passing on the network's graph, not DWSNet's full weight-to-weight basis:
+  * initial features per neuron: its bias and the norms of its incoming row and outgoing column; for the first
+    hidden layer also its whole incoming row (input pixels are not permuted), for the last hidden layer its whole
+    outgoing column (classes are not permuted);
+  * each round, neuron j of layer k receives sum_i W_k[j, i] h_{k-1}[i] (from the layer below) and
+    sum_i W_{k+1}[i, j] h_{k+1}[i] (from the layer above), and updates h_k[j] with an MLP and a LayerNorm.
+Every operation is either per neuron (shared over the neurons of a layer) or a sum over the neurons of a
+neighbouring layer weighted by the connecting weights, so the map is equivariant (tests check it). Such sums are
+among DWSNet's weight-to-bias / bias-to-bias blocks; DWSNet also has weight-to-weight blocks that output
+per-edge features, which this aligner does not need (it only compares neurons).
+
+Weights are divided by each matrix's RMS before encoding (the encoder sees shapes, not scales). Training lives in
+deep_align_train.py; the aligner file (``STUDY/aligners/deep-align.pt``) holds tensors and a JSON config only.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from ..errors import GlobScopeError
+from .matching import Aligner
+
+SUPPORTED = ("mlp", "mnist-mlp")
+FORMAT = "globscope-deep-align"
+VERSION = 1
+
+
+# --- the MLP as a list of (W, b) --------------------------------------------------------------
+def mlp_layers(model_spec: dict, layout) -> list:
+    """[(weight name, bias name), ...] of a registry MLP, in order; other models: one clear error."""
+    name = model_spec.get("name")
+    if name not in SUPPORTED:
+        raise GlobScopeError(f"deep-align: model '{name}' is not supported; it aligns the registry's MLPs "
+                             f"({', '.join(SUPPORTED)}, any depth and width): use --method weight-matching "
+                             "or activation-matching for other models")
+    names = {e.name for e in layout.entries}
+    idx = sorted(int(e.name.split(".")[1]) for e in layout.entries
+                 if e.name.startswith("net.") and e.name.endswith(".weight") and len(e.shape) == 2)
+    layers = [(f"net.{i}.weight", f"net.{i}.bias") for i in idx]
+    if len(layers) < 2 or any(b not in names for _, b in layers) or 2 * len(layers) != len(layout.entries):
+        raise GlobScopeError(f"deep-align: model '{name}' is not a plain Linear/ReLU MLP with biases")
+    return layers
+
+
+def layer_dims(layout, layers) -> list:
+    """[d_in, n_1, ..., n_{L-1}, d_out]."""
+    shapes = {e.name: e.shape for e in layout.entries}
+    return [int(shapes[layers[0][0]][1])] + [int(shapes[w][0]) for w, _ in layers]
+
+
+def perm_names(n_hidden: int) -> list:
+    return [f"P_{k}" for k in range(n_hidden)]  # the names mlp_spec gives hidden layers
+
+
+def weights_from_flat(flat: torch.Tensor, layout, layers) -> list:
+    """[(W [B, out, in], b [B, out]), ...] from flat rows [B, P]."""
+    ent = {e.name: e for e in layout.entries}
+    out = []
+    for w, b in layers:
+        ew, eb = ent[w], ent[b]
+        out.append((flat[:, ew.offset : ew.offset + ew.numel].reshape(-1, *ew.shape),
+                    flat[:, eb.offset : eb.offset + eb.numel].reshape(-1, *eb.shape)))
+    return out
+
+
+def weights_from_state(state: dict, layers, device=None) -> list:
+    """Same as weights_from_flat for one state dict (a batch of one)."""
+    def t(x):
+        return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().to(device, torch.float32)[None]
+
+    return [(t(state[w]), t(state[b])) for w, b in layers]
+
+
+def permute_weights(ws: list, perms: list) -> list:
+    """Apply hard (index [B, n]) or soft (matrix [B, n, n]) permutations of the hidden layers.
+
+    Hard: unit i of the result is unit perm[i]. Soft: W'_k = P_k W_k P_{k-1}^T, b'_k = P_k b_k.
+    """
+    out = []
+    for k, (w, b) in enumerate(ws):
+        p_out = perms[k] if k < len(perms) else None
+        p_in = perms[k - 1] if k > 0 else None
+        if p_out is not None:
+            if p_out.dtype == torch.long:
+                w = torch.gather(w, 1, p_out[:, :, None].expand(-1, -1, w.shape[2]))
+                b = torch.gather(b, 1, p_out)
+            else:
+                w, b = p_out @ w, (p_out @ b[..., None])[..., 0]
+        if p_in is not None:
+            if p_in.dtype == torch.long:
+                w = torch.gather(w, 2, p_in[:, None, :].expand(-1, w.shape[1], -1))
+            else:
+                w = w @ p_in.transpose(1, 2)
+        out.append((w, b))
+    return out
+
+
+def mlp_forward(ws: list, x: torch.Tensor) -> torch.Tensor:
+    """Logits [B, N, classes] of B MLPs given as (W, b) lists, on inputs x [N, ...] shared by all."""
+    h = x.flatten(1)[None].expand(ws[0][0].shape[0], -1, -1)
+    for k, (w, b) in enumerate(ws):
+        h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+        if k < len(ws) - 1:
+            h = torch.relu(h)
+    return h
+
+
+# --- the encoder --------------------------------------------------------------------------------
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.pow(2).mean(dim=tuple(range(1, t.ndim)), keepdim=True).sqrt().clamp_min(1e-8)
+
+
+class NeuronEncoder(nn.Module):
+    """Permutation-equivariant embeddings [B, n_k, D] of the hidden neurons of a batch of MLPs."""
+
+    def __init__(self, dims: list, hidden: int = 48, rounds: int = 2):
+        super().__init__()
+        self.dims, self.hidden, self.rounds = [int(d) for d in dims], int(hidden), int(rounds)
+        n_hidden, d = len(dims) - 2, self.hidden
+        self.first = nn.Linear(dims[0] + 1, d)  # layer 1's incoming row and bias
+        self.last = nn.Linear(dims[-1], d)  # the last hidden layer's outgoing column
+        self.local = nn.ModuleList(nn.Linear(3, d) for _ in range(n_hidden))  # bias, |row|, |column|
+        self.down = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(n_hidden))
+                                  for _ in range(rounds))
+        self.up = nn.ModuleList(nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(n_hidden))
+                                for _ in range(rounds))
+        self.update = nn.ModuleList(nn.ModuleList(
+            nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, d)) for _ in range(n_hidden))
+            for _ in range(rounds))
+        self.norm = nn.ModuleList(nn.ModuleList(nn.LayerNorm(d) for _ in range(n_hidden)) for _ in range(rounds))
+        self.head = nn.ModuleList(nn.Linear(d, d) for _ in range(n_hidden))
+
+    def forward(self, ws: list) -> list:
+        n_hidden = len(ws) - 1
+        # scale-free weights: each matrix over its RMS, each bias over the pre-activation scale
+        wn = [w / _rms(w) for w, _ in ws]
+        bn = [b / (_rms(w)[..., 0] * math.sqrt(w.shape[2])) for w, b in ws]
+        h = []
+        for k in range(n_hidden):
+            local = torch.stack([bn[k], wn[k].norm(dim=2) / math.sqrt(wn[k].shape[2]),
+                                 wn[k + 1].norm(dim=1) / math.sqrt(wn[k + 1].shape[1])], dim=-1)
+            hk = self.local[k](local)
+            if k == 0:
+                hk = hk + self.first(torch.cat([wn[0], bn[0][..., None]], dim=-1))
+            if k == n_hidden - 1:
+                hk = hk + self.last(wn[-1].transpose(1, 2))
+            h.append(torch.relu(hk))
+        for t in range(self.rounds):
+            new = []
+            for k in range(n_hidden):
+                zero = torch.zeros_like(h[k])
+                down = wn[k] @ self.down[t][k](h[k - 1]) / math.sqrt(wn[k].shape[2]) if k > 0 else zero
+                up = (wn[k + 1].transpose(1, 2) @ self.up[t][k](h[k + 1]) / math.sqrt(wn[k + 1].shape[1])
+                      if k < n_hidden - 1 else zero)
+                new.append(self.norm[t][k](h[k] + self.update[t][k](torch.cat([h[k], down, up], dim=-1))))
+            h = new
+        return [self.head[k](h[k]) for k in range(n_hidden)]
+
+
+class DeepAlignNet(nn.Module):
+    """Siamese encoder + per-layer bilinear similarity (learned temperature)."""
+
+    def __init__(self, dims: list, hidden: int = 48, rounds: int = 2):
+        super().__init__()
+        self.encoder = NeuronEncoder(dims, hidden, rounds)
+        self.log_scale = nn.Parameter(torch.full((len(dims) - 2,), math.log(5.0)))
+
+    def similarities(self, ws_a: list, ws_b: list) -> list:
+        """Per hidden layer: S [B, n_k, n_k], S[a, b] = score of A's unit a matching B's unit b."""
+        ha, hb = self.encoder(ws_a), self.encoder(ws_b)
+        out = []
+        for k, (x, y) in enumerate(zip(ha, hb)):
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            out.append(self.log_scale[k].exp() * (x @ y.transpose(1, 2)))
+        return out
+
+
+def sinkhorn(scores: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Log of the doubly stochastic matrix nearest to softmax(scores) (Sinkhorn in log space), [B, n, n]."""
+    log_p = scores
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=2, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    return log_p
+
+
+def hungarian(scores: torch.Tensor) -> np.ndarray:
+    """Hard permutation [n] maximising the summed scores of one [n, n] matrix: cols[a] = B's unit for A's a."""
+    return linear_sum_assignment(scores.detach().cpu().double().numpy(), maximize=True)[1].astype(np.int64)
+
+
+# --- saving and loading (tensors + a JSON config, weights_only) ----------------------------------
+def arch_config(model_name: str, dims: list, hidden: int, rounds: int) -> dict:
+    return {"format": FORMAT, "version": VERSION, "model": model_name, "dims": [int(d) for d in dims],
+            "hidden": int(hidden), "rounds": int(rounds)}
+
+
+ARCH_KEYS = ("format", "version", "model", "dims", "hidden", "rounds")
+
+
+def compatible(config: dict, arch: dict) -> bool:
+    return all(config.get(k) == arch[k] for k in ARCH_KEYS)
+
+
+def save_aligner(path: str, config: dict, net: nn.Module, optimizer=None, step: int = 0) -> None:
+    """Atomic write of the aligner (and the optimizer state while training runs)."""
+    from ..storage.safe_write import atomic_write_bytes
+
+    blob = {"config": json.dumps(config), "model": net.state_dict(), "step": int(step)}
+    if optimizer is not None:
+        blob["optimizer"] = optimizer.state_dict()
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_aligner_file(path: str) -> dict:
+    """{"config": dict, "model": state dict, "step": int, ["optimizer"]} -- no pickled code is run."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob["config"] = json.loads(blob["config"])
+        if blob["config"].get("format") != FORMAT:
+            raise ValueError("not a deep-align aligner")
+        return blob
+    except Exception as exc:  # a damaged or foreign file: one line naming it
+        raise GlobScopeError(f"{path}: cannot read the deep-align aligner: {exc}") from None
+
+
+def build_net(config: dict) -> DeepAlignNet:
+    return DeepAlignNet(config["dims"], config["hidden"], config["rounds"])
+
+
+# --- the Aligner ---------------------------------------------------------------------------------
+class DeepAlign(Aligner):
+    """``find`` is one forward pass of the trained net and a Hungarian projection per hidden layer.
+
+    ``refine`` (deep-align+wm): weight matching started from these permutations.
+    """
+
+    name = "deep-align"
+
+    def __init__(self, spec, net: DeepAlignNet, layers: list, config: dict, refine=None, device="cpu"):
+        super().__init__(spec)
+        self.net, self.layers, self.config = net.to(device).eval(), layers, config
+        self.refine, self.device = refine, torch.device(device)
+        self.perm_names = perm_names(len(layers) - 1)
+        missing = [p for p in self.perm_names if p not in spec.perm_names]
+        if missing or len(spec.perm_names) != len(self.perm_names):
+            raise GlobScopeError("deep-align: the permutation spec does not match the MLP's hidden layers")
+        if refine is not None:
+            self.name = "deep-align+wm"
+
+    @torch.no_grad()
+    def predict(self, ref_state: dict, other_state: dict) -> dict:
+        sims = self.net.similarities(weights_from_state(ref_state, self.layers, self.device),
+                                     weights_from_state(other_state, self.layers, self.device))
+        return {p: hungarian(s[0]) for p, s in zip(self.perm_names, sims)}
+
+    def find(self, ref_state: dict, other_state: dict) -> dict:
+        perms = self.predict(ref_state, other_state)
+        if self.refine is not None:
+            perms = self.refine.find(ref_state, other_state, init=perms)
+            self.iterations = self.refine.iterations
+        return perms

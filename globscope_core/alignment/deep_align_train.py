@@ -1,0 +1,237 @@
+"""Training the DEEP-ALIGN net on a study's own checkpoints, without labels (Navon et al., ICML 2024, Sec. 5).
+
+Two losses per step:
+  * supervised, on synthetic pairs: A is a checkpoint, B a checkpoint of the same run at most ``near``
+    checkpoints away, permuted by a known random permutation and perturbed by Gaussian noise (a fraction of each
+    matrix's RMS). The target of A's unit a is its position inv(p)[a] in B; the loss is the cross-entropy of the
+    soft permutation's rows (log-Sinkhorn) against it.
+  * interpolation, on pairs of independent runs (late checkpoints at the same point of training): the
+    cross-entropy, on a small batch of the study's training data, of the models (1 - alpha) A + alpha P(B) at a
+    few random alphas, with P the soft permutation -- the loss that a good alignment makes low (linear mode
+    connectivity).
+Each step draws its pairs from a generator seeded by (seed, step), so an interrupted training that resumes from its
+last checkpoint (every ``save_every`` steps: net, Adam state, step) continues with the very same batches.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .deep_align import (
+    DeepAlign,
+    arch_config,
+    build_net,
+    compatible,
+    layer_dims,
+    load_aligner_file,
+    mlp_forward,
+    mlp_layers,
+    permute_weights,
+    save_aligner,
+    sinkhorn,
+    weights_from_flat,
+)
+from .matching import WeightMatching
+
+DEFAULTS = {"hidden": 48, "rounds": 2, "steps": 300, "lr": 3e-3, "synthetic_pairs": 4, "run_pairs": 2,
+            "noise": 0.1, "near": 3, "lmc_weight": 1.0, "alphas": 2, "data_batch": 128, "max_rows": 256,
+            "save_every": 50}
+
+
+def supervised_loss(net, ws_a, ws_b, targets) -> torch.Tensor:
+    """Cross-entropy of the soft assignment's rows (A -> B) and columns (B -> A) against the known permutation."""
+    losses = []
+    for s, t in zip(net.similarities(ws_a, ws_b), targets):
+        # rows and columns: a softmax each way (one Sinkhorn half-step) is as exact a target and 40x cheaper
+        rows = torch.gather(torch.log_softmax(s, dim=2), 2, t[..., None])
+        cols = torch.gather(torch.log_softmax(s, dim=1), 2, t[..., None])
+        losses.append(-(rows.mean() + cols.mean()) / 2)
+    return torch.stack(losses).mean()
+
+
+def interpolation_loss(net, ws_a, ws_b, x, y, alphas) -> torch.Tensor:
+    """Mean cross-entropy of the models on the straight line between A and the softly aligned B."""
+    soft = [sinkhorn(s).exp() for s in net.similarities(ws_a, ws_b)]
+    ws_b = permute_weights(ws_b, soft)
+    losses = []
+    for a in alphas:
+        mid = [((1 - a) * wa + a * wb, (1 - a) * ba + a * bb) for (wa, ba), (wb, bb) in zip(ws_a, ws_b)]
+        logits = mlp_forward(mid, x)
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(logits.shape[0])))
+    return torch.stack(losses).mean()
+
+
+class PairSampler:
+    """Synthetic and run pairs drawn from the study's checkpoints (held in memory, at most ``max_rows``)."""
+
+    def __init__(self, study, layers, cfg: dict, device):
+        rows_by_run = {r: study.run_rows(r) for r in range(len(study.runs))}
+        rows_by_run = {r: np.sort(v) for r, v in rows_by_run.items() if len(v)}
+        total = sum(len(v) for v in rows_by_run.values())
+        keep = min(1.0, cfg["max_rows"] / max(1, total))
+        # the late part of each run is kept whole; earlier checkpoints thinned evenly when there are too many
+        self.runs = {}
+        for r, v in rows_by_run.items():
+            n = max(2, int(round(len(v) * keep)))
+            self.runs[r] = v[np.unique(np.linspace(0, len(v) - 1, min(n, len(v))).round().astype(int))]
+        order = np.concatenate(list(self.runs.values()))
+        self.params = torch.from_numpy(study.read_params(order)).to(device)
+        self.where, i = {}, 0
+        for r, v in self.runs.items():
+            self.where[r] = np.arange(i, i + len(v))
+            i += len(v)
+        self.layout, self.layers, self.cfg, self.device = study.layout, layers, cfg, device
+        self.sizes = layer_dims(study.layout, layers)[1:-1]
+
+    def weights(self, idx) -> list:
+        return weights_from_flat(self.params[torch.as_tensor(np.asarray(idx), device=self.device)], self.layout,
+                                 self.layers)
+
+    def synthetic(self, rng, n: int):
+        """(A, B, targets): B = permuted, perturbed near-copy of A; targets[k][:, a] = B's index of A's unit a."""
+        runs = list(self.runs)
+        ia, ib = [], []
+        for _ in range(n):
+            pos = self.where[runs[rng.integers(len(runs))]]
+            j = int(rng.integers(len(pos)))
+            k = int(np.clip(j + rng.integers(-self.cfg["near"], self.cfg["near"] + 1), 0, len(pos) - 1))
+            ia.append(pos[j])
+            ib.append(pos[k])
+        perms = [torch.as_tensor(np.stack([rng.permutation(m) for _ in range(n)]), device=self.device)
+                 for m in self.sizes]
+        ws_b = permute_weights(self.weights(ib), perms)
+        noise = self.cfg["noise"]
+        g = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+        scale = torch.as_tensor(rng.uniform(0, noise, size=n), dtype=torch.float32, device=self.device)
+        out = []
+        for w, b in ws_b:
+            rms_w = w.pow(2).mean((1, 2)).sqrt()
+            rms_b = b.pow(2).mean(1).sqrt()
+            w = w + (scale * rms_w)[:, None, None] * torch.randn(w.shape, generator=g).to(self.device)
+            b = b + (scale * rms_b)[:, None] * torch.randn(b.shape, generator=g).to(self.device)
+            out.append((w, b))
+        return self.weights(ia), out, [torch.argsort(p, dim=1) for p in perms]
+
+    def run_pairs(self, rng, n: int):
+        """(A, B) from two different runs at the same point of the late half of training, or None (one run)."""
+        runs = list(self.runs)
+        if len(runs) < 2:
+            return None
+        ia, ib = [], []
+        for _ in range(n):
+            ra, rb = rng.choice(len(runs), size=2, replace=False)
+            f = rng.uniform(0.5, 1.0)
+            pa, pb = self.where[runs[ra]], self.where[runs[rb]]
+            ia.append(pa[int(round(f * (len(pa) - 1)))])
+            ib.append(pb[int(round(f * (len(pb) - 1)))])
+        return self.weights(ia), self.weights(ib)
+
+
+def train_aligner(study, path: str, steps: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
+                  resume_from: dict | None = None, **overrides):
+    """Train (or continue training) the aligner of ``study`` and save it to ``path``. Returns (net, config)."""
+    # the ops are small (MFLOPs): on the CPU one thread beats several, whose synchronisation dominated (on the
+    # shared 2-core machine, 2 threads ran > 20x slower per step than 1)
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _train(study, path, steps, seed, device, progress, resume_from, **overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(study, path, steps, seed, device, progress, resume_from, **overrides):
+    from ..evaluation.many_models import eval_data
+
+    device = torch.device(device)
+    layers = mlp_layers(study.model_spec, study.layout)
+    cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if k in DEFAULTS and v is not None}}
+    if steps is not None:
+        cfg["steps"] = int(steps)
+    arch = arch_config(study.model_spec["name"], layer_dims(study.layout, layers), cfg["hidden"], cfg["rounds"])
+    torch.manual_seed(seed)
+    net = build_net(arch).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    start, seconds = 0, 0.0
+    if resume_from is not None:
+        net.load_state_dict(resume_from["model"])
+        if "optimizer" in resume_from:
+            opt.load_state_dict(resume_from["optimizer"])
+        start = int(resume_from["step"])
+        seconds = float(resume_from["config"].get("train_seconds", 0.0))
+        cfg = {**cfg, **{k: resume_from["config"]["train"][k] for k in DEFAULTS if k != "steps"}}
+    config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir}
+    sampler = PairSampler(study, layers, cfg, device)
+    x_all, y_all = eval_data(study, "train", None)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    net.train()
+    bar = tqdm(total=cfg["steps"], initial=start, desc="deep-align: train aligner", unit="step", disable=not progress)
+    t0 = time.time()
+    for step in range(start, cfg["steps"]):
+        rng = np.random.default_rng([int(seed), step])
+        ws_a, ws_b, targets = sampler.synthetic(rng, cfg["synthetic_pairs"])
+        loss_sup = supervised_loss(net, ws_a, ws_b, targets)
+        loss = loss_sup
+        pairs = sampler.run_pairs(rng, cfg["run_pairs"])
+        loss_lmc = torch.zeros(())
+        if pairs is not None and cfg["lmc_weight"] > 0:
+            idx = torch.as_tensor(rng.choice(len(x_all), size=min(cfg["data_batch"], len(x_all)), replace=False),
+                                  device=device)
+            loss_lmc = interpolation_loss(net, *pairs, x_all[idx], y_all[idx], rng.uniform(0.2, 0.8, cfg["alphas"]))
+            loss = loss + cfg["lmc_weight"] * loss_lmc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(sup=f"{loss_sup.item():.3f}", lmc=f"{loss_lmc.item():.3f}")
+        done = step + 1
+        if done % cfg["save_every"] == 0 or done == cfg["steps"]:
+            config["train_seconds"] = round(seconds + time.time() - t0, 2)
+            save_aligner(path, config, net, opt, step=done)
+    bar.close()
+    config["train_seconds"] = round(seconds + time.time() - t0, 2)
+    net.eval()
+    return net, config
+
+
+def ensure_aligner(study, path: str, steps: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
+                   **overrides):
+    """The saved aligner when it fits this study's MLP and has trained ``steps`` steps; resumed or trained otherwise."""
+    device = torch.device(device)
+    layers = mlp_layers(study.model_spec, study.layout)
+    hidden = overrides.get("hidden") or DEFAULTS["hidden"]
+    rounds = overrides.get("rounds") or DEFAULTS["rounds"]
+    arch = arch_config(study.model_spec["name"], layer_dims(study.layout, layers), hidden, rounds)
+    if os.path.exists(path):
+        blob = load_aligner_file(path)
+        if compatible(blob["config"], arch):
+            target = int(steps) if steps is not None else int(blob["config"]["train"]["steps"])
+            if blob["step"] >= target:
+                net = build_net(blob["config"])
+                net.load_state_dict(blob["model"])
+                return net.to(device).eval(), blob["config"]
+            return train_aligner(study, path, steps=target, seed=int(blob["config"]["seed"]), device=device,
+                                 progress=progress, resume_from=blob, **overrides)
+        tqdm.write(f"{path}: saved aligner is for another architecture; training a new one")
+    return train_aligner(study, path, steps=steps, seed=seed, device=device, progress=progress, **overrides)
+
+
+def default_path(study) -> str:
+    return os.path.join(study.dir, "aligners", "deep-align.pt")
+
+
+def make_deep_align(spec, study, refine: bool = False, seed: int = 0, device="cpu", aligner_path=None,
+                    aligner_steps: int | None = None, progress: bool = True, max_iter: int = 100, **_):
+    """Factory for methods.ALIGNERS: the study's saved aligner when compatible and trained far enough, else train."""
+    layers = mlp_layers(study.model_spec, study.layout)
+    net, config = ensure_aligner(study, path=aligner_path or default_path(study), steps=aligner_steps, seed=seed,
+                                 device=device, progress=progress)
+    wm = WeightMatching(spec, max_iter=max_iter, seed=seed) if refine else None
+    return DeepAlign(spec, net, layers, config, refine=wm, device=device)

@@ -1,0 +1,40 @@
+"""The alignment methods by name: ``make_aligner(method, spec, study, **options) -> Aligner``.
+
+A new method registers a factory ``(spec, study, **options) -> Aligner`` in ``ALIGNERS``.
+"""
+from __future__ import annotations
+
+from ..errors import GlobScopeError
+from ..networks.models import study_model
+from .matching import ActivationMatching, Aligner, WeightMatching
+from .permutation import PermutationSpec
+
+
+def _make_weight_matching(spec, study, max_iter=100, seed=0, **_):
+    return WeightMatching(spec, max_iter=max_iter, seed=seed)
+
+
+def _make_activation_matching(spec, study, act_samples=1024, seed=0, device="cpu", **_):
+    from ..evaluation.one_model import subset
+    from ..networks.datasets import load_dataset
+
+    ds = load_dataset(study.dataset_spec)
+    x, _ = subset(ds.train_x, ds.train_y, act_samples, seed=seed)
+    return ActivationMatching(spec, lambda: study_model(study), x, device=device)
+
+
+def _make_deep_align(spec, study, **options):
+    from .deep_align_train import make_deep_align  # torch training code, only when asked for
+
+    return make_deep_align(spec, study, **options)
+
+
+ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _make_activation_matching,
+            "deep-align": _make_deep_align,
+            "deep-align+wm": lambda spec, study, **o: _make_deep_align(spec, study, refine=True, **o)}
+
+
+def make_aligner(method: str, spec: PermutationSpec, study, **options) -> Aligner:
+    if method not in ALIGNERS:
+        raise GlobScopeError(f"unknown alignment method '{method}'; choose one of {', '.join(ALIGNERS)}")
+    return ALIGNERS[method](spec, study, **options)

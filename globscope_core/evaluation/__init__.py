@@ -1,0 +1,1 @@
+"""Evaluating models: one model, many decoded models at once, and the device choice."""

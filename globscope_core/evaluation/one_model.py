@@ -1,0 +1,51 @@
+"""Loss and accuracy of one model on a data split (training-time bookkeeping).
+
+Many-models-at-once evaluation for landscapes lives in ``batched.py``; this is the plain path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GlobScopeError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GlobScopeError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise GlobScopeError(f"--device {name}: not a device (use cpu, cuda, cuda:N or auto)") from None
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
+                   device: torch.device | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``(x, y)``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for s in range(0, len(x), batch_size):
+        xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
+        out = model(xb)
+        total_loss += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    n = max(1, len(x))
+    return total_loss / n, correct / n
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0):
+    """A fixed random subset of at most ``n`` samples (all of them when ``n`` is None or larger)."""
+    if n is None or n >= len(x):
+        return x, y
+    if n <= 0:
+        raise GlobScopeError(f"evaluation subset size must be positive, not {n}")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]

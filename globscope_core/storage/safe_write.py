@@ -1,0 +1,217 @@
+"""The one write path of GlobScope: every result file replaces the old one only when complete and verified.
+
+``atomic_file(path, verify=...)`` yields a temporary name; the file written there is fsynced, checked
+non-empty, verified (read back) and only then renamed over ``path``. Any failure removes the
+temporary and leaves ``path`` as it was; a full disk or a read-only directory becomes one line
+(``write_error``): "no space left on DIR: NAME unchanged". A temporary left by a writer that was killed
+(``NAME.tmp-PID``, that process gone) is removed by the next write of the same file. ``check_writable`` refuses long work
+whose results could not be written. Standard library only: ParaView's Python can import it.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import shutil
+import sys
+
+from ..errors import GlobScopeError
+
+_NOTED: set = set()
+
+
+def note(message: str) -> None:
+    """A one-line notice on stderr, once per process and message (not an error: the stage goes on)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"globscope: note: {message}", file=sys.stderr, flush=True)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reserve(path: str, size: int) -> None:
+    """Allocate ``size`` bytes for ``path`` before HDF5 writes to it.
+
+    HDF5 reports a full disk only as a warning when it closes a file, and then its state is broken
+    (zeros written, crashes). With the space allocated in advance the disk cannot fill under it:
+    a full disk fails here, as a plain OSError, before HDF5 has written anything. HDF5 truncates
+    the file to its real end when it closes it.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(int(size), os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def free_bytes(directory: str) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _probe_writable(directory: str) -> OSError | None:
+    """Whether a file can be created in ``directory`` (root ignores permission bits: try it)."""
+    probe = os.path.join(directory, f".globscope-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.remove(probe)
+        return None
+    except OSError as exc:
+        return exc
+
+
+def write_error(exc: BaseException, path: str) -> GlobScopeError:
+    """One line for a failed write of ``path``: full disk, read-only directory, or the OS's reason."""
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    state = "unchanged" if os.path.exists(path) else "not written"
+    code = getattr(exc, "errno", None)
+    if code is None:  # HDF5 and torch report a full disk in their own words, without errno
+        try:  # measured now, not through free_bytes (which the checks before the work use)
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            free = None
+        probe = _probe_writable(directory) if os.path.isdir(directory) else None
+        if free is not None and free < (1 << 20) or "no space" in str(exc).lower():
+            code = errno.ENOSPC
+        elif probe is not None:
+            code, exc = probe.errno, probe
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        return GlobScopeError(f"no space left on {directory}: {name} {state}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return GlobScopeError(f"{directory} is not writable ({os.strerror(code)}): {name} {state}")
+    text = str(exc).strip()
+    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    return GlobScopeError(f"{path}: cannot write ({reason}): {name} {state}")
+
+
+def check_writable(directory: str, need_bytes: int = 0, what: str = "") -> None:
+    """Refuse long work whose results could not be written: a read-only directory, or too little space."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        exc = _probe_writable(directory)
+    except OSError as err:
+        exc = err
+    if exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise GlobScopeError(f"no space left on {directory}" + (f": {what} not started" if what else ""))
+    if exc is not None:
+        raise GlobScopeError(f"{directory} is not writable ({exc.strerror})" + (f": {what} not started" if what else ""))
+    free = free_bytes(directory)
+    if need_bytes and free is not None and free < need_bytes:
+        raise GlobScopeError(f"no space left on {directory}: {what or 'the results'} need about {_mb(need_bytes)}, "
+                             f"{_mb(free)} free")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = "", verify=None):
+    """``with atomic_file(p) as tmp: write(tmp)``: ``p`` is replaced only by a complete, verified file.
+
+    The temporary is fsynced, checked to be non-empty and passed to ``verify(tmp)`` (which raises
+    when the file does not read back) before it is renamed over ``path``; on any failure it is removed
+    and ``path`` is left as it was. Write failures (full disk, read-only directory, and what HDF5,
+    torch or VTK report in their own words) become one line, ``write_error``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, path) from None
+    _remove_orphans(path)
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
+            raise OSError(errno.EIO, "the written file is empty")
+        _fsync_path(tmp)
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, path)
+        _fsync_path(directory)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(exc, path) from None
+        if isinstance(exc, (RuntimeError, ValueError)):  # torch and VTK say "disk full" in their own words
+            err = write_error(exc, path)
+            if str(err).startswith("no space") or " is not writable" in str(err):
+                raise err from None
+        raise
+
+
+def _remove_orphans(path: str) -> None:
+    """Remove ``path.tmp-PID*`` left by a writer that was killed (its process is gone) before it renamed."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        pid = tmp[len(path) + 5:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a file by temporary name + fsync + verify + rename, so readers never see half of it."""
+    def same(tmp):
+        if os.path.getsize(tmp) != len(data):
+            raise OSError(errno.EIO, f"wrote {os.path.getsize(tmp)} of {len(data)} bytes")
+
+    with atomic_file(path, verify=same) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def remove_file(path) -> None:
+    """Remove ``path`` if it exists (``None``: nothing to remove)."""
+    if path and os.path.exists(path):
+        os.remove(path)
+
+
+def save_torch(obj, path: str) -> None:
+    """torch.save through ``atomic_file``, read back (weights only) before it replaces ``path``."""
+    import torch
+
+    def readable(tmp):
+        try:
+            torch.load(tmp, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise OSError(errno.EIO, f"the written file does not read back ({type(exc).__name__})") from None
+
+    with atomic_file(path, verify=readable) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_figure(fig, path: str, **kw) -> None:
+    """matplotlib's savefig through ``atomic_file`` (PNG)."""
+    def png(tmp):
+        with open(tmp, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise OSError(errno.EIO, "the written file is not a PNG")
+
+    with atomic_file(path, suffix=".png", verify=png) as tmp:
+        fig.savefig(tmp, format="png", **kw)
+
+
