@@ -5,7 +5,7 @@
 
 ``--zoo``: the paper's architectures at full size on CIFAR-shaped (MNIST-shaped for the MLP) inputs, with
 random states around a fresh model (positive BatchNorm variances); evaluation only, every path of
-``batched.py`` against the per-point loop (load the state into one model, ``evaluate_model``), and the
+``evaluation/many_models.py`` against the per-point loop (load the state into one model, ``evaluate_model``), and the
 machine's float32 (and bfloat16) GEMM and 3x3-convolution rates, all measured in the same run. FLOPs are
 counted by torch.utils.flop_counter (2 per multiply-add). See ``zoo`` below.
 
@@ -36,7 +36,8 @@ if "--zoo" in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # compi
 import torch  # noqa: E402
 
 from globscope_core.evaluation.many_models import BatchedEvaluator, eval_data
-from globscope_core.evaluation.one_model import evaluate_model, resolve_device
+from globscope_core.evaluation.one_model import evaluate_model
+from globscope_core.networks.device import resolve_device
 from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
 from globscope_core.stages.landscape import encode_checkpoints, grid_bounds

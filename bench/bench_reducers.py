@@ -89,9 +89,10 @@ def wide(work, runs, epochs):
     from globscope_core.networks import datasets
     from globscope_core.stages.train import train_study
     from globscope_core.storage.study import Study
+    from globscope_core.storage.study_files import study_h5
 
     d = os.path.join(work, "wide")
-    if not os.path.exists(os.path.join(d, "study.h5")):
+    if not os.path.exists(study_h5(d)):
         train_study(d, datasets.make_spec("digits"), "mlp", {"widths": [1024, 1024]}, runs=runs, epochs=epochs,
                     progress=False)
     s = Study.open(d)

@@ -22,8 +22,12 @@ BASE_BYTES = 600 << 20  # interpreter + torch + numpy + h5py + vtk, measured ~0.
 F32, F64 = 4, 8
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+def format_bytes(n: float) -> str:
+    """Bytes in a message (every size GlobScope reports): ``"1.50 GiB"`` from 1 GiB up, ``"200 MiB"`` from
+    10 MiB up, else ``"4.0 MiB"`` (a small need or a nearly full disk keeps a digit)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def parse_size(text: str) -> int:
@@ -48,15 +52,24 @@ def _cgroup_limit() -> int | None:
     return None
 
 
+def _available_and_own() -> tuple[int, int]:
+    """(available RAM, this process's resident set) in bytes: psutil's, or, in a Python without psutil
+    (ParaView's, for the merge tree), the free pages, or half the RAM when more (page cache counts as free)."""
+    try:
+        import psutil
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return max(os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page // 2), 0
+    return int(psutil.virtual_memory().available), int(psutil.Process().memory_info().rss)
+
+
 def host_memory() -> tuple[int, str]:
-    """(bytes this process may hold in all, where that number comes from).
+    """(bytes this process may hold in all, where that number comes from): the one rule of every memory check.
 
     What it holds already counts as its own: the available RAM plus this process's resident set, so a
     check made after the study or reducer is loaded compares the stage's whole need with it."""
-    import psutil
-
-    own = int(psutil.Process().memory_info().rss)
-    candidates = [(int(psutil.virtual_memory().available) + own, "available RAM")]
+    avail, own = _available_and_own()
+    candidates = [(avail + own, "available RAM")]
     cg = _cgroup_limit()
     if cg is not None:
         candidates.append((cg, "cgroup memory limit"))
@@ -91,9 +104,9 @@ def require(parts: dict, what: str, device=None, gpu_parts: dict | None = None, 
         out[f"{label}_bytes"], out[f"{label}_limit"] = need, have
         if need > have:
             big = sorted(ps.items(), key=lambda kv: -kv[1])[:3]
-            detail = ", ".join(f"{k} {gib(v)}" for k, v in big)
+            detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in big)
             where = "GPU memory" if label == "gpu" else "memory"
-            raise GlobScopeError(f"{what}: needs about {gib(need)} of {where} ({detail}), but only {gib(have)} "
+            raise GlobScopeError(f"{what}: needs about {format_bytes(need)} of {where} ({detail}), but only {format_bytes(have)} "
                                  f"is there ({source}){'; ' + hint if hint else ''}")
     return out
 

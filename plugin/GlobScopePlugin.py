@@ -3,7 +3,8 @@
 Load it with Tools > Manage Plugins (GUI), ``LoadPlugin(path, ns=globals())`` (pvpython, pvbatch) or
 ``LoadPlugin(path, remote=True, ns=globals())`` (client of a pvserver). It runs inside ParaView's own
 Python (numpy 1.24, no pip vtk): it reads our files with ParaView's VTK readers and calls
-``globscope_core.topology`` (numpy only), so the repository root must be on PYTHONPATH, and plugin/
+``globscope_core.topology`` and ``globscope_core.storage.study_files`` (numpy only), which it finds beside
+itself (a checkout or an installed wheel) or on PYTHONPATH; plugin/ must be on PYTHONPATH
 too (its sitecustomize.py fixes ParaView 5.11's getargspec import). `globscope render|paraview` set both.
 
 Thin adapter only (the TTK model): algorithms live in globscope_core.
@@ -19,10 +20,15 @@ from vtkmodules.vtkCommonDataModel import vtkDataObject, vtkImageData, vtkUnstru
 from vtkmodules.vtkCommonExecutionModel import vtkStreamingDemandDrivenPipeline as SDDP
 from vtkmodules.vtkIOXML import vtkXMLImageDataReader, vtkXMLPolyDataReader, vtkXMLUnstructuredGridReader
 
-# the repository root (for globscope_core) when the plugin is loaded straight from the checkout
+# globscope_core when the plugin is loaded by hand: from a checkout, the repository root; from an installed wheel
+# (globscope_core/paraview/plugin), the stub package beside it (setup.py), never site-packages itself
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "globscope_core")) and _ROOT not in sys.path:
-    sys.path.append(_ROOT)
+for _dir in (_ROOT, os.path.join(_ROOT, "python")):
+    if os.path.isdir(os.path.join(_dir, "globscope_core")) and _dir not in sys.path:
+        sys.path.append(_dir)
+        break
+
+from globscope_core.storage import study_files  # noqa: E402 - the study's file names (stdlib only)
 
 VTK_VERTEX, VTK_LINE = 1, 3
 
@@ -209,12 +215,9 @@ _READER_PORTS = [("Landscape", "vtkImageData"), ("Trajectories", "vtkPolyData"),
 CONNECT_PORT = 6
 
 
-def connect_files(path, dim):
-    """``globscope connect``'s latent paths next to the study (connect-A-B-{dim}d.vtp), any number, sorted."""
-    import glob
-
-    d = path if os.path.isdir(path) else os.path.dirname(path)
-    return sorted(glob.glob(os.path.join(glob.escape(d), f"connect-*-{dim}d.vtp")))
+def _study_dir(path):
+    """The study directory of the reader's file name (study.h5, or the directory itself)."""
+    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def _append_polydata(paths):
@@ -226,14 +229,6 @@ def _append_polydata(paths):
         app.AddInputData(_read(p))
     app.Update()
     return app.GetOutput()
-
-
-def _study_files(path, dim):
-    d = path if os.path.isdir(path) else os.path.dirname(path)
-    topo = os.path.join(d, f"topology-{dim}d")
-    return [os.path.join(d, f"landscape-{dim}d.vti"), os.path.join(d, f"trajectories-{dim}d.vtp"),
-            os.path.join(topo, "nodes.vtu"), os.path.join(topo, "arcs.vtu"),
-            os.path.join(topo, "segmentation.vti"), os.path.join(topo, "diagram.vtu")]
 
 
 _XML_READERS = {".vti": vtkXMLImageDataReader, ".vtp": vtkXMLPolyDataReader, ".vtu": vtkXMLUnstructuredGridReader}
@@ -271,7 +266,7 @@ def _read(path):
 
 
 @smproxy.reader(name="GlobScopeStudyReader", label="GlobScope Study Reader",
-                extensions=["h5"], filename_patterns="study.h5",
+                extensions=["h5"], filename_patterns=study_files.STUDY_H5,
                 file_description="GlobScope study (study.h5 and the landscape files next to it)")
 @smproperty.xml("".join(f'<OutputPort name="{n}" index="{i}" />' for i, (n, _) in enumerate(_READER_PORTS)))
 class GlobScopeStudyReader(VTKPythonAlgorithmBase):
@@ -309,7 +304,7 @@ class GlobScopeStudyReader(VTKPythonAlgorithmBase):
             raise ValueError("no study file set")
         if not os.path.exists(self._filename):
             raise ValueError(f"{self._filename}: no such file or directory")
-        files = _study_files(self._filename, self._dim)
+        files = study_files.view_files(_study_dir(self._filename), self._dim)  # in port order (0-5)
         if not os.path.exists(files[0]):
             raise ValueError(f"{files[0]}: missing; run `globscope landscape` on this study first")
         return files
@@ -343,7 +338,7 @@ class GlobScopeStudyReader(VTKPythonAlgorithmBase):
                     _crop_to_request(out, info)
                 elif _piece(info) == 0:  # points and cells: all on the first rank, none elsewhere
                     out.ShallowCopy(_read(path))
-            connect = connect_files(self._filename, self._dim)  # optional: no warning when there are none
+            connect = study_files.connect_files(_study_dir(self._filename), f"{self._dim}d")  # optional: no warning when none
             if connect and _piece(outInfo.GetInformationObject(CONNECT_PORT)) == 0:
                 vtkDataObject.GetData(outInfo.GetInformationObject(CONNECT_PORT)).ShallowCopy(_append_polydata(connect))
             if missing:

@@ -9,18 +9,27 @@ pvbatch or the GUI's Python shell, with the repository root on PYTHONPATH):
     fit_view()          # the view kind is found from the pipeline; fit_view(view, "landscape-3d") to say it
 
 `globscope render` (state_files/pvstate.py) calls the same function. Runs in ParaView's own Python
-(numpy 1.24, no pip vtk); the connect caption needs globscope_core.stages.render (numpy only).
+(numpy 1.24, no pip vtk); the study's file names come from globscope_core.storage.study_files (stdlib only).
 """
 import json
 import os
+import sys
 
 from paraview import servermanager as sm
 from paraview import simple as pv
 
+# globscope_core from a checkout (the repository root) or an installed wheel (the stub package beside us, setup.py)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _dir in (_ROOT, os.path.join(_ROOT, "python")):
+    if os.path.isdir(os.path.join(_dir, "globscope_core")) and _dir not in sys.path:
+        sys.path.append(_dir)
+        break
+from globscope_core.storage import study_files  # noqa: E402
+
 LOSS = "log_loss"
-VIEWS = ("landscape-2d", "landscape-3d", "trajectories-2d")
+VIEWS = tuple(study_files.VIEWS)
 # the colour legend of `globscope connect`'s paths; the per-study barriers are added from its report.json
-CONNECT_LEGEND = "pink: straight line A-B    green: trained low-loss curve"
+CONNECT_LEGEND = study_files.CONNECT_LEGEND
 
 
 def view_kind():
@@ -35,7 +44,7 @@ def view_kind():
                        "state_files/*.pvsm first")
 
 
-def _range(src, port, name, kind="POINTS"):
+def data_range(src, port, name, kind="POINTS"):
     info = src.GetDataInformation(port) if port else src.GetDataInformation()
     attrs = info.DataInformation.GetPointDataInformation() if kind == "POINTS" else None
     a = attrs.GetArrayInformation(name) if attrs else None
@@ -63,7 +72,7 @@ def fit_view(view=None, name=None):
     r.UpdatePipeline()
     b = r.GetDataInformation(0).GetBounds()
     extent = max(b[1] - b[0], b[3] - b[2], (b[5] - b[4]) if name == "landscape-3d" else 0.0) or 1.0
-    lo, hi = _range(r, 0, LOSS) or (0.0, 1.0)
+    lo, hi = data_range(r, 0, LOSS) or (0.0, 1.0)
     span = (hi - lo) or 1.0
     warp = 0.45 * extent / span  # the surface's height (its decades of loss) is 45% of its width
     for w in ("Surface Warp", "Contour Warp", "Trajectory Warp", "Arc Warp", "Node Warp", "Connect Warp"):
@@ -111,7 +120,7 @@ def fit_view(view=None, name=None):
 def _barriers(study, key):
     """Train-loss barriers (line, curve) of report.json's section ``key``, or None."""
     try:
-        with open(os.path.join(study, "report.json")) as f:
+        with open(study_files.report_json(study)) as f:
             sec = json.load(f)[key]
         return sec["line_summary"]["train_loss_barrier"], sec["curve_summary"]["train_loss_barrier"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -136,10 +145,8 @@ def _fit_connect_legend(view, r, dim):
     n = r.GetDataInformation(6).GetNumberOfPoints()
     text = ""
     if n:
-        from globscope_core.stages.render import connect_files
-
         study = os.path.dirname(r.FileName)
-        keys = [os.path.basename(p)[: -len(f"-{dim}d.vtp")] for p in connect_files(study, f"{dim}d")]
+        keys = [study_files.connect_key_of(p) for p in study_files.connect_files(study, f"{dim}d")]
         text = connect_caption(study, keys)
     legend.Text = text
     sm.GetRepresentation(legend, view).Visibility = int(bool(text))

@@ -46,7 +46,9 @@ SIZE = [1200, 900]
 # losses of decoded models span decades (0.03 in the basins, 30+ at far grid corners): the views warp, colour,
 # contour and volume-render log10 of them, or one corner would flatten every basin
 sys.path.insert(0, HERE)  # fit_view.py, next to this file
-from fit_view import LOSS, _range, connect_caption, fit_view  # noqa: E402
+from fit_view import LOSS, connect_caption, data_range, fit_view  # noqa: E402  (it puts the repository on sys.path)
+
+from globscope_core.storage import study_files  # noqa: E402 - the study's file names and views (stdlib only)
 
 TITLES = {LOSS: "log10 loss"}
 
@@ -81,7 +83,7 @@ def _show(src, view, color_by=None, preset=None, solid=None, opacity=1.0, rep="S
 
 
 def _reader(study, dim):
-    r = pv.GlobScopeStudyReader(registrationName="Study", FileName=os.path.join(study, "study.h5"))
+    r = pv.GlobScopeStudyReader(registrationName="Study", FileName=study_files.study_h5(study))
     r.Dimension = dim
     return r
 
@@ -144,12 +146,12 @@ def _tree_parts(r, view, warp):
 
 
 # pink: unlike the dark red tree arcs, the rainbow runs and viridis; green: thicker than the runs' tubes
-CONNECT_COLOURS = {"line": [1.0, 0.1, 0.55], "curve": [0.15, 0.95, 0.25]}
+CONNECT_COLOURS = {name.lower(): list(rgb) for name, _, rgb in study_files.CONNECT_PATHS.values()}
 
 
 def _connect_paths(src, view, prefix=""):
     """Straight line (cells with path 0) and trained curve (path 1) of ``globscope connect`` as tubes."""
-    for name, value in (("Line", 0), ("Curve", 1)):
+    for value, (name, _, _) in sorted(study_files.CONNECT_PATHS.items()):
         part = pv.Threshold(registrationName=f"{prefix}Connect {name}", Input=src)
         part.Scalars = ["CELLS", "path"]
         part.LowerThreshold = part.UpperThreshold = value
@@ -240,7 +242,7 @@ def build_3d(study):
 def build_traj(study):
     v = _view()
     r = _reader(study, 2)
-    d = _show(r, v, LOSS, "Grayscale")
+    _show(r, v, LOSS, "Grayscale")
     contour = pv.Contour(registrationName="Loss Contours", Input=r)
     contour.ContourBy = ["POINTS", LOSS]
     contour.Isosurfaces = [0.0]
@@ -262,8 +264,7 @@ def check_files(study, name):
     fn = r.FileName if r is not None else ""
     if not fn or not os.path.exists(fn):
         raise SystemExit(f"{study}: the {name} state found no study.h5 there")
-    dim = 3 if name == "landscape-3d" else 2
-    need = os.path.join(study, f"landscape-{dim}d.vti")
+    need = study_files.landscape_vti(study, study_files.VIEWS[name])
     if not os.path.exists(need):
         raise SystemExit(f"{need}: missing (run `globscope landscape` first)")
 
@@ -281,17 +282,15 @@ def load(name, study):
 # --- the plane of a connect curve (Garipov et al.'s picture; built here, it needs no state file) --------------
 def build_plane(study):
     """The loss in the plane through A, B and the bend (log colours, contours), both paths on it."""
-    from globscope_core.stages.render import newest_plane  # numpy only: fine in ParaView's Python
-
-    vti = newest_plane(study)
+    vti = study_files.newest_plane(study)
     if vti is None:
         raise SystemExit(f"{study}: no connect-*-plane.vti with its .vtp (run `globscope connect` first)")
-    key = os.path.basename(vti)[: -len("-plane.vti")]
+    key = study_files.connect_key_of(vti)
     v = _view()
     img = pv.XMLImageDataReader(registrationName="Plane", FileName=[vti])
     img.PointArrayStatus = ["loss", "accuracy"]
     img.UpdatePipeline()
-    lo, hi = _range(img, 0, "loss") or (1e-3, 1.0)
+    lo, hi = data_range(img, 0, "loss") or (1e-3, 1.0)
     lo = max(lo, 1e-6)
     hi = max(hi, lo * 1.001)
     d = _show(img, v, "loss", "Viridis (matplotlib)")
@@ -309,7 +308,7 @@ def build_plane(study):
     clift = pv.Transform(registrationName="Plane Contour Lift", Input=contour)
     clift.Transform.Translate = [0, 0, 0.002 * extent]
     _show(clift, v, solid=[0.05, 0.05, 0.05], opacity=0.6)
-    paths = pv.XMLPolyDataReader(registrationName="Plane Paths", FileName=[vti[:-4] + ".vtp"])
+    paths = pv.XMLPolyDataReader(registrationName="Plane Paths", FileName=[study_files.plane_paths(vti)])
     lift = pv.Transform(registrationName="Plane Path Lift", Input=paths)
     lift.Transform.Translate = [0, 0, 0.01 * extent]
     _connect_paths(lift, v, prefix="Plane ")
@@ -342,11 +341,11 @@ def render(study, out, names=None):
     os.makedirs(out, exist_ok=True)
     for name in names or STATES:
         pv.ResetSession()
-        if name == "connect-plane":
+        if name == study_files.PLANE_VIEW:
             view = build_plane(study)
         else:
             view = load(name, study)
-        path = os.path.join(out, name + ".png")
+        path = study_files.render_png(out, name)
         tmp = path + ".tmp.png"
         ok = pv.SaveScreenshot(tmp, view, ImageResolution=SIZE)
         _commit_png(tmp, path, ok)

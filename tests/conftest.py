@@ -1,8 +1,11 @@
-"""Shared fixtures: small real studies trained on digits (seconds, not minutes)."""
+"""Shared fixtures and helpers: small real studies trained on digits (seconds, not minutes), the installed command."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,3 +39,25 @@ def study_copy(tiny_study, tmp_path) -> Study:
     dst = tmp_path / "study"
     shutil.copytree(tiny_study.dir, dst)
     return Study.open(str(dst))
+
+
+def run_cli(*args, env=None):
+    """Run the installed command in a subprocess (``env``: variables added to ours): exit status, stdout, stderr."""
+    exe = os.path.join(os.path.dirname(sys.executable), "globscope")
+    p = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    return p.returncode, p.stdout, p.stderr
+
+
+def one_line_error(rc, err, *needles):
+    """Exit status 2 and one line on stderr, no traceback, holding every needle."""
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def random_perms(spec, layout, seed):
+    """A random permutation of every permutable axis of ``spec`` on ``layout``."""
+    rng = np.random.default_rng(seed)
+    return {p: rng.permutation(n) for p, n in spec.identity(layout).items()}

@@ -1,4 +1,4 @@
-"""Every subcommand refuses bad values with exactly one line on stderr and a non-zero exit.
+"""CLI errors (cli/): every subcommand refuses bad values with exactly one line on stderr and a non-zero exit.
 
 In-process through ``globscope_core.cli.main`` (parsing errors need no training), with GLOBSCOPE_DEBUG=1 so
 that main's last-resort net (one line for an unexpected exception) re-raises instead of hiding a traceback:
@@ -215,12 +215,12 @@ def test_argparse_errors_name_the_command_and_option(capfd):
 
 def test_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capfd, env):
     """The last-resort net: a bug becomes one line naming GLOBSCOPE_DEBUG; with it set, the traceback."""
-    import globscope_core.cli.train as train_cli
+    import globscope_core.cli.info as info_cli
 
     def boom(args):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(train_cli, "cmd_info", boom)
+    monkeypatch.setattr(info_cli, "cmd_info", boom)
     monkeypatch.delenv("GLOBSCOPE_DEBUG", raising=False)
     assert main(["info", env["S"]]) == 3
     err = capfd.readouterr().err
@@ -228,6 +228,23 @@ def test_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capfd, env):
     assert "internal error: ZeroDivisionError: division by zero second line" in err and "GLOBSCOPE_DEBUG=1" in err
     monkeypatch.setenv("GLOBSCOPE_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
+        main(["info", env["S"]])
+
+
+def test_file_system_error_is_one_line_and_its_traceback_on_request(monkeypatch, capfd, env):
+    """An OSError no stage turned into a GlobScopeError: one line naming the file (exit 2); GLOBSCOPE_DEBUG=1
+    shows its traceback, as for any other error."""
+    import globscope_core.cli.info as info_cli
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/some/study/report.json")
+
+    monkeypatch.setattr(info_cli, "cmd_info", denied)
+    monkeypatch.delenv("GLOBSCOPE_DEBUG", raising=False)
+    assert main(["info", env["S"]]) == 2
+    assert capfd.readouterr().err == "globscope info: error: /some/study/report.json: Permission denied\n"
+    monkeypatch.setenv("GLOBSCOPE_DEBUG", "1")
+    with pytest.raises(PermissionError):
         main(["info", env["S"]])
 
 

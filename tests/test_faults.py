@@ -1,4 +1,4 @@
-"""Fault injection: full disk, read-only directory, SIGKILL, concurrent writers, flipped bytes.
+"""Faults across the stages (storage/, every writing stage): full disk, read-only, SIGKILL, racing writers, bad bytes.
 
 Every case asserts that nothing is lost (old files byte-identical, or complete new ones; no
 ``*.tmp-*`` left behind) and that the user sees one line, never a traceback. Full disks are real: a
@@ -328,7 +328,7 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         b = read_vti(os.path.join(ref, "landscape-2d.vti")).point_arrays["loss"]
         # computed in this process: the same field up to the GEMMs' last bit (it failed bitwise once in a
         # full-suite run whose kill came before any chunk was written: a plain second computation; MKL's
-        # kernels may round differently with the buffers' alignment). test_landscape checks resumed against
+        # kernels may round differently with the buffers' alignment). test_stage_landscape checks resumed against
         # uninterrupted bitwise, both from the command line.
         np.testing.assert_allclose(a, b, rtol=2e-6)
         assert not os.path.exists(os.path.join(d, ".landscape-2d.partial"))

@@ -1,4 +1,4 @@
-"""ParaView: the plugin in pvpython, the state files rendered by pvbatch, pvserver on loopback (also MPI).
+"""ParaView (plugin/, state_files/, stages/render.py): the plugin in pvpython, state files in pvbatch, pvserver.
 
 Real ParaView processes on real tiny studies (digits MLPs -> PCA -> landscape -> topology), each under
 `timeout -s KILL` (a crashing ParaView can hang in its crash handler). Servers run in a private network
@@ -20,7 +20,8 @@ import pytest
 
 from globscope_core.errors import GlobScopeError
 from globscope_core.stages import paraview_env
-from globscope_core.stages.render import available_views, render_study
+from globscope_core.stages.render import render_study
+from globscope_core.storage.study_files import available_views
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, "paraview", "pv_tree.py")

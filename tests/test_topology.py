@@ -1,4 +1,4 @@
-"""Merge trees and persistence (issue 5): against gudhi's SimplexTree on the same triangulation."""
+"""Topology (topology/, stages/topology.py): merge trees and persistence against gudhi, the command, study basins."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import globscope_core.topology as T
+from globscope_core import cli
 from globscope_core.cli import main
 from globscope_core.errors import GlobScopeError
 from globscope_core.stages import topology as topology_stage
-from globscope_core.storage import vtk_files
+from globscope_core.storage import study_files, vtk_files
 
 gudhi = pytest.importorskip("gudhi")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +238,7 @@ def test_cli_writes_ttk_files(tmp_path, capsys):
     out = str(tmp_path / "topo")
     assert main(["topology", src, "--scalar", "loss", "--out", out, "--persistence", "0.1", "--relative"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert sorted(os.listdir(out)) == sorted(topology_stage.FILES) and info["pairs_kept"] <= info["pairs"]
+    assert sorted(os.listdir(out)) == sorted(study_files.TOPOLOGY_FILES) and info["pairs_kept"] <= info["pairs"]
     nodes = vtk_files.read_any(os.path.join(out, "nodes.vtu"))
     na = vtk_files.arrays_of(nodes)
     assert {k: str(a.dtype) for k, a in na.items()} == {"NodeId": "int32", "Scalar": "float32", "VertexId": "int32",
@@ -327,7 +328,7 @@ def test_study_basins(tmp_path, capsys, dim):
     assert runs[0]["basin_minimum_loss"] == pytest.approx(float(values.min()))
     np.testing.assert_allclose(runs[1]["basin_minimum_position"][:2], [0.5, 0.4], atol=0.11)
     assert sec["leaves"] == 3  # three wells survive simplification, the noise does not
-    assert sorted(os.listdir(os.path.join(d, f"topology-{dim}d"))) == sorted(topology_stage.FILES)
+    assert sorted(os.listdir(os.path.join(d, f"topology-{dim}d"))) == sorted(study_files.TOPOLOGY_FILES)
     assert main(["topology", d, "--dim", str(dim), "--persistence", "0.5", "--absolute"]) == 0
     sec2 = json.load(open(os.path.join(d, "report.json")))[f"basins-{dim}d"]
     assert sec2["leaves"] == 2 and sec2["threshold"] == 0.5
@@ -377,3 +378,32 @@ def test_ttk_region_types_arcs_and_diagram_layout():
     hom = T.compute_topology(v, tree="split", split_pairs="homology").diagram["point_arrays"]["ttkVertexScalarField"]
     assert 4 in tree_pairs[2:] and 4 not in hom[2:]  # vertex 4 = (i=4, j=0): its pair only in the tree's diagram
     assert {40, 65} <= set(hom[2:].tolist())
+
+
+# --- a study's landscape: the merge tree on its trusted part ---------------------------------------
+def test_topology_leaves_untrusted_points_out(tmp_path):
+    from globscope_core.stages import topology as topology_stage
+    from globscope_core.storage import vtk_files
+
+    d = str(tmp_path / "s")
+    os.makedirs(d)
+    nx = ny = 33
+    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    f = 2.0 - np.exp(-((x + 0.4) ** 2 + y**2) / 0.05) - 0.8 * np.exp(-((x - 0.4) ** 2 + y**2) / 0.05)
+    f -= 1.5 * np.exp(-((x - 0.9) ** 2 + (y - 0.9) ** 2) / 0.02)  # the deepest well, in a corner ...
+    trusted = (np.hypot(x, y) < 0.8).astype(np.float32)  # ... outside the trusted disc
+    sp = (2 / (nx - 1), 2 / (ny - 1), 1.0)
+    vtk_files.write_vti(os.path.join(d, "landscape-2d.vti"), vtk_files.ImageField(
+        (nx, ny, 1), (-1.0, -1.0, 0.0), sp, {"log_loss": f.astype(np.float32).ravel(),
+                                             "trusted": trusted.ravel()}, {}, "log_loss"))
+    vtk_files.write_vtp(os.path.join(d, "trajectories-2d.vtp"), np.array([[0, 0, 0], [-0.4, 0, 0], [0.4, 0, 0]]),
+                    lines=[[0, 1], [0, 2]], verts=[[1], [2]],
+                    point_arrays={"run": np.array([0, 0, 1]), "step": np.array([0, 9, 9])})
+    sec = topology_stage.study_topology(d, 2, verbose=False)
+    assert sec["trusted_only"] and sec["untrusted_points_left_out"] == int((trusted == 0).sum())
+    assert sec["leaves"] == 2 and sec["n_basins_with_runs"] == 2
+    assert all(np.hypot(*r["basin_minimum_position"]) < 0.8 for r in sec["runs"])
+    every = topology_stage.study_topology(d, 2, verbose=False, trusted_only=False)
+    assert every["leaves"] == 3 and not every["trusted_only"]
+    assert cli.main(["topology", d, "--dim", "2", "--all-points"]) == 0
+    assert json.load(open(os.path.join(d, "report.json")))["basins-2d"]["leaves"] == 3

@@ -32,9 +32,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ..errors import GlobScopeError
+from ..networks.models import MLP_MODELS, is_mlp, mlp_linear_layers
 from .matching import Aligner
 
-SUPPORTED = ("mlp", "mnist-mlp")
+SUPPORTED = MLP_MODELS
 FORMAT = "globscope-deep-align"
 VERSION = 1
 
@@ -43,17 +44,14 @@ VERSION = 1
 def mlp_layers(model_spec: dict, layout) -> list:
     """[(weight name, bias name), ...] of a registry MLP, in order; other models: one clear error."""
     name = model_spec.get("name")
-    if name not in SUPPORTED:
+    if not is_mlp(model_spec):
         raise GlobScopeError(f"deep-align: model '{name}' is not supported; it aligns the registry's MLPs "
                              f"({', '.join(SUPPORTED)}, any depth and width): use --method weight-matching "
                              "or activation-matching for other models")
-    names = {e.name for e in layout.entries}
-    idx = sorted(int(e.name.split(".")[1]) for e in layout.entries
-                 if e.name.startswith("net.") and e.name.endswith(".weight") and len(e.shape) == 2)
-    layers = [(f"net.{i}.weight", f"net.{i}.bias") for i in idx]
-    if len(layers) < 2 or any(b not in names for _, b in layers) or 2 * len(layers) != len(layout.entries):
+    layers = mlp_linear_layers(layout)
+    if layers is None or len(layers) < 2:
         raise GlobScopeError(f"deep-align: model '{name}' is not a plain Linear/ReLU MLP with biases")
-    return layers
+    return [(w.name, b.name) for w, b in layers]
 
 
 def layer_dims(layout, layers) -> list:
@@ -107,16 +105,6 @@ def permute_weights(ws: list, perms: list) -> list:
                 w = w @ p_in.transpose(1, 2)
         out.append((w, b))
     return out
-
-
-def mlp_forward(ws: list, x: torch.Tensor) -> torch.Tensor:
-    """Logits [B, N, classes] of B MLPs given as (W, b) lists, on inputs x [N, ...] shared by all."""
-    h = x.flatten(1)[None].expand(ws[0][0].shape[0], -1, -1)
-    for k, (w, b) in enumerate(ws):
-        h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
-        if k < len(ws) - 1:
-            h = torch.relu(h)
-    return h
 
 
 # --- the encoder --------------------------------------------------------------------------------

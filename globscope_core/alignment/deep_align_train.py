@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..networks.models import mlp_forward
+from ..storage.study_files import aligner_file
 from .deep_align import (
     DeepAlign,
     arch_config,
@@ -29,7 +31,6 @@ from .deep_align import (
     compatible,
     layer_dims,
     load_aligner_file,
-    mlp_forward,
     mlp_layers,
     permute_weights,
     save_aligner,
@@ -224,7 +225,7 @@ def ensure_aligner(study, path: str, steps: int | None = None, seed: int = 0, de
 
 
 def default_path(study) -> str:
-    return os.path.join(study.dir, "aligners", "deep-align.pt")
+    return aligner_file(study.dir)
 
 
 def make_deep_align(spec, study, refine: bool = False, seed: int = 0, device="cpu", aligner_path=None,

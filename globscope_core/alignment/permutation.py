@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import GlobScopeError
+from ..networks.models import MLP_MODELS
 from ..storage.state_layout import StateLayout
 
 
@@ -168,7 +169,7 @@ def mlp_spec(layout: StateLayout, prefix: str = "net") -> PermutationSpec:
     return PermutationSpec(axes, acts)
 
 
-_SPECS = {"mlp": mlp_spec, "mnist-mlp": mlp_spec}
+_SPECS = {name: mlp_spec for name in MLP_MODELS}
 
 
 def register_spec(model_name: str):

@@ -21,7 +21,9 @@ from ..errors import GlobScopeError
 
 # stage modules that contribute subcommands, in the order of the pipeline
 STAGES = [
-    "globscope_core.cli.train",      # train, import, info
+    "globscope_core.cli.train",
+    "globscope_core.cli.import_",
+    "globscope_core.cli.info",
     "globscope_core.cli.fit",        # fit, compare
     "globscope_core.cli.landscape",
     "globscope_core.cli.topology",
@@ -77,17 +79,13 @@ def main(argv=None) -> int:
     except GlobScopeError as exc:
         print(f"globscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a file problem no stage turned into a GlobScopeError: still one line
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"globscope {args.command}: error: {where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"globscope {args.command}: interrupted (finished work is kept; rerun to resume)", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system said no (permissions, missing path): the user can act on it
         if os.environ.get("GLOBSCOPE_DEBUG"):
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"globscope {args.command}: error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug: one line for the user, the traceback on request

@@ -1,4 +1,5 @@
-"""Argument types shared by the subcommands: argparse refuses a bad value with one line naming the option.
+"""Argument types shared by the subcommands (argparse refuses a bad value with one line naming the option), and
+the data set and model options that train and import share.
 
 Use them as ``type=`` (``p.add_argument("--epochs", type=positive_int)``), so a value is checked before any work.
 """
@@ -8,6 +9,8 @@ import argparse
 import math
 import os
 import re
+
+from ..storage.study_files import study_h5
 
 
 def _number(kind, text: str, what: str):
@@ -141,6 +144,26 @@ def new_or_dir(text: str) -> str:
 def study_dir(text: str) -> str:
     """An existing study directory (one with study.h5); the file's content is checked when it is opened."""
     existing_dir(text, "study directory")
-    if not os.path.isfile(os.path.join(text, "study.h5")):
+    if not os.path.isfile(study_h5(text)):
         raise argparse.ArgumentTypeError(f"{text}: not a study (no study.h5; make one with `globscope train --out {text}`)")
     return text
+
+
+# --- options shared by train and import --------------------------------------------------------
+def add_dataset_args(p, required=True):
+    p.add_argument("--dataset", required=required, help="digits, mnist-5k (built in), mnist, cifar10, cifar100 (local files), or module:callable")
+    p.add_argument("--data-dir", help="directory with the data files (MNIST IDX, CIFAR python batches)")
+    p.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the digits train/test split")
+
+
+def add_model_args(p, required=True):
+    p.add_argument("--model", required=required, help="registered model name or module:callable")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="constructor argument, JSON value (e.g. widths=[512,512]); repeatable")
+
+
+def dataset_spec(args):
+    """The data set spec of --dataset, --data-dir and --data-seed."""
+    from ..networks import datasets  # imports torch: only for the commands that need it
+
+    return datasets.make_spec(args.dataset, args.data_dir, args.data_seed)

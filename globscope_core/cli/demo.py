@@ -29,15 +29,16 @@ def _stage(name):
 
 def cmd_demo(args):
     from ..networks import datasets
-    from ..reducers import fit_reducer, reducer_path
+    from ..reducers import fit_reducer
     from ..stages.landscape import compute_landscape
     from ..stages.render import render_study
     from ..stages.topology import format_basins, study_topology
     from ..stages.train import final_summary, train_study
+    from ..storage.study_files import STUDY_H5, reducer_file, renders_dir
 
     t_all = time.time()
     out = args.out
-    t = _stage(f"train {args.runs} MLPs on digits -> {out}/study.h5")
+    t = _stage(f"train {args.runs} MLPs on digits -> {os.path.join(out, STUDY_H5)}")
     study = train_study(out, datasets.make_spec("digits"), "mlp", {}, runs=args.runs, epochs=args.epochs,
                         device=args.device, resume=True)
     for d in final_summary(study):
@@ -47,8 +48,8 @@ def cmd_demo(args):
     for dim, res in ((2, args.resolution_2d), (3, args.resolution_3d)):
         name = f"ae-{dim}d"
         t = _stage(f"fit the autoencoder {name}")
-        if os.path.exists(reducer_path(study.dir, name)):
-            print(f"  {name} already fitted (delete {reducer_path(study.dir, name)} to refit)")
+        if os.path.exists(reducer_file(study.dir, name)):
+            print(f"  {name} already fitted (delete {reducer_file(study.dir, name)} to refit)")
         else:
             fit_reducer(study, "ae", dim, device=args.device, progress=True)
             fit = study.read_report().get(f"fit-{name}", {})
@@ -66,7 +67,7 @@ def cmd_demo(args):
         print(f"  ({time.time() - t:.0f} s)")
 
     t = _stage("renders")
-    rendered = render_study(study.dir, os.path.join(study.dir, "renders"))
+    rendered = render_study(study.dir, renders_dir(study.dir))
     print(f"  {rendered['renderer']}: {len(rendered['images'])} images ({time.time() - t:.0f} s)")
 
     print(f"\n== done in {time.time() - t_all:.0f} s; wrote:")

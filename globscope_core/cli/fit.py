@@ -1,9 +1,8 @@
 """``globscope fit`` (one reducer) and ``globscope compare`` (all reducers, the poster's table)."""
 from __future__ import annotations
 
-import os
-
 from ..stages.fit import KINDS, compare_study, fit_study, format_table
+from ..storage.study_files import compare_png, reducer_file
 from .args import csv_of, device, nonnegative_int, one_of, positive_float, positive_int, study_dir
 
 
@@ -65,7 +64,7 @@ def cmd_fit(args):
         cfg["max_rank"] = args.max_rank
     r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
                         eval_samples=args.eval_samples, device=args.device, holdout=not args.no_holdout, **cfg)
-    print(f"{os.path.join(args.study, 'reducers', r.name + '.pt')}: fitted in {info['fit_seconds']:.1f} s, "
+    print(f"{reducer_file(args.study, r.name)}: fitted in {info['fit_seconds']:.1f} s, "
           f"peak memory {info['peak_rss_mb']:.0f} MB")
     if "reconstruction" in info:
         rec, fs, st = info["reconstruction"], info["function"], info["structure"]
@@ -89,4 +88,4 @@ def cmd_compare(args):
     rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
                          max_rank=args.max_rank, holdout=not args.no_holdout, **_ae_config(args))
     print(format_table(rows))
-    print(f"saved: {os.path.join(args.study, f'compare-{args.dim}d.png')}, report.json[compare-{args.dim}d]")
+    print(f"saved: {compare_png(args.study, args.dim)}, report.json[compare-{args.dim}d]")

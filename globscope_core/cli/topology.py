@@ -5,6 +5,7 @@ import json
 import os
 
 from ..errors import GlobScopeError
+from ..storage.study_files import landscape_vti
 from .args import nonnegative_float
 
 
@@ -46,7 +47,7 @@ def cmd_topology(args) -> int:
     from ..stages import topology as topology_stage
 
     if os.path.isdir(args.input):
-        dims = args.dim or [d for d in (2, 3) if os.path.exists(os.path.join(args.input, f"landscape-{d}d.vti"))]
+        dims = args.dim or [d for d in (2, 3) if os.path.exists(landscape_vti(args.input, d))]
         if not dims:
             raise GlobScopeError(f"{args.input}: no landscape-2d.vti or landscape-3d.vti (run `globscope landscape` first)")
         pers = topology_stage.DEFAULT_PERSISTENCE if args.persistence is None else args.persistence

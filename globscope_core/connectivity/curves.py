@@ -8,7 +8,7 @@ training loss at phi(t) (so the whole curve is pushed into low loss, in expectat
   polychain  piecewise linear path A - b_1 - ... - b_k - B with evenly spaced knots (k=1: the paper's)
 
 The barrier of a path is that of Entezari et al.: max_t loss(t) - ((1-t) loss(0) + t loss(1)).
-``connect.py`` runs it on a study; ``connect_views.py`` draws it.
+``stages/connect.py`` runs it on a study; ``stages/connect_views.py`` draws it.
 """
 from __future__ import annotations
 

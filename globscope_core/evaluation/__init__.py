@@ -1,1 +1,1 @@
-"""Evaluating models: one model, many decoded models at once, and the device choice."""
+"""Evaluating models: one model at a time, many decoded models at once (landscapes), and losses along paths."""

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from ..errors import GlobScopeError
-from ..networks.models import MLP, build_model
+from ..networks.device import resolve_device
+from ..networks.models import build_model, is_mlp, mlp_forward, mlp_linear_layers
 from ..storage.state_layout import StateLayout
-from .one_model import resolve_device, subset
+from .one_model import subset
 
 PATHS = ("mlp", "per-model", "vmap")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -56,30 +57,6 @@ def eval_data(study, split: str = "test", eval_samples: int | None = None, seed:
 
     x, y = load_dataset(study.dataset_spec).split(split)
     return subset(x, y, eval_samples, seed=seed)
-
-
-def _mlp_layers(model: nn.Module, layout: StateLayout):
-    """[(weight entry, bias entry), ...] when ``model`` is a plain Linear/ReLU MLP, else None."""
-    if not isinstance(model, MLP):
-        return None
-    mods = list(model.net)
-    if not all(isinstance(m, (nn.Linear, nn.ReLU)) for m in mods) or not isinstance(mods[-1], nn.Linear):
-        return None
-    entries = {e.name: e for e in layout.entries}
-    layers = []
-    for i, m in enumerate(mods):
-        if isinstance(m, nn.Linear):
-            w, b = entries.get(f"net.{i}.weight"), entries.get(f"net.{i}.bias")
-            if w is None or b is None:
-                return None
-            layers.append((w, b))
-    if len(layers) * 2 != len(layout.entries):
-        return None
-    # ReLU between every pair of Linear layers, nothing else
-    kinds = ["L" if isinstance(m, nn.Linear) else "R" for m in mods]
-    if "".join(kinds) != "LR" * (len(layers) - 1) + "L":
-        return None
-    return layers
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -112,7 +89,7 @@ class BatchedEvaluator:
         self.y = y.to(self.device, torch.long)
         if len(self.x) == 0:
             raise GlobScopeError("evaluation set is empty")
-        self.layers = _mlp_layers(self.model, self.layout) if fast else None
+        self.layers = (mlp_linear_layers(self.layout) if is_mlp(self.model) else None) if fast else None
         if path is None:
             # vmap has no batching rule for the transformer's fused inference kernel (it would loop
             # model by model anyway, with a warning), so transformers take the per-model path
@@ -250,7 +227,7 @@ class BatchedEvaluator:
         """``forward(s, e)``: logits [len(rows), e - s, classes] of samples s..e for these models."""
         if self.fast:
             weights = self._mlp_weights(rows)
-            return lambda s, e: self._forward_mlp(weights, self.xt[:, s:e])
+            return lambda s, e: mlp_forward(weights, self.xt[:, s:e], transposed=True)
         state = _decoded_state(self.layout, rows)
         if self.path == "vmap":
             return lambda s, e: self._forward_vmap(state, self.x[s:e])
@@ -282,28 +259,6 @@ class BatchedEvaluator:
         W0, b0 = out[0]
         out[0] = (W0.reshape(B * W0.shape[1], W0.shape[2]), b0)  # one copy per batch, not per sample block
         return out
-
-    def _forward_mlp(self, weights: list, xt: torch.Tensor) -> torch.Tensor:
-        # Activations are kept transposed, [B, features, samples]: every product then reads the
-        # stored weights as they are and writes a contiguous result, so bias and ReLU run in place.
-        n = xt.shape[1]
-        (W0, b0), rest = weights[0], weights[1:]
-        B = b0.shape[0]
-        # shared input: one GEMM for all models, [B*out0, in] @ [in, n]
-        h = torch.mm(W0, xt).view(B, -1, n)
-        h.add_(b0)
-        if not rest:  # a single linear layer
-            return h.transpose(1, 2)
-        for W, b in rest[:-1]:
-            h.relu_()
-            h = torch.bmm(W, h)
-            h.add_(b)
-        h.relu_()
-        W, b = rest[-1]
-        # last layer as [B, classes, n] = W @ h (few output rows: fast; the transposed form
-        # h^T @ W^T, few output columns, ran 14x slower on CPU), then turned to [B, n, classes]
-        # so that the loss reduces over contiguous rows
-        return torch.baddbmm(b, W, h).transpose(1, 2).contiguous()
 
     def _forward_vmap(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, vmap

@@ -1,6 +1,6 @@
-"""Loss and accuracy of one model on a data split (training-time bookkeeping).
+"""Loss and accuracy of one model on a data split (training-time bookkeeping), and fixed evaluation subsets.
 
-Many-models-at-once evaluation for landscapes lives in ``batched.py``; this is the plain path.
+Many decoded models at once (landscapes, paths) are evaluated by ``many_models.py``; this is the plain path.
 """
 from __future__ import annotations
 
@@ -8,19 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GlobScopeError
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
-    name = name or "auto"
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GlobScopeError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise GlobScopeError(f"--device {name}: not a device (use cpu, cuda, cuda:N or auto)") from None
 
 
 @torch.no_grad()

@@ -1,1 +1,1 @@
-"""Networks and data: model zoo, datasets, the flattened state layout."""
+"""Networks and data: the model zoo, the built-in and local data sets, BatchNorm statistics, optimizers, devices."""

@@ -62,6 +62,75 @@ def mnist_mlp(input_shape, num_classes):
     return mlp(input_shape, num_classes, widths=(128, 128, 128))
 
 
+# --- MLPs as lists of weight matrices (batched evaluation, alignment) -----------------------------------
+MLP_MODELS = ("mlp", "mnist-mlp")  # the registry's MLPs: Linear/ReLU stacks under ``net``, any depth and width
+
+
+def is_mlp(model) -> bool:
+    """Is ``model`` one of the registry's MLPs: a model spec or registry name in MLP_MODELS, or an ``MLP``
+    module made of Linear, ReLU, Linear, ..., ReLU, Linear only (what ``mlp_forward`` computes)."""
+    if isinstance(model, dict):
+        model = model.get("name")
+    if isinstance(model, str):
+        return model in MLP_MODELS
+    if not isinstance(model, MLP):
+        return False
+    kinds = "".join("L" if isinstance(m, nn.Linear) else "R" if isinstance(m, nn.ReLU) else "?" for m in model.net)
+    n = kinds.count("L")
+    return n > 0 and kinds == "LR" * (n - 1) + "L"
+
+
+def mlp_linear_layers(layout, prefix: str = "net") -> list | None:
+    """[(weight entry, bias entry), ...] of an MLP's Linear layers in order (the layout's ``net.I.weight``
+    [out, in] and ``net.I.bias``), or None unless the layout holds exactly these, every Linear with a bias."""
+    entries = {e.name: e for e in layout.entries}
+    idx = []
+    for e in layout.entries:
+        parts = e.name.split(".")
+        if len(parts) == 3 and parts[0] == prefix and parts[1].isdigit() and parts[2] == "weight" and len(e.shape) == 2:
+            idx.append(int(parts[1]))
+    layers = [(entries[f"{prefix}.{i}.weight"], entries.get(f"{prefix}.{i}.bias")) for i in sorted(idx)]
+    if not layers or any(b is None for _, b in layers) or 2 * len(layers) != len(layout.entries):
+        return None
+    return layers
+
+
+def mlp_forward(ws: list, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """Logits [B, N, classes] of B MLPs given as lists of (W, b), on inputs shared by all of them.
+
+    ``transposed=False`` (differentiable): ``ws`` = [(W [B, out, in], b [B, out]), ...], ``x`` [N, ...].
+    ``transposed=True`` (evaluation, in place, no autograd): ``x`` is the flat input transposed, [in, N];
+    layer 0 is stacked, (W [B*out, in], b [B, out, 1]), the others (W [B, out, in], b [B, out, 1]).
+    """
+    if not transposed:
+        h = x.flatten(1)[None].expand(ws[0][0].shape[0], -1, -1)
+        for k, (w, b) in enumerate(ws):
+            h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+            if k < len(ws) - 1:
+                h = torch.relu(h)
+        return h
+    # Activations are kept transposed, [B, features, samples]: every product then reads the
+    # stored weights as they are and writes a contiguous result, so bias and ReLU run in place.
+    n = x.shape[1]
+    (W0, b0), rest = ws[0], ws[1:]
+    B = b0.shape[0]
+    # shared input: one GEMM for all models, [B*out0, in] @ [in, n]
+    h = torch.mm(W0, x).view(B, -1, n)
+    h.add_(b0)
+    if not rest:  # a single linear layer
+        return h.transpose(1, 2)
+    for W, b in rest[:-1]:
+        h.relu_()
+        h = torch.bmm(W, h)
+        h.add_(b)
+    h.relu_()
+    W, b = rest[-1]
+    # last layer as [B, classes, n] = W @ h (few output rows: fast; the transposed form
+    # h^T @ W^T, few output columns, ran 14x slower on CPU), then turned to [B, n, classes]
+    # so that the loss reduces over contiguous rows
+    return torch.baddbmm(b, W, h).transpose(1, 2).contiguous()
+
+
 def _resolve_callable(name: str):
     mod_name, _, attr = name.partition(":")
     try:

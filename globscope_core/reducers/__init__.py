@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
+from ..storage.study_files import reducer_file
 from . import ae, kpca, pca, umap_  # noqa: F401  (register the kinds)
-from .base import REDUCER_KINDS, Reducer, SpanReducer, load_reducer, reducer_path, study_id
+from .base import REDUCER_KINDS, Reducer, SpanReducer, load_reducer, study_id
 
 
 def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = False, **config) -> Reducer:
@@ -25,13 +26,13 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
     if save:  # a read-only study directory is refused before the fit, not after it
         from ..storage.safe_write import check_writable
 
-        check_writable(os.path.dirname(reducer_path(study.dir, r.name)), what=f"fit {r.name}")
+        check_writable(os.path.dirname(reducer_file(study.dir, r.name)), what=f"fit {r.name}")
     if isinstance(r, SpanReducer) and hasattr(study, "n_params"):
         _check_memory(r, study, config)
     r.fit(study, progress=progress) if isinstance(r, SpanReducer) else r.fit(study)
     r.study_id = study_id(study)
     if save:
-        r.save(reducer_path(study.dir, r.name))
+        r.save(reducer_file(study.dir, r.name))
     return r
 
 
@@ -46,4 +47,4 @@ def _check_memory(r, study, config) -> None:
             f"{study.n_params:,} parameters)", hint="keep fewer basis directions (--max-rank K)")
 
 
-__all__ = ["REDUCER_KINDS", "Reducer", "SpanReducer", "fit_reducer", "load_reducer", "reducer_path", "study_id"]
+__all__ = ["REDUCER_KINDS", "Reducer", "SpanReducer", "fit_reducer", "load_reducer", "study_id"]

@@ -119,7 +119,7 @@ class AutoencoderReducer(SpanReducer):
         return np.pad(C, ((0, 0), (0, max(0, self.dim - C.shape[1]))))
 
     def _fit_coords(self, C, progress=False):
-        from ..evaluation.one_model import resolve_device
+        from ..networks.device import resolve_device
 
         cfg = self.config
         torch.manual_seed(int(cfg["seed"]))

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import GlobScopeError
 from ..storage.study import Study
+from ..storage.study_files import reducer_file
 from .budget import default_max_rank
 
 REDUCER_KINDS: dict[str, type] = {}
@@ -144,7 +145,7 @@ class SpanReducer(Reducer):
     def fit(self, X, progress: bool = False):
         import time
 
-        from ..evaluation.one_model import resolve_device
+        from ..networks.device import resolve_device
         from .basis import SpanBasis
 
         t0 = time.perf_counter()
@@ -222,13 +223,9 @@ def study_id(study: Study) -> str:
     return f"{study.layout.size}:{study.n_checkpoints}:{float(np.nansum(study.metrics['train_loss'])):.9g}"
 
 
-def reducer_path(study_dir: str, name: str) -> str:
-    return os.path.join(study_dir, "reducers", f"{name}.pt")
-
-
 def load_reducer(study: Study, name: str) -> Reducer:
     """Load ``STUDY/reducers/<name>.pt`` and check that it was fitted on this study."""
-    path = name if name.endswith(".pt") else reducer_path(study.dir, name)
+    path = name if name.endswith(".pt") else reducer_file(study.dir, name)
     r = Reducer.load(path)
     if r.study_id and r.study_id != study_id(study):
         raise GlobScopeError(f"{path}: fitted on a different study (or this study changed since); refit it")

@@ -124,7 +124,7 @@ class SpanBasis:
             self.lower = np.where(floor_mask, lowest, -np.inf).astype(np.float32)
 
         # pass 2: Gram matrix of the standardized rows, a held panel against streamed blocks
-        # (streaming.py: the study is read ~N/panel times, products in float64)
+        # (gram.py: the study is read ~N/panel times, products in float64)
         from .gram import gram_matrix
 
         G = gram_matrix(src, self.standardize, progress=progress, desc="basis 2/3 Gram", device=device)

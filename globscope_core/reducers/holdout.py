@@ -10,11 +10,11 @@ map must also be right there. The protocol (fixed, no randomness in the split):
   score        each held-out checkpoint is encoded and decoded; reconstruction MSE in raw parameters and
                standardized by the per-parameter spread of the FITTED rows (the basis' scale), and the
                relative test-loss gap |l_dec - l| / l on the fixed evaluation subset
-               (``batched.eval_data``: ``split``, ``eval_samples``, seed 0);
+               (``evaluation.many_models.eval_data``: ``split``, ``eval_samples``, seed 0);
   reference    "two-neighbour": each held-out checkpoint replaced by the mean of its two fitted
                trajectory neighbours in weight space: no map at all, and the floor a smooth map through
                the trajectory can reach (the SGD noise of the held-out step is in no fitted checkpoint).
-The saved reducer is then refitted on every checkpoint by the caller (fitting.fit_study).
+The saved reducer is then refitted on every checkpoint by the caller (stages.fit.fit_study).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class HeldOutScorer:
 
     def __init__(self, study, split="test", eval_samples=2000, device="cpu", every=EVERY, block_rows=64):
         from ..evaluation.many_models import BatchedEvaluator, eval_data
-        from ..evaluation.one_model import resolve_device
+        from ..networks.device import resolve_device
 
         self.study = study
         self.fit_rows, self.held_rows, self.neighbours = holdout_split(study, every)

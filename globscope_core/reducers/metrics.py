@@ -39,8 +39,9 @@ def reconstruction(reducer, study, block_rows=None) -> dict:
 
 def function_space(reducer, study, split="test", eval_samples=2000, device="cpu", block_rows=256) -> dict:
     """Loss/accuracy of every original and decoded checkpoint on the same fixed evaluation subset."""
-    from ..evaluation.one_model import evaluate_model, resolve_device, subset
+    from ..evaluation.one_model import evaluate_model, subset
     from ..networks.datasets import load_dataset
+    from ..networks.device import resolve_device
 
     dev = resolve_device(device)
     x, y = subset(*load_dataset(study.dataset_spec).split(split), eval_samples)

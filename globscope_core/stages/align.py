@@ -19,6 +19,7 @@ from ..alignment.permutation import flat_index, spec_for_model
 from ..errors import GlobScopeError
 from ..evaluation.paths import barrier, interpolation_curve
 from ..networks.models import study_model
+from ..storage import study_files
 
 
 # --- aligning a study ----------------------------------------------------------------------------
@@ -33,8 +34,9 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     The permutations are saved in out/permutations.npz (arrays named ``run{r}/{perm}``).
     ``device``: where activations and barrier losses are computed (weight matching itself is numpy).
     """
-    from ..evaluation.one_model import resolve_device, subset
+    from ..evaluation.one_model import subset
     from ..networks.datasets import load_dataset
+    from ..networks.device import resolve_device
     from ..storage.study import Study
 
     t0 = time.time()
@@ -51,7 +53,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     # what decides the aligned study and its report: the same command finds its own finished work
     plan = {"aligned_from": src.h5_path, "reference": int(reference), "method": method, "seed": int(seed),
             "alphas": int(alphas), "eval_samples": eval_samples}
-    if os.path.exists(os.path.join(out, "study.h5")):
+    if os.path.exists(study_files.study_h5(out)):
         dst = Study.open(out)
         mine = (dst.plan or {}).get("aligned_from") == src.h5_path
         done = dst.read_report().get("align") if mine and dst.runs else None
@@ -111,7 +113,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
                     "sweeps": getattr(aligner, "iterations", None),
                     "loss_before": before.tolist(), "loss_after": after.tolist()})
             bar.update(1)
-        _save_npz(os.path.join(dst.dir, "permutations.npz"), perms_out)  # before the study commits
+        _save_npz(study_files.permutations_npz(dst.dir), perms_out)  # before the study commits
     bar.close()
     bb = [d["barrier_before"] for d in runs_report]
     ba = [d["barrier_after"] for d in runs_report]
@@ -121,7 +123,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
               "mean_barrier_after": float(np.mean(ba)) if ba else 0.0,
               "units": {p: int(len(q)) for p, q in identity.items()}, "seconds": round(time.time() - t0, 3)}
     if plot and runs_report:
-        report["plot"] = plot_barriers(report, os.path.join(dst.dir, "align-barriers.png"))
+        report["plot"] = plot_barriers(report, study_files.align_barriers_png(dst.dir))
     dst.update_report("align", report)
     return report
 
@@ -135,7 +137,7 @@ def _save_npz(path: str, arrays: dict) -> None:
 
 def load_permutations(aligned_dir: str) -> dict:
     """{run: {perm: index array}} as saved by align_study (no pickle)."""
-    path = os.path.join(aligned_dir, "permutations.npz")
+    path = study_files.permutations_npz(aligned_dir)
     try:
         with np.load(path, allow_pickle=False) as f:
             out: dict = {}
@@ -228,12 +230,12 @@ def _plot_side_by_side(raw_dir: str, aligned_dir: str, section: dict) -> str:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=110)
     for ax, key, d in zip(axes, ("raw", "aligned"), (raw_dir, aligned_dir)):
-        f = vtk_files.read_vti(os.path.join(d, "landscape-2d.vti"))
+        f = vtk_files.read_vti(study_files.landscape_vti(d, 2))
         nx, ny, _ = f.dims
         ext = [f.origin[0], f.origin[0] + (nx - 1) * f.spacing[0], f.origin[1], f.origin[1] + (ny - 1) * f.spacing[1]]
         im = ax.imshow(np.log10(np.maximum(f.grid("loss")[0], 1e-6)), origin="lower", extent=ext, aspect="auto",
                        cmap="viridis")
-        runs, pos = final_points(os.path.join(d, "trajectories-2d.vtp"))
+        runs, pos = final_points(study_files.trajectories_vtp(d, 2))
         ax.scatter(pos[:, 0], pos[:, 1], c="red", s=18, edgecolors="white", linewidths=0.5)
         for r, p in zip(runs, pos):
             ax.annotate(str(r), p[:2], color="white", fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -241,7 +243,7 @@ def _plot_side_by_side(raw_dir: str, aligned_dir: str, section: dict) -> str:
         fig.colorbar(im, ax=ax, label="log10 loss")
     fig.suptitle(f"Loss landscape ({section['reducer']}) before and after permutation alignment")
     fig.tight_layout()
-    path = os.path.join(aligned_dir, "renders", "align-compare-2d.png")
+    path = study_files.align_compare_png(aligned_dir, 2)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     from ..storage.safe_write import save_figure
 

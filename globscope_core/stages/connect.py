@@ -1,5 +1,5 @@
 """Mode connectivity on a study (`globscope connect`): a low-loss curve between the final models of two runs
-(Garipov et al., NeurIPS 2018). The curve itself (shapes, training, barriers) is in ``curves.py``; its views
+(Garipov et al., NeurIPS 2018). The curve itself (shapes, training, barriers) is in ``connectivity/curves.py``; its views
 (latent space, plane, plot) in ``connect_views.py``.
 
 The curve and the straight line are evaluated at 61 evenly spaced t (train/test loss and accuracy;
@@ -26,10 +26,12 @@ import torch
 
 from ..connectivity.curves import CURVES, curve_coefficients, evaluate_points, path_summary, train_curve
 from ..errors import GlobScopeError
-from ..evaluation.one_model import resolve_device, subset
+from ..evaluation.one_model import subset
 from ..networks import datasets
 from ..networks.batchnorm import bn_modules
+from ..networks.device import resolve_device
 from ..networks.models import study_model
+from ..storage import study_files
 from ..storage.safe_write import remove_file, save_torch
 from ..storage.study import RowUnion, Study, paths_store
 from .connect_views import (
@@ -126,8 +128,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     wa, wb, (sa, ra), (sb, rb) = _endpoints(study, list(runs))
     ends = [_tag(study, sa, ra), _tag(study, sb, rb)]
     tag = "-".join(ends)
-    key = f"connect-{tag}"
-    base = os.path.join(study.dir, key)
+    key = study_files.connect_key(tag)
+    base = study_files.connect_base(study.dir, key)
     run_info = sa.runs[ra]
     optimizer = optimizer or run_info.get("optimizer") or "sgd"
     lr = float(lr if lr is not None else (run_info.get("lr") or 0.05))
@@ -147,10 +149,10 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
                   optimizer=optimizer, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
     config_key = json.dumps(config, sort_keys=True)
     control = train_curve(model, layout, wa, wb, curve, bends, ds, epochs, lr, optimizer, batch_size, weight_decay,
-                          seed, dev, partial_path=base + ".partial.pt", progress=progress, config_key=config_key)
+                          seed, dev, partial_path=study_files.connect_partial(base), progress=progress, config_key=config_key)
     train_seconds = time.time() - t0
 
-    # evaluation at evenly spaced t, with the same evaluation subsets as training (train.py)
+    # evaluation at evenly spaced t, with the same evaluation subsets as training (stages/train.py)
     t = np.linspace(0.0, 1.0, points)
     ev_train = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
     ev_test = subset(ds.test_x, ds.test_y, eval_samples, seed=2)
@@ -191,27 +193,27 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
         if store_line:
             rl = w.add_run(**dict(base_info, label="line", path="line", curve="line", bends=0, epochs=0))
             w.append(rl, np.arange(points), line_rows, label="line", **m_line)
-    save_torch({"control_points": torch.from_numpy(control), "config": config_key}, base + ".pt")
-    remove_file(base + ".partial.pt")
+    save_torch({"control_points": torch.from_numpy(control), "config": config_key}, study_files.connect_pt(base))
+    remove_file(study_files.connect_partial(base))
 
     if refit:  # fitted on the ensemble and the stored paths; it still belongs to the (unchanged) study
-        from ..reducers import reducer_path, study_id
+        from ..reducers import study_id
 
         for dim in sorted(loaded):
             red = loaded[dim]
             loaded[dim] = fit_reducer(RowUnion(study, paths), red.kind, red.dim, save=False, **red.config)
             loaded[dim].study_id = study_id(study)
-            loaded[dim].save(reducer_path(study.dir, loaded[dim].name))
+            loaded[dim].save(study_files.reducer_file(study.dir, loaded[dim].name))
             views[dim] = _view(study, loaded[dim], dim, line_rows, curve_rows, dev, progress, refit=True)
     latent = {"plane": {"skipped": plane_skipped}} if plane_skipped else {}
     if "plane" in views:
         v = views["plane"]
         write_plane(base, v, {"study": study.dir, "connect": key})
         latent["plane"] = dict(reducer="plane", split=v["split"], eval_samples=v["eval_samples"], note=v["note"],
-                               file=os.path.basename(base + "-plane.vtp"),
-                               landscape=os.path.basename(base + "-plane.vti"), **v["gaps"])
+                               file=os.path.basename(study_files.plane_vtp(base)),
+                               landscape=os.path.basename(study_files.plane_vti(base)), **v["gaps"])
     for dim, view in sorted((k, v) for k, v in views.items() if k != "plane"):
-        vtp = f"{base}-{dim}d.vtp"
+        vtp = study_files.connect_vtp(base, dim)
         write_latent_vtp(vtp, view, {"study": study.dir, "reducer": view["reducer"], "split": view["split"],
                                      "connect": key, "curve_decoded_gap": view["gaps"]["curve_decoded_gap"],
                                      "curve_landscape_gap": none_to_nan(view["gaps"].get("curve_landscape_gap"))})
@@ -224,7 +226,7 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     ratio = s_curve["train_loss_barrier"] / s_line["train_loss_barrier"] if s_line["train_loss_barrier"] > 0 else None
     title = (f"{os.path.basename(study.dir)}: runs {tag}, {curve} with {bends} bend(s), {epochs} epochs | "
              f"train-loss barrier: line {s_line['train_loss_barrier']:.3g}, curve {s_curve['train_loss_barrier']:.3g}")
-    plot_paths(base + ".png", t, m_line, m_curve, title, views)
+    plot_paths(study_files.connect_png(base), t, m_line, m_curve, title, views)
 
     section = dict(config, key=key, points=points, points_file=os.path.basename(paths.h5_path), curve_run=rc,
                    line_run=rl, batchnorm_recomputed=has_bn,
@@ -233,8 +235,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
                    barrier_ratio_train=ratio, t=t.tolist(),
                    along={"curve": {k: v.tolist() for k, v in m_curve.items()},
                           "line": {k: v.tolist() for k, v in m_line.items()}},
-                   latent=latent, plot=os.path.basename(base + ".png"),
-                   control_points=os.path.basename(base + ".pt"))
+                   latent=latent, plot=os.path.basename(study_files.connect_png(base)),
+                   control_points=os.path.basename(study_files.connect_pt(base)))
     study.update_report(key, section)
     return section
 
@@ -245,7 +247,7 @@ def _view(study, red, dim, line_rows, curve_rows, dev, progress, refit) -> dict:
     from ..storage.vtk_files import read_vti
 
     note = "refitted with the curve and line points" if refit else "fitted before the curve points were added"
-    vti = os.path.join(study.dir, f"landscape-{dim}d.vti")
+    vti = study_files.landscape_vti(study.dir, dim)
     split, samples = "test", None
     if os.path.exists(vti):
         fd = read_vti(vti).field_data
@@ -254,7 +256,7 @@ def _view(study, red, dim, line_rows, curve_rows, dev, progress, refit) -> dict:
         samples = samples if samples and samples > 0 else None
         if refit:
             note += _recompute_landscape(study, red.name, vti, progress)
-    x, y = eval_data(study, split, samples, seed=0)  # the landscape's subset (landscape.py, eval_seed=0)
+    x, y = eval_data(study, split, samples, seed=0)  # the landscape's subset (stages/landscape.py, eval_seed=0)
     view = latent_view(study, red, {PATH_LINE: line_rows, PATH_CURVE: curve_rows}, x, y, dev)
     view.update(reducer=red.name, split=split, eval_samples=len(x), note=note,
                 landscape_file=vti if os.path.exists(vti) else None)
@@ -279,7 +281,7 @@ def _recompute_landscape(study: Study, reducer_name: str, vti: str, progress: bo
         kw["eval_samples"] = int(np.atleast_1d(fd["eval_samples"])[0])
     compute_landscape(study, reducer_name, int(f.dims[0]), **kw)
     dim = 3 if f.dims[2] > 1 else 2
-    if not os.path.isdir(os.path.join(study.dir, f"topology-{dim}d")):
+    if not os.path.isdir(study_files.topology_dir(study.dir, dim)):
         return "; landscape recomputed with the refitted reducer"
     from .topology import study_topology
 

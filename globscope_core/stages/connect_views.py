@@ -2,7 +2,6 @@
 both ends and the bend (Garipov et al.'s picture), and as a plot of the loss against t."""
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
@@ -11,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GlobScopeError
 from ..evaluation.paths import barrier, evaluate_rows
+from ..storage import study_files
 from ..storage.study import Study
 
 PATH_LINE, PATH_CURVE = 0, 1
@@ -36,8 +36,6 @@ def _landscape_loss(path: str, z: np.ndarray):
 
 def choose_reducers(study: Study, names) -> dict:
     """{dim: reducer name}: the ones given, else the reducer each landscape was computed with, else ae, pca."""
-    from ..reducers import reducer_path
-
     chosen = {}
     for name in names or []:
         dim = 3 if name.removesuffix(".pt").endswith("3d") else 2
@@ -45,23 +43,23 @@ def choose_reducers(study: Study, names) -> dict:
     if names:
         return chosen
     for dim in (2, 3):
-        vti = os.path.join(study.dir, f"landscape-{dim}d.vti")
+        vti = study_files.landscape_vti(study.dir, dim)
         if os.path.exists(vti):
             try:
                 from ..storage.vtk_files import read_vti
 
                 r = read_vti(vti).field_data.get("reducer")
-                if isinstance(r, str) and os.path.exists(reducer_path(study.dir, r)):
+                if isinstance(r, str) and os.path.exists(study_files.reducer_file(study.dir, r)):
                     chosen[dim] = r
                     continue
             except GlobScopeError:
                 pass
         for kind in ("ae", "pca"):
-            if os.path.exists(reducer_path(study.dir, f"{kind}-{dim}d")):
+            if os.path.exists(study_files.reducer_file(study.dir, f"{kind}-{dim}d")):
                 chosen[dim] = f"{kind}-{dim}d"
                 break
         else:
-            others = sorted(glob.glob(os.path.join(study.dir, "reducers", f"*-{dim}d.pt")))
+            others = study_files.reducer_files(study.dir, dim)
             if others:
                 chosen[dim] = os.path.basename(others[0])[:-3]
     return chosen
@@ -84,7 +82,7 @@ def latent_view(study: Study, reducer, paths: dict, x, y, device=None) -> dict:
         out["loss"].append(evaluate_rows(study, rows, x, y, device)[0])
         out["loss_decoded"].append(evaluate_rows(study, dec, x, y, device)[0])
     out = {k: np.concatenate(v) for k, v in out.items()}
-    vti = os.path.join(study.dir, f"landscape-{reducer.dim}d.vti")
+    vti = study_files.landscape_vti(study.dir, reducer.dim)
     out["loss_landscape"] = None
     if os.path.exists(vti):
         out["loss_landscape"], fd = _landscape_loss(vti, out["z"])
@@ -194,12 +192,12 @@ def write_plane(base: str, view: dict, field_data: dict) -> None:
     from ..storage.vtk_files import ImageField, write_vti
 
     g = view["grid"]
-    write_vti(base + "-plane.vti", ImageField(g["dims"], g["origin"], g["spacing"],
+    write_vti(study_files.plane_vti(base), ImageField(g["dims"], g["origin"], g["spacing"],
                                               {"loss": g["loss"].astype(np.float32),
                                                "accuracy": g["accuracy"].astype(np.float32)},
                                               dict(field_data, reducer="plane", split=view["split"],
                                                    eval_samples=np.int64(view["eval_samples"])), "loss"))
-    write_latent_vtp(base + "-plane.vtp", view, dict(field_data, reducer="plane", split=view["split"]))
+    write_latent_vtp(study_files.plane_vtp(base), view, dict(field_data, reducer="plane", split=view["split"]))
 
 
 # --- pictures -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..errors import GlobScopeError
+from ..storage.study_files import compare_png
 
 KINDS = ("ae", "pca", "kpca", "umap")
 
@@ -53,7 +54,7 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
     checkpoints (reducers/holdout.py), then fit on everything for the saved reducer. ``save=False``
     (compare): nothing is written, neither the reducer nor its report section.
     """
-    from ..evaluation.one_model import resolve_device
+    from ..networks.device import resolve_device
     from ..reducers import fit_reducer
     from ..reducers.metrics import evaluate_reducer
     from ..storage.study import Study
@@ -136,7 +137,7 @@ def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=200
         rows.append({"reducer": "two-neighbour", **{k: None for k in rows[0] if k != "reducer"},
                      **{f"ho_{k}": ref[k] for k in HELD_KEYS}, "held_out_protocol": scorer.protocol})
     study.update_report(f"compare-{dim}d", rows)
-    png = os.path.join(study.dir, f"compare-{dim}d.png")
+    png = compare_png(study.dir, dim)
     plot_compare(rows, png, title=f"{os.path.basename(study.dir)}: reducers, {dim}D latent")
     return rows
 

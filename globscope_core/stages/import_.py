@@ -10,11 +10,13 @@ import os
 import torch
 
 from ..errors import GlobScopeError
-from ..evaluation.one_model import evaluate_model, resolve_device, subset
+from ..evaluation.one_model import evaluate_model, subset
 from ..networks import datasets, models
+from ..networks.device import resolve_device
 from ..storage.safe_write import check_writable
 from ..storage.state_layout import StateLayout
 from ..storage.study import Study
+from ..storage.study_files import study_h5
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -93,7 +95,7 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
         raise GlobScopeError(f"import: {len(steps)} steps given for {len(files)} files")
     dev = resolve_device(device)
     check_writable(study_dir, what="import")
-    if os.path.exists(os.path.join(study_dir, "study.h5")):
+    if os.path.exists(study_h5(study_dir)):
         study = Study.open(study_dir)
         spec, dataset = study.model_spec, study.dataset_spec
     else:

@@ -4,7 +4,7 @@ space (``STUDY/trajectories-{2d,3d}.vtp``).
 Grid: bounds are the box around the encoded checkpoints, widened on each side by ``margin`` times
 its extent (or given explicitly); ``resolution`` points per axis; points in VTK order (x fastest).
 Each grid point is decoded by the reducer into a full parameter vector and evaluated, many models per
-forward pass (batched.py), on a fixed evaluation subset of the study's train or test split.
+forward pass (evaluation/many_models.py), on a fixed evaluation subset of the study's train or test split.
 
 Point arrays: ``loss`` (mean cross-entropy, active scalar; NaN where the decoded model gives a
 non-finite loss), ``log_loss`` (log10 of it: losses of decoded models span decades, so views and merge
@@ -45,10 +45,11 @@ import torch
 
 from ..errors import GlobScopeError
 from ..evaluation.many_models import BatchedEvaluator, check_precision, eval_data
-from ..evaluation.one_model import resolve_device
+from ..networks.device import resolve_device
 from ..reducers import load_reducer
-from ..reducers.base import reducer_path, study_id
+from ..reducers.base import study_id
 from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation  # noqa: F401
+from ..storage import study_files
 from ..storage.safe_write import atomic_write_bytes
 from ..storage.study import Study
 
@@ -57,10 +58,6 @@ MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~1
 
 
 # --- small helpers ------------------------------------------------------------------------------
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,21 +75,21 @@ def encode_checkpoints(study: Study, reducer) -> np.ndarray:
 
 def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, resolution: int) -> dict:
     """Refuse, before any work, a grid that would not fit in memory or on disk; say what it needs."""
-    import psutil
+    from ..resources import format_bytes, host_memory
 
     # field arrays (loss, acc, trust + float64 work copies, VTK copies while writing) and one decoded chunk
     need_mem = n_points * (3 * 4 * 3 + 8 * (dim + 3)) + chunk_points * study.n_params * 4 * 3
     # partial chunks (loss + accuracy, float64) + the .vti (3 float32 arrays, base64 worst case)
     need_disk = n_points * (16 + 3 * 4 * 4 // 3 + 1)
-    avail_mem = psutil.virtual_memory().available
+    avail_mem, source = host_memory()
     free_disk = shutil.disk_usage(study.dir).free
     what = f"resolution {resolution} in {dim}D is {n_points:,} grid points"
     if need_mem > avail_mem:
-        raise GlobScopeError(f"{study.dir}: {what}; it needs about {_gib(need_mem)} of memory, "
-                             f"{_gib(avail_mem)} is available: lower --resolution")
+        raise GlobScopeError(f"{study.dir}: {what}; it needs about {format_bytes(need_mem)} of memory, "
+                             f"{format_bytes(avail_mem)} is available ({source}): lower --resolution")
     if need_disk > free_disk:
-        raise GlobScopeError(f"{study.dir}: {what}; it needs about {_gib(need_disk)} of disk, "
-                             f"{_gib(free_disk)} is free: lower --resolution or free space")
+        raise GlobScopeError(f"{study.dir}: {what}; it needs about {format_bytes(need_disk)} of disk, "
+                             f"{format_bytes(free_disk)} is free: lower --resolution or free space")
     return {"memory_bytes": int(need_mem), "disk_bytes": int(need_disk)}
 
 
@@ -119,10 +116,10 @@ class PartialStore:
 
     def __init__(self, directory: str):
         self.dir = directory
-        self.config_path = os.path.join(directory, "config.json")
+        self.config_path = os.path.join(directory, study_files.PARTIAL_CONFIG)
 
     def chunk_path(self, k: int) -> str:
-        return os.path.join(self.dir, f"chunk-{k:06d}.npz")
+        return os.path.join(self.dir, study_files.chunk_name(k))
 
     def open(self, config: dict, fresh: bool) -> None:
         if fresh and os.path.isdir(self.dir):
@@ -136,13 +133,13 @@ class PartialStore:
             if old == config:
                 return
             # other settings: refused only when chunks were computed (a failed or refused start protects nothing)
-            if glob.glob(os.path.join(self.dir, "chunk-*.npz")):
+            if glob.glob(os.path.join(self.dir, study_files.CHUNK_PATTERN)):
                 diff = sorted(k for k in set(config) | set(old or {}) if (old or {}).get(k) != config.get(k))
                 raise GlobScopeError(f"{self.dir}: an unfinished landscape with other settings is here "
                                      f"(differs in: {', '.join(diff)}); rerun with the same settings to resume, "
                                      "or pass --fresh to discard it")
         os.makedirs(self.dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(self.dir, "chunk-*")):
+        for stale in glob.glob(os.path.join(self.dir, study_files.CHUNK_ANY)):
             os.remove(stale)  # chunks without a config belong to no known run
         atomic_write_bytes(self.config_path, json.dumps(config, indent=1).encode())
 
@@ -232,7 +229,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
     call after that many new chunks (the rest is computed by a later call: a controlled interruption).
     ``beyond_hull``: "clamp" (default) evaluates a grid point outside the hull of the encoded checkpoints at
     the hull boundary (HullClamp); "extrapolate" decodes it where it is. ``precision`` (fp32, tf32, bf16)
-    and ``compile``: how the decoded models are evaluated (batched.BatchedEvaluator); a landscape resumes
+    and ``compile``: how the decoded models are evaluated (evaluation.many_models.BatchedEvaluator); a landscape resumes
     only in the precision it was started in.
     Returns a summary dict (also stored in report.json under ``landscape-{dim}d``), with ``complete``
     False when stopped early.
@@ -261,7 +258,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         t_start = time.time()
         Z = encode_checkpoints(study, reducer)
         if not np.all(np.isfinite(Z)):
-            raise GlobScopeError(f"{reducer_path(study.dir, reducer_name)}: encodes some checkpoints to NaN/Inf")
+            raise GlobScopeError(f"{study_files.reducer_file(study.dir, reducer_name)}: encodes some checkpoints to NaN/Inf")
         if bounds is not None:
             b = np.asarray(bounds, dtype=np.float64).reshape(-1)
             if b.size != 2 * dim or not np.all(b[1::2] > b[0::2]):
@@ -289,14 +286,14 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
 
         x, y = eval_data(study, split, eval_samples, seed=eval_seed)
         needs.update(_memory_check(study, reducer, chunk_points, n_points, x, dist.device, resolution, dim))
-        rpath = reducer_name if reducer_name.endswith(".pt") else reducer_path(study.dir, reducer_name)
+        rpath = reducer_name if reducer_name.endswith(".pt") else study_files.reducer_file(study.dir, reducer_name)
         config = {"version": PARTIAL_VERSION, "study_id": study_id(study), "reducer": reducer.name,
                   "reducer_sha256": _sha256(rpath), "resolution": resolution, "dims": list(dims),
                   "origin": list(origin), "spacing": list(spacing), "split": split, "eval_samples": int(len(x)),
                   "eval_seed": int(eval_seed), "chunk_points": chunk_points, "beyond_hull": beyond_hull}
         if precision != "fp32":  # absent for fp32: partial landscapes of earlier versions still resume
             config["precision"] = precision
-        store = PartialStore(os.path.join(study.dir, f".landscape-{tag}.partial"))
+        store = PartialStore(study_files.landscape_partial_dir(study.dir, dim))
         if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
             from ..storage.safe_write import check_writable
 
@@ -408,7 +405,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     lo = np.asarray(origin[:dim])
     hi = lo + np.asarray(spacing[:dim]) * (config["resolution"] - 1)
     name = os.path.basename(study.dir.rstrip("/"))
-    vti = os.path.join(study.dir, f"landscape-{tag}.vti")
+    vti = study_files.landscape_vti(study.dir, dim)
     field = ImageField(dims, origin, spacing,
                        {"loss": loss.astype(np.float32), "log_loss": log_loss.astype(np.float32),
                         "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32),
@@ -484,7 +481,7 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
         start += len(rows)
     cell_run = [r for r, _ in rows_per_run] * 2  # verts first, then lines (VTK's cell order)
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0))  # noqa: E731
-    path = os.path.join(study.dir, f"trajectories-{dim}d.vtp")
+    path = study_files.trajectories_vtp(study.dir, dim)
     write_vtp(path, pts, lines=lines, verts=verts,
               point_arrays={"run": study.run[order].astype(np.int32), "step": study.step[order].astype(np.int64),
                             "loss": study.metrics[f"{split}_loss"][order].astype(np.float64),

@@ -4,7 +4,9 @@ Debian's ParaView 5.11 needs, found by trying it (shared/paraview.md):
 - plugin/ on PYTHONPATH: its sitecustomize.py restores ``inspect.getargspec`` (removed in Python 3.11)
   in every ParaView process and MPI rank, without which no Python plugin loads;
 - the repository root on PYTHONPATH (the plugin imports globscope_core.topology.merge_tree), but never our venv's
-  site-packages: its pip ``vtk`` shadows ParaView's vtkmodules and crashes it;
+  site-packages: its pip ``vtk`` shadows ParaView's vtkmodules and crashes it. Installed from a wheel, plugin/ and
+  state_files/ are package data (globscope_core/paraview/, see setup.py) and the PYTHONPATH entry is
+  globscope_core/paraview/python, which holds only a stub globscope_core that loads the installed package;
 - an X server for rendering: ``xvfb-run -a`` when there is no DISPLAY (offscreen mode aborts);
 - OpenMPI refuses root without OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM), e.g. in containers and CI;
 - TTK, when `setup.sh --with-ttk` installed it: PV_PLUGIN_PATH names its plugin directory, which every
@@ -19,10 +21,28 @@ import shutil
 
 from ..errors import GlobScopeError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUGIN_DIR = os.path.join(ROOT, "plugin")
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # globscope_core/
+# A wheel (`pip install .`) ships plugin/ and state_files/ as globscope_core/paraview/{plugin,state_files} (setup.py
+# copies them) with a stub package in globscope_core/paraview/python/globscope_core; a checkout or editable install
+# has them at the repository root, next to globscope_core/.
+INSTALLED = os.path.join(PACKAGE, "paraview")
+CHECKOUT = os.path.dirname(PACKAGE)
+
+
+def _locate() -> tuple[str, str]:
+    """(the directory holding plugin/ and state_files/, the directory to put on ParaView's PYTHONPATH).
+
+    Installed: the PYTHONPATH entry is the stub's directory, which holds only globscope_core, never the
+    installed package's parent (site-packages: its pip vtk and numpy 2 would shadow ParaView's own)."""
+    if os.path.isfile(os.path.join(INSTALLED, "plugin", "GlobScopePlugin.py")):
+        return INSTALLED, os.path.join(INSTALLED, "python")
+    return CHECKOUT, CHECKOUT
+
+
+DATA_ROOT, ROOT = _locate()  # ROOT: the directory that gives ParaView's Python `import globscope_core`
+PLUGIN_DIR = os.path.join(DATA_ROOT, "plugin")
 PLUGIN = os.path.join(PLUGIN_DIR, "GlobScopePlugin.py")
-STATE_DIR = os.path.join(ROOT, "state_files")
+STATE_DIR = os.path.join(DATA_ROOT, "state_files")
 
 
 def find(program: str) -> str | None:

@@ -9,7 +9,6 @@ of globscope_core.stages.paraview_env); without it, it says so and draws quick l
 """
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
@@ -20,31 +19,16 @@ import time
 import numpy as np
 
 from ..errors import GlobScopeError
+from ..storage import study_files
+from ..storage.study_files import (
+    CONNECT_PATHS,
+    PLANE_VIEW,
+    VIEWS,
+    available_views,
+    connect_files,
+    newest_plane,
+)
 from . import paraview_env
-
-VIEWS = {"landscape-2d": 2, "landscape-3d": 3, "trajectories-2d": 2}
-PLANE_VIEW = "connect-plane"
-
-
-def connect_files(study_dir: str, kind: str) -> list[str]:
-    """``globscope connect``'s files: kind "2d"/"3d" (latent paths .vtp) or "plane" (.vti with its .vtp)."""
-    ext = ".vti" if kind == "plane" else ".vtp"
-    found = sorted(glob.glob(os.path.join(glob.escape(study_dir), f"connect-*-{kind}{ext}")))
-    return [p for p in found if kind != "plane" or os.path.exists(p[:-4] + ".vtp")]
-
-
-def newest_plane(study_dir: str) -> str | None:
-    planes = connect_files(study_dir, "plane")
-    return max(planes, key=lambda p: (os.path.getmtime(p), p)) if planes else None
-
-
-def available_views(study_dir: str) -> list[str]:
-    have = [n for n, d in VIEWS.items() if os.path.exists(os.path.join(study_dir, f"landscape-{d}d.vti"))]
-    if not os.path.isdir(study_dir):
-        raise GlobScopeError(f"{study_dir}: not a study directory")
-    if not have:
-        raise GlobScopeError(f"{study_dir}: no landscape-2d.vti or landscape-3d.vti (run `globscope landscape` first)")
-    return have + ([PLANE_VIEW] if newest_plane(study_dir) else [])
 
 
 def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | None = None, timeout: int = 600,
@@ -55,7 +39,7 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
     ``views``: a subset of the available views (default: all of them).
     """
     study_dir = os.path.abspath(study_dir)
-    out_dir = os.path.abspath(out_dir or os.path.join(study_dir, "renders"))
+    out_dir = os.path.abspath(out_dir or study_files.renders_dir(study_dir))
     have = available_views(study_dir)
     absent = [v for v in views or [] if v not in have]
     if absent:
@@ -78,10 +62,10 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
             print(f"{why}: writing quick-look images with matplotlib instead of the ParaView renders "
                   "(install paraview, python3-paraview and xvfb for those)", file=sys.stderr, flush=True)
         for v in views:
-            out = os.path.join(out_dir, v + ".png")
+            out = study_files.render_png(out_dir, v)
             plane_quick_look(study_dir, out) if v == PLANE_VIEW else quick_look(study_dir, v, out)
         how = "matplotlib"
-    paths = {v: os.path.join(out_dir, v + ".png") for v in views}
+    paths = {v: study_files.render_png(out_dir, v) for v in views}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise GlobScopeError(f"{study_dir}: rendering wrote no {', '.join(map(os.path.basename, missing))}")
@@ -150,7 +134,7 @@ def _trajectories(path):
             for line in lines]
 
 
-CONNECT_STYLE = {0: ("straight line", "#ff1a8c"), 1: ("trained curve", "#26f240")}  # as in state_files/pvstate.py
+CONNECT_STYLE = {k: (label, study_files.hex_colour(rgb)) for k, (_, label, rgb) in CONNECT_PATHS.items()}
 
 
 def _draw_connect(ax, paths: list[str]) -> None:
@@ -170,11 +154,11 @@ def _draw_connect(ax, paths: list[str]) -> None:
 def _tree(study_dir, dim):
     from ..storage import vtk_files
 
-    d = os.path.join(study_dir, f"topology-{dim}d")
-    if not os.path.exists(os.path.join(d, "nodes.vtu")):
+    nodes_vtu, arcs_vtu, _, _ = study_files.topology_files(study_files.topology_dir(study_dir, dim))
+    if not os.path.exists(nodes_vtu):
         return None, None
-    nodes = vtk_files.read_any(os.path.join(d, "nodes.vtu"))
-    arcs = vtk_files.read_any(os.path.join(d, "arcs.vtu"))
+    nodes = vtk_files.read_any(nodes_vtu)
+    arcs = vtk_files.read_any(arcs_vtu)
     npos = np.asarray([nodes.GetPoint(i) for i in range(nodes.GetNumberOfPoints())]).reshape(-1, 3)
     apos = np.asarray([arcs.GetPoint(i) for i in range(arcs.GetNumberOfPoints())]).reshape(-1, 3)
     return (npos, vtk_files.arrays_of(nodes).get("CriticalType")), apos.reshape(-1, 2, 3)
@@ -190,7 +174,7 @@ def quick_look(study_dir: str, view: str, path: str) -> str:
     from ..storage import vtk_files
 
     dim = VIEWS[view]
-    f = vtk_files.read_vti(os.path.join(study_dir, f"landscape-{dim}d.vti"))
+    f = vtk_files.read_vti(study_files.landscape_vti(study_dir, dim))
     loss = f.grid("loss")
     img = np.nanmin(loss, axis=0)  # 3D: lowest loss along z, so every basin shows
     nx, ny, _ = f.dims
@@ -202,7 +186,7 @@ def quick_look(study_dir: str, view: str, path: str) -> str:
     ax.contour(x, y, img, levels=12, colors="k", linewidths=0.5, alpha=0.6)
     fig.colorbar(im, ax=ax, label="loss" + (" (min over z)" if dim == 3 else ""))
     by_step = view.startswith("trajectories")
-    for pts, run, step in _trajectories(os.path.join(study_dir, f"trajectories-{dim}d.vtp")):
+    for pts, run, step in _trajectories(study_files.trajectories_vtp(study_dir, dim)):
         if by_step:
             ax.scatter(pts[:, 0], pts[:, 1], c=step, cmap="plasma", s=10, zorder=3)
             ax.plot(pts[:, 0], pts[:, 1], color="k", lw=0.6, zorder=2)
@@ -240,7 +224,7 @@ def plane_quick_look(study_dir: str, path: str) -> str:
     from ..storage import vtk_files
 
     vti = newest_plane(study_dir)
-    key = os.path.basename(vti)[: -len("-plane.vti")]
+    key = study_files.connect_key_of(vti)
     f = vtk_files.read_vti(vti)
     loss = np.maximum(f.grid("loss")[0], 1e-6)
     nx, ny, _ = f.dims
@@ -251,10 +235,10 @@ def plane_quick_look(study_dir: str, path: str) -> str:
     im = ax.pcolormesh(x, y, loss, cmap="viridis", norm=norm, shading="auto")
     ax.contour(x, y, loss, levels=np.geomspace(norm.vmin, norm.vmax, 13)[1:-1], colors="k", linewidths=0.5, alpha=0.6)
     fig.colorbar(im, ax=ax, label="loss (log scale)")
-    _draw_connect(ax, [vti[:-4] + ".vtp"])
+    _draw_connect(ax, [study_files.plane_paths(vti)])
     title = f"{key}: loss in the plane through A, B and the bend"
     try:
-        with open(os.path.join(study_dir, "report.json")) as fh:
+        with open(study_files.report_json(study_dir)) as fh:
             sec = json.load(fh)[key]
         title += (f"\ntrain-loss barrier: line {sec['line_summary']['train_loss_barrier']:.3g}, "
                   f"curve {sec['curve_summary']['train_loss_barrier']:.3g}")
@@ -274,7 +258,7 @@ def plane_quick_look(study_dir: str, path: str) -> str:
 def open_gui(study_dir: str) -> int:
     """The ParaView GUI with the plugin loaded and the 2D view of ``study_dir`` applied."""
     study_dir = os.path.abspath(study_dir)
-    if not os.path.exists(os.path.join(study_dir, "landscape-2d.vti")):
+    if not os.path.exists(study_files.landscape_vti(study_dir, 2)):
         raise GlobScopeError(f"{study_dir}: no landscape-2d.vti (run `globscope landscape` first)")
     exe = paraview_env.require("paraview")
     env = paraview_env.environment()

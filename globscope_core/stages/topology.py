@@ -13,13 +13,12 @@ import time
 import numpy as np
 
 from ..errors import GlobScopeError
-from ..storage import vtk_files
+from ..storage import study_files, vtk_files
 from ..topology.merge_tree import TopologyResult, compute_topology
 
 # Leaf branches with persistence below 5% of the loss range are noise of the evaluation grid; what is
 # left is a tree of a handful of basins that reads at a glance (see the report for the numbers).
 DEFAULT_PERSISTENCE = 0.05
-FILES = ("nodes.vtu", "arcs.vtu", "segmentation.vti", "diagram.vtu")
 
 
 def write_topology(res: TopologyResult, out_dir: str, field: vtk_files.ImageField | None = None,
@@ -29,7 +28,7 @@ def write_topology(res: TopologyResult, out_dir: str, field: vtk_files.ImageFiel
     fd = dict(field_data or {})
     fd.update({"TreeType": res.tree, "PersistenceThreshold": res.threshold})
     n, a, d = res.nodes, res.arcs, res.diagram
-    paths = [os.path.join(out_dir, f) for f in FILES]
+    paths = study_files.topology_files(out_dir)
     vtk_files.write_vtu(paths[0], n["points"], n["cell_types"], n["cells"], n["point_arrays"], field_data=fd)
     vtk_files.write_vtu(paths[1], a["points"], np.full(len(a["cells"]), vtk_files.VTK_LINE), a["cells"],
                     a["point_arrays"], a["cell_arrays"], field_data=fd)
@@ -128,8 +127,8 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     """
     from ..storage.study import update_report
 
-    land = os.path.join(study_dir, f"landscape-{dim}d.vti")
-    traj = os.path.join(study_dir, f"trajectories-{dim}d.vtp")
+    land = study_files.landscape_vti(study_dir, dim)
+    traj = study_files.trajectories_vtp(study_dir, dim)
     if not os.path.exists(land):
         raise GlobScopeError(f"{land}: file does not exist (run `globscope landscape` first)")
     t0 = time.perf_counter()
@@ -152,7 +151,7 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
                                relative=relative, order=order, nan="inf", name=scalar)
     except GlobScopeError as exc:
         raise GlobScopeError(f"{land}: {exc}") from None
-    out_dir = os.path.join(study_dir, f"topology-{dim}d")
+    out_dir = study_files.topology_dir(study_dir, dim)
     write_topology(res, out_dir, field, {"source": os.path.abspath(land), "scalar": scalar})
     runs, pos = final_points(traj)
     nz, ny, nx = res.shape

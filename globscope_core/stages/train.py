@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import GlobScopeError
-from ..evaluation.one_model import evaluate_model, resolve_device, subset
+from ..evaluation.one_model import evaluate_model, subset
 from ..networks import datasets, models
+from ..networks.device import resolve_device
 from ..networks.optimizers import OPTIMIZERS, make_optimizer  # noqa: F401 - the CLI's choices
 from ..storage.safe_write import check_writable
 from ..storage.state_layout import StateLayout
 from ..storage.study import Study, dir_lock, final_summary  # noqa: F401 - final_summary lived here
+from ..storage.study_files import study_h5
 
 
 def run_plan(runs: int, seed: int, optimizers: list[str], lrs: list[float]) -> list[dict]:
@@ -109,17 +111,17 @@ def train_study(out: str, dataset: dict, model_name: str, model_kwargs: dict | N
 
 def _train_locked(out, dataset, ds, spec, layout, runs, given, dev, resume, label, progress) -> Study:
     study = None
-    if os.path.exists(os.path.join(out, "study.h5")):
+    if os.path.exists(study_h5(out)):
         study = Study.open(out)
         if not study.runs and not study.n_checkpoints:
             os.remove(study.h5_path)  # an empty study left by a failed first run (older versions): start over
             study = None
         elif not resume:
-            raise GlobScopeError(f"{out}/study.h5: a study already exists here (use another --out, or --resume)")
+            raise GlobScopeError(f"{study_h5(out)}: a study already exists here (use another --out, or --resume)")
         elif study.model_spec != spec or study.layout != layout:
-            raise GlobScopeError(f"{out}/study.h5: written for model {study.model_spec}, cannot resume with {spec}")
+            raise GlobScopeError(f"{study_h5(out)}: written for model {study.model_spec}, cannot resume with {spec}")
         elif study.dataset_spec != dataset:
-            raise GlobScopeError(f"{out}/study.h5: written for dataset {study.dataset_spec}, cannot resume with {dataset}")
+            raise GlobScopeError(f"{study_h5(out)}: written for dataset {study.dataset_spec}, cannot resume with {dataset}")
     cfg = resolve_plan(study, given, resume)
     steps_per_epoch = math.ceil(len(ds.train_x) / cfg["batch_size"])
     cfg["every"] = cfg["every"] or steps_per_epoch

@@ -17,6 +17,7 @@ import shutil
 import sys
 
 from ..errors import GlobScopeError
+from ..resources import format_bytes
 
 _NOTED: set = set()
 
@@ -49,10 +50,6 @@ def reserve(path: str, size: int) -> None:
         os.posix_fallocate(fd, 0, max(int(size), os.fstat(fd).st_size))
     finally:
         os.close(fd)
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB"
 
 
 def free_bytes(directory: str) -> int | None:
@@ -111,8 +108,8 @@ def check_writable(directory: str, need_bytes: int = 0, what: str = "") -> None:
         raise GlobScopeError(f"{directory} is not writable ({exc.strerror})" + (f": {what} not started" if what else ""))
     free = free_bytes(directory)
     if need_bytes and free is not None and free < need_bytes:
-        raise GlobScopeError(f"no space left on {directory}: {what or 'the results'} need about {_mb(need_bytes)}, "
-                             f"{_mb(free)} free")
+        raise GlobScopeError(f"no space left on {directory}: {what or 'the results'} need about {format_bytes(need_bytes)}, "
+                             f"{format_bytes(free)} free")
 
 
 @contextlib.contextmanager

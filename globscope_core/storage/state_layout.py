@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import GlobScopeError
 
-# torch is imported by the methods that need it: the study's layout is read (store.Study) by
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+# torch is imported by the methods that need it: the study's layout is read (storage.study.Study) by
 # subcommands that need no torch (`globscope info`), and the torch import costs seconds
 
 

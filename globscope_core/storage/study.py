@@ -33,15 +33,17 @@ import h5py
 import numpy as np
 
 from ..errors import GlobScopeError
+from ..resources import format_bytes
 
 # the shared write path (stdlib only, so vtk_files and render use it without h5py or torch)
-from .safe_write import _mb, atomic_file, atomic_write_bytes, free_bytes, note, write_error
+from .safe_write import atomic_file, atomic_write_bytes, free_bytes, note, write_error
 from .safe_write import reserve as _reserve
 from .state_layout import StateLayout
+from .study_files import PATHS_H5, STUDY_H5, report_json
 
 FORMAT = "globscope-study"
 VERSION = 1
-H5_NAME = "study.h5"
+H5_NAME = STUDY_H5
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 _STR = h5py.string_dtype("utf-8")
 LIBVER = ("v110", "v110")  # superblock v3 and object headers with checksums; readable by HDF5 >= 1.10
@@ -243,7 +245,7 @@ class Study:
             free = free_bytes(self.dir)
             if free is not None and free < need:
                 raise GlobScopeError(f"no space left on {self.dir}: {os.path.basename(self.h5_path)} unchanged "
-                                     f"(the new version needs about {_mb(need)}, {_mb(free)} free)")
+                                     f"(the new version needs about {format_bytes(need)}, {format_bytes(free)} free)")
             written = []
             with atomic_file(self.h5_path, verify=lambda tmp: _verify_h5(tmp, written)) as tmp:
                 shutil.copyfile(self.h5_path, tmp)
@@ -263,7 +265,7 @@ class Study:
     # --- report.json -------------------------------------------------------------------------
     @property
     def report_path(self) -> str:
-        return os.path.join(self.dir, "report.json")
+        return report_json(self.dir)
 
     def read_report(self) -> dict:
         return read_report(self.dir)
@@ -289,7 +291,7 @@ def dir_lock(directory: str, name: str = ".lock", wait: bool = True, what: str =
         yield
 
 
-PATHS_NAME = "paths.h5"  # connect's curve and line points: same layout, apart from the ensemble
+PATHS_NAME = PATHS_H5  # connect's curve and line points: same layout, apart from the ensemble
 
 
 def paths_store(study: Study, create: bool = False) -> Study | None:
@@ -414,7 +416,7 @@ def _verify_h5(tmp: str, written=()) -> None:
 
 def read_report(directory: str) -> dict:
     """report.json, or {} when it is missing or damaged: it is derived, so damage costs a note, not the stage."""
-    path = os.path.join(directory, "report.json")
+    path = report_json(directory)
     if not os.path.exists(path):
         return {}
     try:
@@ -433,16 +435,16 @@ def update_report(directory: str, key: str, value) -> None:
     try:
         lock = open(os.path.join(directory, ".report.lock"), "a")
     except OSError as exc:
-        raise write_error(exc, os.path.join(directory, "report.json")) from None
+        raise write_error(exc, report_json(directory)) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        path = os.path.join(directory, "report.json")
+        path = report_json(directory)
         report = read_report(directory)
         if not report and os.path.exists(path) and os.path.getsize(path):
             with contextlib.suppress(OSError):  # damaged: keep it aside for the curious, rebuild the rest
                 os.replace(path, path + ".damaged")
         report[key] = value
-        atomic_write_bytes(os.path.join(directory, "report.json"),
+        atomic_write_bytes(report_json(directory),
                            json.dumps(report, indent=2, default=_json_default).encode())
 
 

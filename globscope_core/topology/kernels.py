@@ -186,7 +186,6 @@ def _flatten(rank, pmin, psad, nx, ny, nz, offs):
     Returns (owner, seq): ``owner[v]`` the saddle whose basin v was flattened into (-1 if none) and
     ``seq[v]`` its breadth-first index from that saddle (the order it takes just after the saddle).
     """
-    n = rank.shape[0]
     owner = np.empty_like(rank)
     owner[:] = -1
     seq = np.zeros_like(rank)

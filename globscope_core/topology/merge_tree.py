@@ -22,11 +22,10 @@ join tree, and their Scalar is +inf.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import GlobScopeError
+from ..resources import format_bytes, host_memory
 from .kernels import OFFSETS, homology_split_pairs, kernels_for
 from .results import TopologyResult, Tree
 from .ttk_layout import fill_diagram, fill_tree, vertex_coords
@@ -48,14 +47,12 @@ def check_memory(n_points: int, what: str = "grid") -> None:
     """Refuse grids whose working set would not fit in memory (a clear error, never a crash)."""
     need = n_points * BYTES_PER_POINT
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        avail = max(avail, total // 2)  # page cache counts as free for this purpose
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        avail, source = host_memory()  # resources.py: the memory rule of every stage
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to tell: no check
         return
     if need > avail:
-        raise GlobScopeError(f"{what}: {n_points} points need about {need / 2**30:.1f} GiB for the merge tree, "
-                             f"only {avail / 2**30:.1f} GiB available; use a coarser grid")
+        raise GlobScopeError(f"{what}: {n_points} points need about {format_bytes(need)} for the merge tree, "
+                             f"only {format_bytes(avail)} available ({source}); use a coarser grid")
 
 
 def _describe_nan(bad: np.ndarray, shape) -> str:

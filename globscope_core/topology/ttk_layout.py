@@ -41,7 +41,7 @@ def region_types(down_type, up_type) -> np.ndarray:
 # TTK's implicit triangulation keeps origin and spacing as float32 and computes a vertex's position as
 # origin + spacing * index in float; its build (TTK_ENABLE_CPU_OPTIMIZATION: -march=native) fuses that
 # multiply-add, so the result is rounded once: computed here exactly in float64, then rounded to float32.
-# Checked against TTK 1.2.0 built here on random origins and spacings (tests/test_ttk.py).
+# Checked against TTK 1.2.0 built here on random origins and spacings (tests/test_topology_ttk.py).
 def _fma32(a, b, c):
     """float32 fma(a, b, c): one rounding of the exact a*b + c (exact in float64 for these operands)."""
     return (np.asarray(a, np.float32).astype(np.float64) * np.asarray(b, np.float64)

@@ -1,4 +1,4 @@
-"""Mode connectivity (connect.py): curves, barriers, storage, latent view, BatchNorm, bad input."""
+"""Mode connectivity (connectivity/, stages/connect.py): curves, barriers, storage, latent view, BatchNorm, errors."""
 from __future__ import annotations
 
 import hashlib

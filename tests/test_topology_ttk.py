@@ -1,4 +1,4 @@
-"""Our topology against the real TTK (issue 16): both engines on the same inputs, every array and cell equal.
+"""Topology against the real TTK (topology/, the ParaView plugin; issue 16): every array and cell equal.
 
 Needs TTK built for this ParaView (`bash setup.sh --with-ttk`); without it these tests skip and say so.
 All comparisons run in one pvpython process (tests/ttk_compare.py), the 200+ tiny grids included.

@@ -1,8 +1,9 @@
-"""Landscape stage: batched evaluation, the latent grid, trajectories, resume, torchrun, bad input."""
+"""Landscape stage (stages/landscape.py): grid, trajectories, resume, torchrun, bf16, trust, BatchNorm studies."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -11,18 +12,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import run_cli
 
 from globscope_core import cli
 from globscope_core.errors import GlobScopeError
-from globscope_core.evaluation import many_models as batched
-from globscope_core.evaluation.many_models import BatchedEvaluator, eval_data, evaluate_flat
+from globscope_core.evaluation.many_models import eval_data, evaluate_flat
 from globscope_core.evaluation.one_model import evaluate_model
-from globscope_core.networks import models
 from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
 from globscope_core.stages.landscape import compute_landscape, grid_points
-from globscope_core.storage.state_layout import StateLayout
+from globscope_core.storage.study import Study
 from globscope_core.storage.vtk_files import arrays_of, read_any, read_vti
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -44,83 +43,6 @@ def pca_study(study_copy):
 
 def _field(study, tag="2d"):
     return read_vti(os.path.join(study.dir, f"landscape-{tag}.vti"))
-
-
-# --- batched evaluation --------------------------------------------------------------------------
-def test_batched_paths_match_one_model_at_a_time(tiny_study):
-    x, y = eval_data(tiny_study, "test", 100)
-    rows = np.arange(0, tiny_study.n_checkpoints, 3)
-    params = torch.from_numpy(tiny_study.read_params(rows))
-    params[-1] += 0.05 * torch.randn(params.shape[1], generator=torch.Generator().manual_seed(0))
-    model = study_model(tiny_study)
-    ref = np.array([evaluate_model(tiny_study.layout.load_into(model, p), x, y) for p in params])
-    fast = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
-    general = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu", fast=False)
-    assert fast.fast and not general.fast
-    for ev in (fast, general):
-        loss, acc = ev.evaluate(params)
-        np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(acc, ref[:, 1], atol=1e-9)
-    # the convenience function over a Study, in several model batches
-    loss, acc = evaluate_flat(tiny_study, params, x, y, device="cpu", max_models=2)
-    np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5, atol=1e-6)
-    assert fast.flops_per_model == 2 * len(x) * (64 * 32 + 32 * 10)
-
-
-def test_cpu_tiles_split_models_and_samples_without_changing_results(tiny_study, monkeypatch):
-    x, y = eval_data(tiny_study, "test", 100)
-    params = torch.from_numpy(tiny_study.read_params(np.arange(0, tiny_study.n_checkpoints, 2)))
-    whole = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu").evaluate(params)
-    # tiles of 3 models x 32 samples: ragged last group and last sample block
-    monkeypatch.setattr(batched, "CPU_TILE_SAMPLES", 32)
-    monkeypatch.setattr(batched, "CPU_TILE_BYTES", 4 * 64 * 32 * 3)
-    ev = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
-    assert ev._tiles(len(params)) == (3, 32) and len(params) % 3 and len(x) % 32
-    tiled = ev.evaluate(params)
-    np.testing.assert_allclose(tiled[0], whole[0], rtol=1e-6)
-    np.testing.assert_array_equal(tiled[1], whole[1])
-
-
-class _BNNet(nn.Module):
-    def __init__(self, input_shape, num_classes):
-        super().__init__()
-        self.fc1, self.bn, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
-
-
-def test_general_path_uses_decoded_batchnorm_statistics(tiny_study):
-    models.register("test-bn-net")(_BNNet)
-    spec = models.make_spec("test-bn-net", (1, 8, 8), 10)
-    model = models.build_model(spec)
-    layout = StateLayout.from_module(model)
-    assert any("running_var" in e.name for e in layout.entries)
-    g = torch.Generator().manual_seed(1)
-    params = 0.3 * torch.randn(5, layout.size, generator=g)
-    for e in layout.entries:  # positive variances, and different running stats per model
-        if e.name.endswith("running_var"):
-            params[:, e.offset : e.offset + e.numel] = 0.5 + torch.rand(5, e.numel, generator=g)
-    x, y = eval_data(tiny_study, "test", 64)
-    ev = BatchedEvaluator(spec, x, y, device="cpu")
-    assert not ev.fast
-    loss, acc = ev.evaluate(params)
-    ref = np.array([evaluate_model(layout.load_into(model, p), x, y) for p in params])
-    np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5)
-    np.testing.assert_allclose(acc, ref[:, 1])
-
-    # a decoded point with slightly negative variances (decoders extrapolate) is evaluated with them
-    # clamped at 0, not turned into NaN, and the caller's batch is left as it was
-    var = next(e for e in layout.entries if e.name.endswith("running_var"))
-    bad = params.clone()
-    bad[0, var.offset : var.offset + var.numel] = -1e-3
-    before = bad.clone()
-    clamped = bad.clone()
-    clamped[0, var.offset : var.offset + var.numel] = 0
-    loss_bad, _ = ev.evaluate(bad)
-    assert np.isfinite(loss_bad).all() and torch.equal(bad, before)
-    ref0 = evaluate_model(layout.load_into(model, clamped[0]), x, y)[0]
-    np.testing.assert_allclose(loss_bad[0], ref0, rtol=1e-5)
 
 
 # --- the grid and its files ----------------------------------------------------------------------
@@ -256,6 +178,30 @@ def test_killed_process_resumes_and_disk_full_keeps_partial(pca_study, tmp_path)
     np.testing.assert_allclose(resumed, _field(pca_study).point_arrays["loss"], rtol=2e-6)
 
 
+def test_landscape_in_bf16_records_its_precision_and_resumes_only_in_it(study_copy):
+    from globscope_core.reducers import fit_reducer
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.storage.vtk_files import read_vti
+
+    fit_reducer(study_copy, "pca", 2)
+    kw = dict(eval_samples=64, chunk_points=8, progress=False, trajectories=False, device="cpu")
+    part = compute_landscape(study_copy, "pca-2d", 5, precision="bf16", max_chunks=1, **kw)
+    assert not part["complete"]
+    with pytest.raises(GlobScopeError, match="differs in: precision"):  # no fp32 chunk joins bf16 ones
+        compute_landscape(study_copy, "pca-2d", 5, **kw)
+    info = compute_landscape(study_copy, "pca-2d", 5, precision="bf16", **kw)
+    assert info["complete"] and info["evaluation"] == {"path": "mlp", "precision": "bf16", "compile": False,
+                                                       "compile_seconds": None}
+    low = read_vti(f"{study_copy.dir}/landscape-2d.vti")
+    assert low.field_data["precision"] == "bf16"
+    ref = compute_landscape(study_copy, "pca-2d", 5, fresh=True, **kw)
+    assert ref["evaluation"]["precision"] == "fp32"
+    f32 = read_vti(f"{study_copy.dir}/landscape-2d.vti").point_arrays["loss"]
+    rel = np.abs(low.point_arrays["loss"] - f32) / f32
+    assert 0 < rel.max() < 2e-2
+
+
+
 def test_torchrun_two_processes_give_the_single_process_field(pca_study):
     args = ["landscape", pca_study.dir, "--reducer", "pca-2d", "--resolution", "11", "--chunk-points", "7",
             "--eval-samples", "100", "--no-progress"]
@@ -325,7 +271,7 @@ def test_grid_points_are_in_vtk_order():
     assert pts[6].tolist() == [0.0, 10.0, 105.0]
 
 
-# --- trust: spikes, extrapolation, the merge tree on the trusted part ------------------------------
+# --- trust: spikes and extrapolation (the merge tree on the trusted part: test_topology.py) --------
 def test_find_spikes_2d_and_3d():
     from globscope_core.stages.landscape import find_spikes
 
@@ -349,34 +295,6 @@ def test_find_spikes_2d_and_3d():
         assert len(find_spikes(f3, dims)) == 0
 
 
-def test_topology_leaves_untrusted_points_out(tmp_path):
-    from globscope_core.stages import topology as topology_stage
-    from globscope_core.storage import vtk_files
-
-    d = str(tmp_path / "s")
-    os.makedirs(d)
-    nx = ny = 33
-    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
-    f = 2.0 - np.exp(-((x + 0.4) ** 2 + y**2) / 0.05) - 0.8 * np.exp(-((x - 0.4) ** 2 + y**2) / 0.05)
-    f -= 1.5 * np.exp(-((x - 0.9) ** 2 + (y - 0.9) ** 2) / 0.02)  # the deepest well, in a corner ...
-    trusted = (np.hypot(x, y) < 0.8).astype(np.float32)  # ... outside the trusted disc
-    sp = (2 / (nx - 1), 2 / (ny - 1), 1.0)
-    vtk_files.write_vti(os.path.join(d, "landscape-2d.vti"), vtk_files.ImageField(
-        (nx, ny, 1), (-1.0, -1.0, 0.0), sp, {"log_loss": f.astype(np.float32).ravel(),
-                                             "trusted": trusted.ravel()}, {}, "log_loss"))
-    vtk_files.write_vtp(os.path.join(d, "trajectories-2d.vtp"), np.array([[0, 0, 0], [-0.4, 0, 0], [0.4, 0, 0]]),
-                    lines=[[0, 1], [0, 2]], verts=[[1], [2]],
-                    point_arrays={"run": np.array([0, 0, 1]), "step": np.array([0, 9, 9])})
-    sec = topology_stage.study_topology(d, 2, verbose=False)
-    assert sec["trusted_only"] and sec["untrusted_points_left_out"] == int((trusted == 0).sum())
-    assert sec["leaves"] == 2 and sec["n_basins_with_runs"] == 2
-    assert all(np.hypot(*r["basin_minimum_position"]) < 0.8 for r in sec["runs"])
-    every = topology_stage.study_topology(d, 2, verbose=False, trusted_only=False)
-    assert every["leaves"] == 3 and not every["trusted_only"]
-    assert cli.main(["topology", d, "--dim", "2", "--all-points"]) == 0
-    assert json.load(open(os.path.join(d, "report.json")))["basins-2d"]["leaves"] == 3
-
-
 def test_hull_clamp_and_extrapolation_2d_3d():
     from globscope_core.stages.landscape import HullClamp, hull_extrapolation
 
@@ -396,3 +314,92 @@ def test_hull_clamp_and_extrapolation_2d_3d():
         assert np.allclose(cos, 1) and np.all(np.linalg.norm(v, axis=1) < np.linalg.norm(u, axis=1))
         # the facet-plane distance is a lower bound of the true distance to the hull, exact on a facet's normal
         assert np.all(ex <= np.linalg.norm(pts[:, None] - Z[None], axis=2).min(1) + 1e-12)
+
+
+# --- BatchNorm models through every stage ---------------------------------------------------------------
+def write_cifar10(directory, n_train=64, n_test=32, seed=0):
+    """Tiny CIFAR-10 python batches in the standard format (uint8 [N, 3072], b'labels')."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patterns = rng.normal(size=(10, 3072))
+
+    def batch(n):
+        y = rng.integers(0, 10, n)
+        x = np.clip(128 + 50 * patterns[y] + 40 * rng.normal(size=(n, 3072)), 0, 255).astype(np.uint8)
+        return {b"data": x, b"labels": [int(v) for v in y]}
+
+    per = n_train // 5
+    for i in range(5):
+        with open(os.path.join(directory, f"data_batch_{i + 1}"), "wb") as f:
+            pickle.dump(batch(per), f, protocol=2)
+    with open(os.path.join(directory, "test_batch"), "wb") as f:
+        pickle.dump(batch(n_test), f, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def bn_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bn")
+    write_cifar10(str(root / "cifar"), n_train=40)
+    rc, out, err = run_cli("train", "--dataset", "cifar10", "--data-dir", root / "cifar", "--model", "resnet20",
+                           "--model-arg", "width=8", "--runs", "2", "--epochs", "2", "--batch-size", "20",
+                           "--every", "1", "--eval-samples", "32", "--out", root / "s", "--device", "cpu")
+    assert rc == 0, err
+    return Study.open(str(root / "s"))
+
+
+def test_resnet_study_stores_batchnorm_statistics(bn_study):
+    names = [e.name for e in bn_study.layout.entries]
+    assert "bn.running_mean" in names and "bn.running_var" in names
+    assert not any(n.endswith("num_batches_tracked") for n in names)
+    assert bn_study.n_checkpoints == 2 * 5  # steps 0..4 (40 samples / 20 a batch, 2 epochs)
+    X = bn_study.read_params()
+    e = next(e for e in bn_study.layout.entries if e.name == "bn.running_var")
+    var = X[:, e.offset : e.offset + e.numel]
+    assert np.allclose(var[0], 1.0) and not np.allclose(var[-1], 1.0)  # trained statistics are stored
+
+
+def test_resnet_fit_and_landscape_match_one_model_loop(bn_study):
+    from globscope_core.evaluation.many_models import eval_data, evaluate_flat
+    from globscope_core.reducers import load_reducer
+    from globscope_core.storage.vtk_files import arrays_of, read_any
+
+    d = bn_study.dir
+    rc, _, err = run_cli("fit", d, "--reducer", "pca", "--no-eval", "--device", "cpu")
+    assert rc == 0, err
+    rc, out, err = run_cli("landscape", d, "--reducer", "pca-2d", "--resolution", "3", "--eval-samples", "16",
+                           "--device", "cpu", "--no-progress", "--beyond-hull", "extrapolate")
+    assert rc == 0, err
+    field = read_any(os.path.join(d, "landscape-2d.vti"))
+    loss = arrays_of(field)["loss"]
+    assert loss.shape == (9,) and np.isfinite(loss).all()
+
+    # the same grid points, decoded and evaluated one model at a time in eval mode
+    import json
+
+    report = json.load(open(os.path.join(d, "report.json")))["landscape-2d"]
+    lo, hi = np.asarray(report["bounds"][0::2]), np.asarray(report["bounds"][1::2])
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 3), np.linspace(lo[1], hi[1], 3))
+    Z = np.stack([gx.ravel(), gy.ravel()], 1)  # VTK order: x fastest
+    reducer = load_reducer(bn_study, "pca-2d")
+    W = reducer.inverse_transform(Z)
+    x, y = eval_data(bn_study, "test", 16)
+    model = study_model(bn_study)
+    loop = []
+    for w in W:
+        bn_study.layout.load_into(model, torch.from_numpy(np.ascontiguousarray(w)))
+        loop.append(evaluate_model(model, x, y)[0])
+    np.testing.assert_allclose(loss, np.array(loop), rtol=2e-4)
+    # batched evaluation of the stored checkpoints equals the loop too, and it uses the decoded
+    # running statistics: the same weights with fresh statistics give another loss
+    last = bn_study.read_params([bn_study.n_checkpoints - 1])
+    bl, _ = evaluate_flat(bn_study, torch.from_numpy(last), x, y, device="cpu")
+    bn_study.layout.load_into(model, torch.from_numpy(last[0]))
+    assert bl[0] == pytest.approx(evaluate_model(model, x, y)[0], rel=1e-4)
+    fresh = last.copy()
+    for e in bn_study.layout.entries:
+        if e.name.endswith("running_mean"):
+            fresh[0, e.offset : e.offset + e.numel] = 0.0
+        elif e.name.endswith("running_var"):
+            fresh[0, e.offset : e.offset + e.numel] = 1.0
+    fl, _ = evaluate_flat(bn_study, torch.from_numpy(fresh), x, y, device="cpu")
+    assert abs(fl[0] - bl[0]) > 1e-3

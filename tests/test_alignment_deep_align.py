@@ -1,4 +1,4 @@
-"""Learned alignment (DEEP-ALIGN, issue 15): equivariance, exact recovery, saved aligner, supervision, CLI."""
+"""Learned alignment (alignment/deep_align*.py, issue 15): equivariance, recovery, saved aligner, supervision, CLI."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import random_perms
 
 from globscope_core import cli
 from globscope_core.alignment.deep_align import (
@@ -30,11 +31,6 @@ FAST = {"save_every": 10}
 
 def _final(study, run):
     return study.read_params([int(study.run_rows(run)[-1])])[0]
-
-
-def _random_perms(spec, layout, seed):
-    rng = np.random.default_rng(seed)
-    return {p: rng.permutation(n) for p, n in spec.identity(layout).items()}
 
 
 def test_encoder_is_equivariant_to_hidden_permutations():
@@ -66,7 +62,7 @@ def test_exactly_permuted_copy_is_recovered(tiny_study, trained):
     _, aligner, spec = trained
     layout = tiny_study.layout
     ref = _final(tiny_study, 1)
-    perms = _random_perms(spec, layout, seed=3)
+    perms = random_perms(spec, layout, seed=3)
     shuffled = ref[flat_index(spec, layout, perms)]
     assert not np.array_equal(shuffled, ref)
     found = aligner.find(layout.unflatten(torch.from_numpy(ref)), layout.unflatten(torch.from_numpy(shuffled)))

@@ -1,4 +1,4 @@
-"""Permutation symmetry: specs, weight/activation matching, aligned studies (issue 8)."""
+"""Alignment (alignment/, stages/align.py): permutation specs, weight/activation matching, aligned studies (issue 8)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import random_perms
 from torch import nn
 
 from globscope_core import cli
@@ -80,17 +81,12 @@ def _models():
     return out
 
 
-def _random_perms(spec, layout, seed):
-    rng = np.random.default_rng(seed)
-    return {p: rng.permutation(n) for p, n in spec.identity(layout).items()}
-
-
 @pytest.mark.parametrize("case", _models(), ids=lambda c: c[0])
 def test_permuted_model_computes_the_same_outputs(case):
     _, model, spec, x = case
     model.eval()
     layout = StateLayout.from_module(model)
-    perms = _random_perms(spec, layout, seed=1)
+    perms = random_perms(spec, layout, seed=1)
     assert all((q != np.arange(len(q))).any() for q in perms.values())
     with torch.no_grad():
         ref = model(x)
@@ -117,7 +113,7 @@ def test_weight_matching_recovers_a_known_permutation(case):
     _, model, spec, _ = case
     layout = StateLayout.from_module(model)
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    perms = _random_perms(spec, layout, seed=2)
+    perms = random_perms(spec, layout, seed=2)
     shuffled = permute_state(spec, perms, state)
     found = WeightMatching(spec, seed=3).find(state, shuffled)
     for p, q in perms.items():
@@ -131,7 +127,7 @@ def test_activation_matching_recovers_a_known_permutation():
     _, model, spec, x = _models()[2]  # the conv + BN + residual model
     layout = StateLayout.from_module(model)
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    perms = _random_perms(spec, layout, seed=4)
+    perms = random_perms(spec, layout, seed=4)
     found = ActivationMatching(spec, lambda: build_like(model), x).find(state, permute_state(spec, perms, state))
     for p, q in perms.items():
         assert np.array_equal(q[found[p]], np.arange(len(q))), p

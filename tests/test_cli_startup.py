@@ -1,4 +1,4 @@
-"""Subcommands that need no torch start without importing it (issue 16, item 6): checked in a fresh process."""
+"""CLI startup (cli/): subcommands that need no torch start without importing it (issue 16), in a fresh process."""
 from __future__ import annotations
 
 import os

@@ -1,14 +1,18 @@
-"""Every evaluation path (mlp, per-model, vmap, compiled; fp32 and bf16) against the one-model
-``evaluate_model`` on the zoo's architectures, BatchNorm statistics included (issue 17)."""
+"""Evaluation (evaluation/): every batched path (mlp, per-model, vmap, compiled; fp32, bf16) against one model.
+
+The zoo's architectures and a study's checkpoints, BatchNorm statistics included (issue 17).
+"""
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from globscope_core.errors import GlobScopeError
-from globscope_core.evaluation import many_models as batched
-from globscope_core.evaluation.many_models import BatchedEvaluator
+from globscope_core.evaluation import many_models
+from globscope_core.evaluation.many_models import BatchedEvaluator, eval_data, evaluate_flat
 from globscope_core.evaluation.one_model import evaluate_model
-from globscope_core.networks.models import build_model, make_spec
+from globscope_core.networks import models
+from globscope_core.networks.models import build_model, make_spec, study_model
 from globscope_core.storage.state_layout import StateLayout
 
 # small members of each family (same code paths as the full-size ones, seconds to run)
@@ -23,7 +27,9 @@ ZOO = {
 def _case(name, n_models=5, n=48, spread=0.05, scales=None):
     shape = (1, 28, 28) if name == "mnist-mlp" else (3, 32, 32)
     spec = make_spec(name, shape, 10, **ZOO[name])
-    model = build_model(spec).eval()
+    with torch.random.fork_rng():  # the same weights whatever ran before (bf16's tolerance depends on them)
+        torch.manual_seed(0)
+        model = build_model(spec).eval()
     layout = StateLayout.from_module(model)
     g = torch.Generator().manual_seed(0)
     base = layout.flatten(model.state_dict())
@@ -54,7 +60,7 @@ def test_every_path_equals_one_model_at_a_time(name, monkeypatch):
         np.testing.assert_allclose(acc, ref[:, 1], atol=1e-9, err_msg=path)
     # sample blocks smaller than the set: the same numbers
     ev = BatchedEvaluator(spec, x, y, device="cpu", layout=layout, path="per-model")
-    monkeypatch.setattr(batched, "ACTIVATION_BUDGET", 7 * ev.per_sample_bytes)
+    monkeypatch.setattr(many_models, "ACTIVATION_BUDGET", 7 * ev.per_sample_bytes)
     assert ev._tiles(len(params)) == (1, 7)
     np.testing.assert_allclose(ev.evaluate(params)[0], ref[:, 0], rtol=2e-5, atol=1e-6)
     # FLOPs: counted by torch's flop counter for the general paths, directly for the MLP; the two agree
@@ -104,24 +110,78 @@ def test_unavailable_modes_are_clear_errors():
     assert ev.path == "mlp" and not ev.compile
 
 
-def test_landscape_in_bf16_records_its_precision_and_resumes_only_in_it(study_copy):
-    from globscope_core.reducers import fit_reducer
-    from globscope_core.stages.landscape import compute_landscape
-    from globscope_core.storage.vtk_files import read_vti
+# --- over a study's checkpoints: BatchedEvaluator and evaluate_flat --------------------------------
+def test_batched_paths_match_one_model_at_a_time(tiny_study):
+    x, y = eval_data(tiny_study, "test", 100)
+    rows = np.arange(0, tiny_study.n_checkpoints, 3)
+    params = torch.from_numpy(tiny_study.read_params(rows))
+    params[-1] += 0.05 * torch.randn(params.shape[1], generator=torch.Generator().manual_seed(0))
+    model = study_model(tiny_study)
+    ref = np.array([evaluate_model(tiny_study.layout.load_into(model, p), x, y) for p in params])
+    fast = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
+    general = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu", fast=False)
+    assert fast.fast and not general.fast
+    for ev in (fast, general):
+        loss, acc = ev.evaluate(params)
+        np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(acc, ref[:, 1], atol=1e-9)
+    # the convenience function over a Study, in several model batches
+    loss, acc = evaluate_flat(tiny_study, params, x, y, device="cpu", max_models=2)
+    np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5, atol=1e-6)
+    assert fast.flops_per_model == 2 * len(x) * (64 * 32 + 32 * 10)
 
-    fit_reducer(study_copy, "pca", 2)
-    kw = dict(eval_samples=64, chunk_points=8, progress=False, trajectories=False, device="cpu")
-    part = compute_landscape(study_copy, "pca-2d", 5, precision="bf16", max_chunks=1, **kw)
-    assert not part["complete"]
-    with pytest.raises(GlobScopeError, match="differs in: precision"):  # no fp32 chunk joins bf16 ones
-        compute_landscape(study_copy, "pca-2d", 5, **kw)
-    info = compute_landscape(study_copy, "pca-2d", 5, precision="bf16", **kw)
-    assert info["complete"] and info["evaluation"] == {"path": "mlp", "precision": "bf16", "compile": False,
-                                                       "compile_seconds": None}
-    low = read_vti(f"{study_copy.dir}/landscape-2d.vti")
-    assert low.field_data["precision"] == "bf16"
-    ref = compute_landscape(study_copy, "pca-2d", 5, fresh=True, **kw)
-    assert ref["evaluation"]["precision"] == "fp32"
-    f32 = read_vti(f"{study_copy.dir}/landscape-2d.vti").point_arrays["loss"]
-    rel = np.abs(low.point_arrays["loss"] - f32) / f32
-    assert 0 < rel.max() < 2e-2
+
+def test_cpu_tiles_split_models_and_samples_without_changing_results(tiny_study, monkeypatch):
+    x, y = eval_data(tiny_study, "test", 100)
+    params = torch.from_numpy(tiny_study.read_params(np.arange(0, tiny_study.n_checkpoints, 2)))
+    whole = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu").evaluate(params)
+    # tiles of 3 models x 32 samples: ragged last group and last sample block
+    monkeypatch.setattr(many_models, "CPU_TILE_SAMPLES", 32)
+    monkeypatch.setattr(many_models, "CPU_TILE_BYTES", 4 * 64 * 32 * 3)
+    ev = BatchedEvaluator(tiny_study.model_spec, x, y, device="cpu")
+    assert ev._tiles(len(params)) == (3, 32) and len(params) % 3 and len(x) % 32
+    tiled = ev.evaluate(params)
+    np.testing.assert_allclose(tiled[0], whole[0], rtol=1e-6)
+    np.testing.assert_array_equal(tiled[1], whole[1])
+
+
+class _BNNet(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
+
+
+def test_general_path_uses_decoded_batchnorm_statistics(tiny_study):
+    models.register("test-bn-net")(_BNNet)
+    spec = models.make_spec("test-bn-net", (1, 8, 8), 10)
+    model = models.build_model(spec)
+    layout = StateLayout.from_module(model)
+    assert any("running_var" in e.name for e in layout.entries)
+    g = torch.Generator().manual_seed(1)
+    params = 0.3 * torch.randn(5, layout.size, generator=g)
+    for e in layout.entries:  # positive variances, and different running stats per model
+        if e.name.endswith("running_var"):
+            params[:, e.offset : e.offset + e.numel] = 0.5 + torch.rand(5, e.numel, generator=g)
+    x, y = eval_data(tiny_study, "test", 64)
+    ev = BatchedEvaluator(spec, x, y, device="cpu")
+    assert not ev.fast
+    loss, acc = ev.evaluate(params)
+    ref = np.array([evaluate_model(layout.load_into(model, p), x, y) for p in params])
+    np.testing.assert_allclose(loss, ref[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(acc, ref[:, 1])
+
+    # a decoded point with slightly negative variances (decoders extrapolate) is evaluated with them
+    # clamped at 0, not turned into NaN, and the caller's batch is left as it was
+    var = next(e for e in layout.entries if e.name.endswith("running_var"))
+    bad = params.clone()
+    bad[0, var.offset : var.offset + var.numel] = -1e-3
+    before = bad.clone()
+    clamped = bad.clone()
+    clamped[0, var.offset : var.offset + var.numel] = 0
+    loss_bad, _ = ev.evaluate(bad)
+    assert np.isfinite(loss_bad).all() and torch.equal(bad, before)
+    ref0 = evaluate_model(layout.load_into(model, clamped[0]), x, y)[0]
+    np.testing.assert_allclose(loss_bad[0], ref0, rtol=1e-5)

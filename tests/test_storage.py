@@ -1,0 +1,146 @@
+"""Storage (storage/): the flat state layout, the study.h5 store, transactions, a killed writer, refusals."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from globscope_core.errors import GlobScopeError
+from globscope_core.networks import models
+from globscope_core.storage.state_layout import StateLayout
+from globscope_core.storage.study import Study
+
+
+# --- flat layout --------------------------------------------------------------------------------
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_flatten_unflatten_rebuilds_identical_model():
+    torch.manual_seed(0)
+    net = BNNet()
+    net.train()
+    net(torch.randn(16, 1, 8, 8))  # moves BN running statistics away from their defaults
+    net.eval()
+    layout = StateLayout.from_module(net)
+    names = [e.name for e in layout.entries]
+    assert "bn.running_mean" in names and "bn.running_var" in names
+    assert "bn.num_batches_tracked" not in names  # integer buffer: not a landscape coordinate
+    vec = layout.flatten(net.state_dict())
+    assert vec.shape == (layout.size,) and layout.size == sum(
+        t.numel() for t in net.state_dict().values() if t.is_floating_point())
+    fresh = BNNet().eval()
+    layout.load_into(fresh, vec)
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(fresh(x), net(x))
+    # batched views agree with single unflatten; JSON round trip keeps the layout
+    batch = torch.stack([vec, 2 * vec])
+    views = layout.unflatten_batch(batch)
+    assert torch.equal(views["bn.running_var"][1], 2 * net.bn.running_var)
+    assert StateLayout.from_json(layout.to_json()) == layout
+
+
+def test_flatten_reports_shape_mismatch():
+    layout = StateLayout.from_module(models.mlp((1, 8, 8), 10, widths=(16,)))
+    wrong = models.mlp((1, 8, 8), 10, widths=(17,)).state_dict()
+    with pytest.raises(GlobScopeError, match=r"ckpt.pt: does not match the model: 'net.0.weight' has shape"):
+        layout.flatten(wrong, source="ckpt.pt")
+
+
+
+# --- store ----------------------------------------------------------------------------------------
+def _new_study(tmp_path, n_params=7):
+    layout = StateLayout.from_state_dict({"w": torch.zeros(n_params)})
+    return Study.create(str(tmp_path / "s"), {"name": "mlp", "kwargs": {}}, {"name": "digits"}, layout)
+
+
+def test_store_round_trip_and_append(tmp_path):
+    s = _new_study(tmp_path)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((3, 7)).astype(np.float32), rng.standard_normal((2, 7)).astype(np.float32)
+    with s.transaction() as w:
+        r = w.add_run(seed=1, optimizer="sgd", lr=0.1, label="x")
+        w.append(r, [0, 5, 10], a, train_loss=[3.0, 2.0, 1.0], test_acc=0.5)
+    with s.transaction() as w:
+        r2 = w.add_run(seed=2, optimizer="adam", lr=0.01, label="y")
+        w.append(r2, [0, 7], b, train_loss=[4.0, 0.5])
+    s2 = Study.open(s.dir)
+    assert s2.n_checkpoints == 5 and s2.n_params == 7
+    np.testing.assert_array_equal(s2.read_params(), np.concatenate([a, b]))
+    np.testing.assert_array_equal(s2.read_params([4, 0, 4]), np.stack([b[1], a[0], b[1]]))
+    assert list(s2.run) == [0, 0, 0, 1, 1] and list(s2.step) == [0, 5, 10, 0, 7]
+    assert s2.runs[1]["optimizer"] == "adam" and s2.runs[0]["seed"] == 1
+    assert s2.final_rows() == {0: 2, 1: 4}
+    assert np.isnan(s2.metrics["test_loss"]).all() and s2.metrics["test_acc"][0] == 0.5
+    blocks = list(s2.iter_params(block_rows=2))
+    assert [len(i) for i, _ in blocks] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([blk for _, blk in blocks]), s2.read_params())
+
+
+def test_failed_transaction_changes_nothing(tmp_path):
+    s = _new_study(tmp_path)
+    with s.transaction() as w:
+        w.append(w.add_run(seed=0), [0], np.ones(7))
+    before = open(s.h5_path, "rb").read()
+    with pytest.raises(RuntimeError):
+        with s.transaction() as w:
+            w.append(w.add_run(seed=1), [0, 1], np.zeros((2, 7)))
+            raise RuntimeError("boom")
+    assert open(s.h5_path, "rb").read() == before
+    assert not [f for f in os.listdir(s.dir) if ".tmp-" in f]
+
+
+def test_killed_writer_leaves_a_readable_study(tmp_path):
+    """SIGKILL in the middle of a large write: the study is the old one, intact, and writable again."""
+    s = _new_study(tmp_path, n_params=200_000)
+    with s.transaction() as w:
+        w.append(w.add_run(seed=0), [0], np.ones(200_000))
+    script = (
+        "import numpy as np, sys\n"
+        "from globscope_core.storage.study import Study\n"
+        "s = Study.open(sys.argv[1])\n"
+        "with s.transaction() as w:\n"
+        "    r = w.add_run(seed=1)\n"
+        "    for i in range(10_000):\n"
+        "        w.append(r, [i], np.full((4, 200_000), i, np.float32))\n"
+        "        if i == 3: print('writing', flush=True)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script, s.dir], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    s2 = Study.open(s.dir)
+    assert s2.n_checkpoints == 1 and len(s2.runs) == 1
+    np.testing.assert_array_equal(s2.read_params(), np.ones((1, 200_000), np.float32))
+    with s2.transaction() as w:  # the stale temporary is cleaned up and writing works again
+        w.append(0, [1], np.zeros(200_000))
+    assert Study.open(s.dir).n_checkpoints == 2
+    assert not [f for f in os.listdir(s.dir) if ".tmp-" in f]
+
+
+def test_open_rejects_non_study(tmp_path):
+    with pytest.raises(GlobScopeError, match="no study here"):
+        Study.open(str(tmp_path))
+    with h5py.File(tmp_path / "study.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(GlobScopeError, match="not a GlobScope study"):
+        Study.open(str(tmp_path))
+    (tmp_path / "study.h5").write_bytes(b"garbage")
+    with pytest.raises(GlobScopeError, match="unreadable study file"):
+        Study.open(str(tmp_path))
