@@ -40,7 +40,8 @@ from globscope_core.evaluation.one_model import evaluate_model
 from globscope_core.networks.device import resolve_device
 from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
-from globscope_core.stages.landscape import encode_checkpoints, grid_bounds
+from globscope_core.reducers.latent_grid import grid_bounds
+from globscope_core.stages.landscape import encode_checkpoints
 from globscope_core.storage.study import Study
 
 

@@ -20,7 +20,8 @@ from globscope_core.evaluation.many_models import eval_data, evaluate_flat
 from globscope_core.evaluation.one_model import evaluate_model
 from globscope_core.networks.models import study_model
 from globscope_core.reducers import fit_reducer, load_reducer
-from globscope_core.stages.landscape import compute_landscape, grid_points
+from globscope_core.reducers.latent_grid import grid_points
+from globscope_core.stages.landscape import compute_landscape
 from globscope_core.storage.study import Study
 from globscope_core.storage.vtk_files import arrays_of, read_any, read_vti
 
@@ -76,7 +77,7 @@ def test_landscape_2d_field_and_trajectories(pca_study):
     x, y = eval_data(pca_study, "test", 200)
     model = study_model(pca_study)
     pts = f.point_coordinates()[:, :2]
-    from globscope_core.stages.landscape import HullClamp
+    from globscope_core.reducers.latent_grid import HullClamp
 
     clamp = HullClamp(Z)  # points outside the hull are evaluated on its boundary (the default)
     assert not np.allclose(clamp(pts[:1]), pts[:1]) and np.allclose(clamp(pts[40:41]), pts[40:41])
@@ -273,7 +274,7 @@ def test_grid_points_are_in_vtk_order():
 
 # --- trust: spikes and extrapolation (the merge tree on the trusted part: test_topology.py) --------
 def test_find_spikes_2d_and_3d():
-    from globscope_core.stages.landscape import find_spikes
+    from globscope_core.reducers.latent_grid import find_spikes
 
     for dims in [(9, 7, 1), (7, 6, 5)]:
         nx, ny, nz = dims
@@ -296,7 +297,7 @@ def test_find_spikes_2d_and_3d():
 
 
 def test_hull_clamp_and_extrapolation_2d_3d():
-    from globscope_core.stages.landscape import HullClamp, hull_extrapolation
+    from globscope_core.reducers.latent_grid import HullClamp, hull_extrapolation
 
     rng = np.random.default_rng(0)
     for dim in (2, 3):

@@ -33,7 +33,8 @@ def cmd_demo(args):
     from ..stages.landscape import compute_landscape
     from ..stages.render import render_study
     from ..stages.topology import format_basins, study_topology
-    from ..stages.train import final_summary, train_study
+    from ..stages.train import train_study
+    from ..storage.study import final_summary
     from ..storage.study_files import STUDY_H5, reducer_file, renders_dir
 
     t_all = time.time()

@@ -11,7 +11,7 @@ def register(sub):
 
 
 def cmd_info(args):
-    from ..storage.study import Study, final_summary  # not ..train: `info` starts without importing torch
+    from ..storage.study import Study, final_summary  # `info` starts without importing torch
 
     s = Study.open(args.study)
     print(f"study      {s.dir}")

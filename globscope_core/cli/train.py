@@ -44,7 +44,8 @@ def register(sub):
 
 def cmd_train(args):
     from ..networks.models import parse_kwargs
-    from ..stages.train import final_summary, train_study
+    from ..stages.train import train_study
+    from ..storage.study import final_summary
 
     study = train_study(args.out, dataset_spec(args), args.model, parse_kwargs(args.model_arg), runs=args.runs,
                         epochs=args.epochs, batch_size=args.batch_size, optimizers=args.optimizer, lrs=args.lr,

@@ -48,7 +48,7 @@ from ..evaluation.many_models import BatchedEvaluator, check_precision, eval_dat
 from ..networks.device import resolve_device
 from ..reducers import load_reducer
 from ..reducers.base import study_id
-from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation  # noqa: F401
+from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation
 from ..storage import study_files
 from ..storage.safe_write import atomic_write_bytes
 from ..storage.study import Study

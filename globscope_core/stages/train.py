@@ -18,10 +18,10 @@ from ..errors import GlobScopeError
 from ..evaluation.one_model import evaluate_model, subset
 from ..networks import datasets, models
 from ..networks.device import resolve_device
-from ..networks.optimizers import OPTIMIZERS, make_optimizer  # noqa: F401 - the CLI's choices
+from ..networks.optimizers import make_optimizer
 from ..storage.safe_write import check_writable
 from ..storage.state_layout import StateLayout
-from ..storage.study import Study, dir_lock, final_summary  # noqa: F401 - final_summary lived here
+from ..storage.study import Study, dir_lock
 from ..storage.study_files import study_h5
 
 
