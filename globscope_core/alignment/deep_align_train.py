@@ -224,15 +224,11 @@ def ensure_aligner(study, path: str, steps: int | None = None, seed: int = 0, de
     return train_aligner(study, path, steps=steps, seed=seed, device=device, progress=progress, **overrides)
 
 
-def default_path(study) -> str:
-    return aligner_file(study.dir)
-
-
 def make_deep_align(spec, study, refine: bool = False, seed: int = 0, device="cpu", aligner_path=None,
                     aligner_steps: int | None = None, progress: bool = True, max_iter: int = 100, **_):
     """Factory for methods.ALIGNERS: the study's saved aligner when compatible and trained far enough, else train."""
     layers = mlp_layers(study.model_spec, study.layout)
-    net, config = ensure_aligner(study, path=aligner_path or default_path(study), steps=aligner_steps, seed=seed,
+    net, config = ensure_aligner(study, path=aligner_path or aligner_file(study.dir), steps=aligner_steps, seed=seed,
                                  device=device, progress=progress)
     wm = WeightMatching(spec, max_iter=max_iter, seed=seed) if refine else None
     return DeepAlign(spec, net, layers, config, refine=wm, device=device)

@@ -89,7 +89,7 @@ class BatchedEvaluator:
         self.y = y.to(self.device, torch.long)
         if len(self.x) == 0:
             raise GlobScopeError("evaluation set is empty")
-        self.layers = (mlp_linear_layers(self.layout) if is_mlp(self.model) else None) if fast else None
+        self.layers = mlp_linear_layers(self.layout) if fast and is_mlp(self.model) else None
         if path is None:
             # vmap has no batching rule for the transformer's fused inference kernel (it would loop
             # model by model anyway, with a warning), so transformers take the per-model path

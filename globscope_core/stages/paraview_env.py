@@ -3,7 +3,7 @@
 Debian's ParaView 5.11 needs, found by trying it (shared/paraview.md):
 - plugin/ on PYTHONPATH: its sitecustomize.py restores ``inspect.getargspec`` (removed in Python 3.11)
   in every ParaView process and MPI rank, without which no Python plugin loads;
-- the repository root on PYTHONPATH (the plugin imports globscope_core.topology.merge_tree), but never our venv's
+- the repository root on PYTHONPATH (the plugin imports globscope_core.topology and storage.study_files), but never our venv's
   site-packages: its pip ``vtk`` shadows ParaView's vtkmodules and crashes it. Installed from a wheel, plugin/ and
   state_files/ are package data (globscope_core/paraview/, see setup.py) and the PYTHONPATH entry is
   globscope_core/paraview/python, which holds only a stub globscope_core that loads the installed package;

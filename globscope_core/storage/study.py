@@ -39,11 +39,10 @@ from ..resources import format_bytes
 from .safe_write import atomic_file, atomic_write_bytes, free_bytes, note, write_error
 from .safe_write import reserve as _reserve
 from .state_layout import StateLayout
-from .study_files import PATHS_H5, STUDY_H5, report_json
+from .study_files import PATHS_H5, STUDY_H5, paths_h5, report_json, study_h5
 
 FORMAT = "globscope-study"
 VERSION = 1
-H5_NAME = STUDY_H5
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 _STR = h5py.string_dtype("utf-8")
 LIBVER = ("v110", "v110")  # superblock v3 and object headers with checksums; readable by HDF5 >= 1.10
@@ -59,7 +58,7 @@ class Study:
     ``connect`` keeps its curve and line points apart from the ensemble (same layout).
     """
 
-    def __init__(self, directory: str, name: str = H5_NAME):
+    def __init__(self, directory: str, name: str = STUDY_H5):
         self.dir = os.path.abspath(directory)
         self.h5_path = os.path.join(self.dir, name)
         self._load_meta()
@@ -67,7 +66,7 @@ class Study:
     # --- opening ---------------------------------------------------------------------------
     @classmethod
     def create(cls, directory: str, model_spec: dict, dataset_spec: dict, layout: StateLayout,
-               plan: dict | None = None, name: str = H5_NAME) -> "Study":
+               plan: dict | None = None, name: str = STUDY_H5) -> "Study":
         path = os.path.join(directory, name)
         if os.path.exists(path):
             raise GlobScopeError(f"{path}: a study already exists here (use another --out, or --resume)")
@@ -93,7 +92,7 @@ class Study:
         return cls(directory, name)
 
     @classmethod
-    def open(cls, directory: str, name: str = H5_NAME) -> "Study":
+    def open(cls, directory: str, name: str = STUDY_H5) -> "Study":
         path = os.path.join(directory, name)
         if not os.path.isdir(directory):
             raise GlobScopeError(f"{directory}: study directory does not exist")
@@ -281,7 +280,7 @@ def dir_lock(directory: str, name: str = ".lock", wait: bool = True, what: str =
         os.makedirs(directory, exist_ok=True)
         fh = open(os.path.join(directory, name), "a")
     except OSError as exc:
-        raise write_error(exc, os.path.join(directory, H5_NAME)) from None
+        raise write_error(exc, study_h5(directory)) from None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -291,17 +290,16 @@ def dir_lock(directory: str, name: str = ".lock", wait: bool = True, what: str =
         yield
 
 
-PATHS_NAME = PATHS_H5  # connect's curve and line points: same layout, apart from the ensemble
 
 
 def paths_store(study: Study, create: bool = False) -> Study | None:
     """``STUDY/paths.h5`` (connect's points) as a Study, or None when there is none (created if asked)."""
-    path = os.path.join(study.dir, PATHS_NAME)
+    path = paths_h5(study.dir)
     if os.path.exists(path):
-        return Study(study.dir, PATHS_NAME)
+        return Study(study.dir, PATHS_H5)
     if not create:
         return None
-    return Study.create(study.dir, study.model_spec, study.dataset_spec, study.layout, name=PATHS_NAME)
+    return Study.create(study.dir, study.model_spec, study.dataset_spec, study.layout, name=PATHS_H5)
 
 
 class RowUnion:
