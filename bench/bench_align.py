@@ -13,7 +13,6 @@ The studies are only read: the aligners are written under --work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from machine import write_json  # noqa: E402
 
 from globscope_core.alignment.methods import make_aligner  # noqa: E402
 from globscope_core.alignment.permutation import flat_index, spec_for_model  # noqa: E402
@@ -138,8 +139,7 @@ def main():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     doc = {"results": results, "peak_rss_gb": round(peak, 3), "threads": args.threads,
            "command": " ".join(sys.argv)}
-    with open(os.path.join(args.out, "align.json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    write_json(os.path.join(args.out, "align.json"), doc)
     with open(os.path.join(args.out, "align.md"), "w") as f:
         f.write(f"`{doc['command']}` (peak RSS {doc['peak_rss_gb']} GB, {args.threads} thread(s))\n\n")
         f.write(markdown(results))

@@ -18,7 +18,6 @@ twice the reference's, fitted MSE standardized below 1e-8. Results: OUT.json and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -131,9 +130,11 @@ def main():
             results.append(run_study(s, dim, a.eval_samples, variants))
             print(table(results[-1]), flush=True)
             # written after every table: a long run keeps what it has
+            from machine import write_json
+
             from globscope_core.storage.safe_write import atomic_write_bytes
 
-            atomic_write_bytes(a.out + ".json", json.dumps(results, indent=1, default=float).encode())
+            write_json(a.out + ".json", results, default=float)
             atomic_write_bytes(a.out + ".md", ("\n\n".join(table(r) for r in results) + "\n").encode())
 
 

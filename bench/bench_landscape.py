@@ -21,7 +21,6 @@ torch.mm of 2048x2048 matrices, measured in the same run (best of before and aft
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 if "--zoo" in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # compile times from a cold cache
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
 import torch  # noqa: E402
+from machine import write_json
 
 from globscope_core.evaluation.many_models import BatchedEvaluator, eval_data
 from globscope_core.evaluation.one_model import evaluate_model
@@ -200,8 +200,7 @@ def main(argv=None):
     if args.zoo:
         result = zoo(args, dev)
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(result, fh, indent=1)
+            write_json(args.json, result)
         return 0
     tmp = tempfile.mkdtemp(prefix="bench-landscape-")
     try:
@@ -274,8 +273,7 @@ def main(argv=None):
               f"{r['speedup']:>8} {r['ours_gflops']:>8} {r['ours_fraction_of_gemm']:>8} {r['max_rel_diff']:>12.2e}")
     print(f"peak memory: {peak}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(args.json, result)
     return 0
 
 

@@ -131,8 +131,10 @@ def main():
         res["demo"] = demo_table(a.study, a.work, [int(d) for d in a.dims.split(",")])
     if a.wide:
         res["wide"] = wide(a.work, a.wide_runs, a.wide_epochs)
-    with open(os.path.join(a.work, "bench_reducers.json"), "w") as f:
-        json.dump(res, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    from machine import write_json
+
+    write_json(os.path.join(a.work, "bench_reducers.json"), res, indent=2,
+               default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     print(f"\nwritten {os.path.join(a.work, 'bench_reducers.json')}")
 
 

@@ -226,8 +226,10 @@ def save_stage(jpath, name, stage, value) -> dict:
         results = json.load(open(jpath)) if os.path.exists(jpath) else {}
         results.setdefault(name, {})[stage] = value
         tmp = jpath + ".tmp"
+        from machine import stamped
+
         with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(stamped(results), f, indent=1)
         os.replace(tmp, jpath)
     return {k: v for k, v in results.items() if k in ROWS}
 

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_topology.py [--sizes 1024x1024,2048x2048,128^3,192^3] [--gudhi-max 4200000]
                                              [--gudhi-timeout 300] [--ttk] [--json out.json]
+    .venv/bin/python bench/bench_topology.py --homology [--sizes 128x128,1024x1024,64^3,128^3] [--old-max 1100000]
+                                             [--ttk] [--json bench/results/topology-homology.json]
 
 ``--ttk`` adds TTK 1.2.0 (`setup.sh --with-ttk`), run in pvpython on the same field: ttkFTMTree's join tree
 with segmentation (our ``compute_topology`` computes the same outputs), and ttkPersistenceDiagram's
@@ -14,10 +16,19 @@ gudhi is a SimplexTree with the same 1-skeleton and the vertex ranks as filtrati
 ``--gudhi-max`` vertices or after ``--gudhi-timeout`` seconds (it needs several GB there); the table says so.
 Fields: "random" (uniform noise: the worst case, a minimum every ~10 points) and "smooth" (a sum of
 sines: a few hundred basins, the case of real landscapes).
+
+``--homology``: a split tree's saddle-maximum pairs as TTK's default backend gives them (``--split-pairs
+homology``, the plugin's engine for every split tree): the old pure-Python union-find over all facets
+(``old_homology_split_pairs``; skipped above ``--old-max`` points) beside the numba kernel (after its compile), and with
+``--ttk`` TTK's ttkPersistenceDiagram of the same field, saddle-maximum pairs only (the plugin's setting; its
+pairs compared with ours) and the whole diagram (all pair types, TTK's default). The new kernel's pairs must be
+the old ones, bitwise and in the same order. "new" also times the whole split tree with those pairs
+(``compute_topology(tree="split", split_pairs="homology")``) and with the tree's own pairs.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -126,8 +137,209 @@ def run_ttk(shape, kind):
     return out
 
 
+# --- the split tree's homology pairs before issue 24 (for --homology) -------------------------------------
+def old_top_cells(shape) -> np.ndarray:
+    """The triangles (2D) or tetrahedra (3D) of TTK's implicit triangulation, [m, d+1] vertex ids.
+
+    Mirrored in x, it is the Kuhn triangulation: in each cell of the grid, one simplex per order of the axes,
+    the path of unit steps from the cell's lower corner to its upper one."""
+    nz, ny, nx = shape
+    axes = [a for a, n in enumerate((nx, ny, nz)) if n > 1]
+    dims = np.array([nx, ny, nz])
+    lo = np.stack(np.meshgrid(*[np.arange(n - 1 if a in axes else 1) for a, n in enumerate((nx, ny, nz))],
+                              indexing="ij"), -1).reshape(-1, 3)  # lower corners, mirrored coordinates
+    out = []
+    for perm in itertools.permutations(axes):
+        p = lo.copy()
+        verts = []
+        for step in (None,) + perm:
+            if step is not None:
+                p = p.copy()
+                p[:, step] += 1
+            i = dims[0] - 1 - p[:, 0]  # back to TTK's x
+            verts.append(i + p[:, 1] * nx + p[:, 2] * nx * ny)
+        out.append(np.stack(verts, 1))
+    return np.concatenate(out) if out else np.zeros((0, len(axes) + 1), np.int64)
+
+
+def old_homology_split_pairs(shape, desc_order) -> np.ndarray:
+    """``homology_split_pairs`` before issue 24 (globscope_core/topology/kernels.py at d010694), verbatim: numpy's
+    unique and sort of all facets and a Python union-find over them. Kept here only to time it."""
+    nz, ny, nx = shape
+    n = nx * ny * nz
+    top = old_top_cells(shape)
+    d = top.shape[1] - 1
+    if d < 2:  # a one-cell-wide grid has no such pairs
+        return np.zeros((0, 2), np.int64)
+    pos = np.empty(n, np.int64)
+    pos[np.asarray(desc_order, np.int64)] = np.arange(n)  # position in the descending sweep
+    # the cell's first vertex in the sweep is when it joins the complement: its maximum
+    cell_birth = top[np.arange(len(top)), np.argmin(pos[top], 1)]
+    # facets: drop one vertex; each is shared by two cells, or one on the boundary (then joined to the outside)
+    facets = np.concatenate([np.sort(np.delete(top, q, 1), 1) for q in range(d + 1)])
+    owner = np.tile(np.arange(len(top)), d + 1)
+    key, inv = np.unique(facets, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    srt = np.argsort(inv, kind="stable")
+    first = np.searchsorted(inv[srt], np.arange(len(key)))
+    a = owner[srt[first]]
+    cnt = np.bincount(inv, minlength=len(key))
+    b = np.where(cnt == 2, owner[srt[np.minimum(first + 1, len(srt) - 1)]], len(top))  # len(top): the outside
+    f_when = pos[key].min(1)  # the facet joins the complement at its maximum vertex
+    f_vertex = key[np.arange(len(key)), pos[key].argmin(1)]
+    ev = np.argsort(f_when, kind="stable")
+    parent = list(range(len(top) + 1))
+    birth = [int(pos[v]) for v in cell_birth] + [-1]  # the outside is the oldest
+    bvert = [int(v) for v in cell_birth] + [-1]
+    pairs = []
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for e in ev.tolist():
+        x, y = find(int(a[e])), find(int(b[e]))
+        if x == y:
+            continue
+        if birth[x] > birth[y]:
+            x, y = y, x  # x the elder
+        s = int(f_vertex[e])
+        if bvert[y] != s:  # a zero-persistence pair (inside one vertex's star) is no pair
+            pairs.append((bvert[y], s))
+        parent[y] = x
+    p = np.array(pairs, np.int64).reshape(-1, 2)
+    return p[np.argsort(pos[p[:, 1]], kind="stable")] if len(p) else p
+
+
+def split_sweep(shape, kind):
+    import globscope_core.topology as T
+
+    v = field(shape, kind)
+    return v, T.vertex_order(v)[::-1].copy()  # the split tree's sweep: descending (value, vertex id)
+
+
+def run_hom_old(shape, kind):
+    _, desc = split_sweep(shape, kind)
+    t, c = time.perf_counter(), time.process_time()
+    p = old_homology_split_pairs(shape, desc)
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    np.save(os.environ["BENCH_PAIRS"], p)
+    return {"seconds": dt, "cpu_seconds": dc, "pairs": int(len(p))}
+
+
+def run_hom_new(shape, kind):
+    import globscope_core.topology as T
+
+    for warm in ((1, 5, 6), (4, 5, 6)):  # compile (or load) the kernels first
+        T.compute_topology(np.random.default_rng(1).random(warm, dtype=np.float32), tree="split",
+                           split_pairs="homology")
+    v, desc = split_sweep(shape, kind)
+    t, c = time.perf_counter(), time.process_time()
+    p = T.homology_split_pairs(shape, desc, use_numba=True)
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    np.save(os.environ["BENCH_PAIRS"], p)
+    out = {"seconds": dt, "cpu_seconds": dc, "pairs": int(len(p))}
+    for pairs in ("homology", "tree"):
+        t = time.perf_counter()
+        T.compute_topology(v, tree="split", split_pairs=pairs)
+        out[f"seconds_split_tree_{pairs}_pairs"] = time.perf_counter() - t
+    return out
+
+
+def run_hom_ttk(shape, kind):
+    """TTK's persistence diagram in pvpython: saddle-maximum pairs only (as the plugin asks), then all pairs."""
+    import topologytoolkit as tk
+    from vtkmodules.util import numpy_support as ns
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    def image(v):
+        img = vtkImageData()
+        img.SetDimensions(v.shape[2], v.shape[1], v.shape[0])
+        arr = ns.numpy_to_vtk(v.ravel(), deep=True)
+        arr.SetName("loss")
+        img.GetPointData().AddArray(arr)
+        return img
+
+    warm = tk.ttkPersistenceDiagram()  # TTK's first run in a process pays its start-up: not timed, as numba's
+    warm.SetInputData(image(np.random.default_rng(1).random((4, 5, 6), dtype=np.float32)))
+    warm.SetInputArrayToProcess(0, 0, 0, 0, "loss")
+    warm.SetDebugLevel(0)
+    warm.Update()
+    img = image(field(shape, kind))
+    out = {}
+    for what in ("sadmax", "whole"):
+        d = tk.ttkPersistenceDiagram()
+        d.SetInputData(img)
+        d.SetInputArrayToProcess(0, 0, 0, 0, "loss")
+        d.SetDebugLevel(0)
+        if what == "sadmax":
+            d.SetComputeMinSad(False)
+            d.SetComputeSadSad(False)
+            d.SetComputeSadMax(True)
+        t, c = time.perf_counter(), time.process_time()
+        d.Update()
+        out[f"seconds_{what}"], out[f"cpu_seconds_{what}"] = time.perf_counter() - t, time.process_time() - c
+        dg = d.GetOutputDataObject(0)
+        out[f"pairs_{what}"] = dg.GetNumberOfCells()
+        if what == "sadmax":  # (saddle, maximum) per finite pair; the global min-max pair is not finite
+            vid = ns.vtk_to_numpy(dg.GetPointData().GetArray("ttkVertexScalarField")).reshape(-1, 2)
+            fin = ns.vtk_to_numpy(dg.GetCellData().GetArray("IsFinite"))[: len(vid)] == 1
+            np.save(os.environ["BENCH_PAIRS"], vid[fin][:, ::-1].astype(np.int64))
+    out["seconds"] = out["seconds_whole"]
+    return out
+
+
+def same_pairs(a, b):
+    """The same multiset of (maximum, saddle) pairs (TTK lists them in its own order)."""
+    return sorted(map(tuple, np.load(a).tolist())) == sorted(map(tuple, np.load(b).tolist()))
+
+
+def homology_main(a):
+    import tempfile
+
+    tmp = tempfile.mkdtemp()
+    rows = []
+    print(f"{'grid':>10} {'field':>7} {'old s':>8} {'new s':>7} {'old/new':>8} {'TTK sadmax s':>12} "
+          f"{'TTK whole s':>11} {'TTK/new':>8} {'pairs':>7} same(old, TTK)")
+    for size in a.sizes.split(","):
+        shape = parse_size(size)
+        for kind in a.fields.split(","):
+            po, pn, pt = (os.path.join(tmp, f"{w}.npy") for w in ("old", "new", "ttk"))
+            new = spawn("hom-new", shape, kind, pn, 600)
+            n = int(np.prod(shape))
+            old = spawn("hom-old", shape, kind, po, a.old_timeout) if n <= a.old_max else \
+                {"error": f"not run (> {a.old_max} points)"}
+            row = {"grid": size, "shape": shape, "field": kind, "old": old, "new": new}
+            if "error" not in old and "error" not in new:
+                row["identical_pairs_old"] = bool(np.array_equal(np.load(po), np.load(pn)))  # bitwise, in order
+                row["ratio_old_new"] = old["seconds"] / new["seconds"]
+            if a.ttk:
+                tt = row["ttk"] = spawn("hom-ttk", shape, kind, pt, 600)
+                if "error" not in tt and "error" not in new:
+                    row["identical_pairs_ttk"] = same_pairs(pn, pt)
+                    row["ratio_ttk_whole_new"] = tt["seconds_whole"] / new["seconds"]
+                    row["ratio_ttk_sadmax_new"] = tt["seconds_sadmax"] / new["seconds"]
+            rows.append(row)
+            tt = row.get("ttk", {})
+            sec = [f"{d[k]:.3g}" if d.get(k) is not None else "" for d, k in
+                   ((old, "seconds"), (new, "seconds"), (tt, "seconds_sadmax"), (tt, "seconds_whole"))]
+            ratio = [f"{row[k]:.1f}x" if k in row else "" for k in ("ratio_old_new", "ratio_ttk_whole_new")]
+            print(f"{size:>10} {kind:>7} {sec[0] or 'not run':>8} {sec[1]:>7} {ratio[0]:>8} {sec[2]:>12} {sec[3]:>11} "
+                  f"{ratio[1]:>8} {new.get('pairs', new.get('error', ''))!s:>7} {row.get('identical_pairs_old')}, "
+                  f"{row.get('identical_pairs_ttk', tt.get('error'))}", flush=True)
+    info = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}
+    if a.json:
+        from machine import write_json
+
+        write_json(a.json, info, indent=2)
+    print(f"load average during the run: {os.getloadavg()}")
+
+
 def child(which, shape, kind):
-    out = {"ours": run_ours, "gudhi": run_gudhi, "ttk": run_ttk}[which](shape, kind)
+    out = {"ours": run_ours, "gudhi": run_gudhi, "ttk": run_ttk, "hom-old": run_hom_old, "hom-new": run_hom_new,
+           "hom-ttk": run_hom_ttk}[which](shape, kind)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -135,7 +347,7 @@ def child(which, shape, kind):
 def spawn(which, shape, kind, pairs_path, timeout):
     env = dict(os.environ, BENCH_PAIRS=pairs_path)
     python = sys.executable
-    if which == "ttk":
+    if which in ("ttk", "hom-ttk"):
         from globscope_core.stages import paraview_env
 
         python, env = paraview_env.require("pvpython"), paraview_env.environment(env)
@@ -175,9 +387,16 @@ def main():
     ap.add_argument("--gudhi-timeout", type=int, default=300)
     ap.add_argument("--ttk", action="store_true", help="add TTK's timings (needs setup.sh --with-ttk)")
     ap.add_argument("--json")
+    ap.add_argument("--homology", action="store_true", help="the split tree's homology pairs: old, new (and TTK)")
+    ap.add_argument("--old-max", type=int, default=1_100_000, help="largest grid (points) given to the old pairs")
+    ap.add_argument("--old-timeout", type=int, default=600)
     a = ap.parse_args()
     if a.child:
         return child(a.child, tuple(int(x) for x in a.shape.split("x")), a.field)
+    if a.homology:
+        if a.sizes == ap.get_default("sizes"):
+            a.sizes = "128x128,1024x1024,64^3,128^3"
+        return homology_main(a)
     import tempfile
 
     rows = []
@@ -219,8 +438,9 @@ def main():
                       f"pairs identical to ours: {row.get('identical_pairs_ttk', tt.get('error'))}", flush=True)
     info = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(info, fh, indent=2)
+        from machine import write_json
+
+        write_json(a.json, info, indent=2)
     print(f"load average during the run: {os.getloadavg()}")
 
 

@@ -14,7 +14,6 @@ persistence.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -41,7 +40,6 @@ def main(argv=None):
 
     from globscope_core.stages import topology as topology_stage
     from globscope_core.stages.landscape import compute_landscape
-    from globscope_core.storage.safe_write import atomic_write_bytes
     from globscope_core.storage.vtk_files import read_vti
 
     tmp = tempfile.mkdtemp(prefix="check-precision-")
@@ -93,7 +91,9 @@ def main(argv=None):
           f"basin minima moved by at most {out['basin_minimum_shift_cells']} grid cells; basin persistence differs "
           f"by at most {out['basin_persistence_max_abs_diff']:.2e}; seconds {out['seconds']}")
     if a.out:
-        atomic_write_bytes(a.out, json.dumps(out, indent=1, default=float).encode())
+        from machine import write_json
+
+        write_json(a.out, out, default=float)
     return 0
 
 

@@ -12,7 +12,6 @@ the worst stored checkpoint; and the merge tree (5% relative persistence on log_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,6 @@ def main():
     from globscope_core.reducers import fit_reducer
     from globscope_core.stages import topology as topology_stage
     from globscope_core.stages.landscape import compute_landscape
-    from globscope_core.storage.safe_write import atomic_write_bytes
     from globscope_core.storage.study import Study
 
     torch.set_num_threads(2)
@@ -61,7 +59,9 @@ def main():
               f"({res['extrapolated']['worst_checkpoint_loss']:.3g}); merge tree leaves trusted "
               f"{res['merge_tree_trusted']['leaves']} vs all {res['merge_tree_all']['leaves']}", flush=True)
         if a.out:
-            atomic_write_bytes(a.out, json.dumps(out, indent=1, default=float).encode())
+            from machine import write_json
+
+            write_json(a.out, out, default=float)
     return 0
 
 

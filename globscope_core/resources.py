@@ -9,17 +9,25 @@ holds already, the cgroup limit (a container's "memory it was given") and ``GLOB
 (e.g. ``4G``, ``512M``: a cap the user sets, also used by the tests). On a GPU, the free memory of
 ``torch.cuda.mem_get_info`` plus what torch has reserved, for the device parts.
 
-The estimates are upper bounds of the stage's own big arrays plus a fixed base for the Python, torch
-and h5py runtime; bench/bench_scale.py prints them next to the measured peaks.
+An estimate is the process's resident memory when the stage starts (the interpreter, torch and what the stage
+has loaded: measured, ``held_now``), the libraries and runtime the stage loads later, and the large arrays of
+its largest phase (phases such as the Gram pass and the basis pass come one after the other: ``largest``).
+It is meant as the stage's peak resident memory (``ru_maxrss``) within 25%: bench/bench_memory.py runs every
+stage of six studies from 2e3 to 1.7e7 parameters and compares; tests/test_faults_memory.py checks two small
+ones. Long stages print it when they start (``require(..., say=True)``): one line ``memory: about ...``.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 from .errors import GlobScopeError
 
-BASE_BYTES = 600 << 20  # interpreter + torch + numpy + h5py + vtk, measured ~0.4-0.5 GiB
+# the interpreter with torch, numpy and h5py imported (measured 0.26-0.34 GiB): the floor of quick checks made
+# before a stage knows more; the stages' estimates measure what the process holds instead (held_now)
+BASE_BYTES = 320 << 20
 F32, F64 = 4, 8
+HELD = "held now"  # the part of every estimate that is this process's resident memory when it is made
 
 
 def format_bytes(n: float) -> str:
@@ -86,9 +94,56 @@ def gpu_memory(device) -> tuple[int, str]:
     return int(free) + int(torch.cuda.memory_reserved(device)), f"free memory on {device}"
 
 
-def require(parts: dict, what: str, device=None, gpu_parts: dict | None = None, hint: str = "") -> dict:
+def process_memory() -> tuple[int, int]:
+    """(resident set now, peak resident set so far) of this process, in bytes (0, 0 where unknown)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            now = int(psutil.Process().memory_info().rss)
+        except ImportError:
+            now = peak
+    return now, peak
+
+
+def held_now() -> dict:
+    """``{HELD: bytes}``: what this process holds already (at least the interpreter with torch, in case the
+    platform does not say), the first part of every stage's estimate."""
+    return {HELD: max(process_memory()[0], 250 << 20)}
+
+
+def largest(*phases: dict) -> dict:
+    """The phase ({part: bytes}) with the largest sum: phases that come one after the other (the Gram pass,
+    the basis pass, the evaluation) do not add up."""
+    return dict(max(phases, key=lambda p: sum(p.values())))
+
+
+def memory_line(parts: dict, gpu_parts: dict | None = None) -> str:
+    """``memory: about 3.10 GiB expected (held now 300 MiB, basis V [k, P] 1.20 GiB, ...)``: every part, largest
+    first (parts under 1 MiB are left out of the list, not out of the sum)."""
+    need = int(sum(parts.values()))
+    _, peak = process_memory()
+    shown = [f"{k} {format_bytes(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 1 << 20]
+    line = f"memory: about {format_bytes(max(need, peak))} expected ({', '.join(shown)}"
+    if peak > need:  # e.g. a data set loaded (and let go) before the stage's own arrays
+        line += f"; {format_bytes(peak)} reached already"
+    line += ")"
+    if gpu_parts:
+        line += f", GPU about {format_bytes(sum(gpu_parts.values()))}"
+    return line
+
+
+def require(parts: dict, what: str, device=None, gpu_parts: dict | None = None, hint: str = "",
+            say: bool = False) -> dict:
     """Raise a GlobScopeError when ``parts`` (host bytes) or ``gpu_parts`` (device bytes) do not fit.
 
+    ``say``: print the estimate (``memory_line``) on stderr once it fits: the first line of a long stage.
     Returns ``{"host_bytes", "host_limit", "gpu_bytes", "gpu_limit"}`` for the report.
     """
     out = {}
@@ -108,31 +163,114 @@ def require(parts: dict, what: str, device=None, gpu_parts: dict | None = None, 
             where = "GPU memory" if label == "gpu" else "memory"
             raise GlobScopeError(f"{what}: needs about {format_bytes(need)} of {where} ({detail}), but only {format_bytes(have)} "
                                  f"is there ({source}){'; ' + hint if hint else ''}")
+    if say:
+        gpu = gpu_parts if device is not None and getattr(device, "type", str(device)) == "cuda" else None
+        print(memory_line(parts, gpu), file=sys.stderr, flush=True)
     return out
 
 
 # --- the stages ------------------------------------------------------------------------------------
-def estimate_train(n_params: int, rows_per_run: int, train_samples: int, sample_numel: int, batch_size: int,
-                   optimizer: str = "sgd", activations_per_sample: int | None = None) -> dict:
-    """Training one run at a time: the data set, the model with gradients and optimizer state, and the
-    run's checkpoints, which are kept until the run is committed to the study in one transaction."""
+# resident memory that importing a library adds, measured after torch and h5py (each after the ones before it
+# in this order: scikit-learn's share is without scipy's; VTK's: the modules storage/vtk_files.py loads); umap's
+# includes numba, pynndescent and the code numba compiles when it first runs
+LIBRARY_BYTES = {"scipy": 40 << 20, "sklearn": 80 << 20, "matplotlib": 30 << 20, "vtkmodules": 45 << 20,
+                 "umap": 230 << 20}
+
+
+def libraries(*names: str) -> dict:
+    """``{"libraries (a, b)": bytes}`` of the libraries among ``names`` that this process has not imported yet."""
+    todo = [n for n in dict.fromkeys(names) if n not in sys.modules]
+    return {f"libraries ({', '.join(todo)})": sum(LIBRARY_BYTES[n] for n in todo)} if todo else {}
+
+
+# what torch's autograd engine, optimizers and thread pools add once a model trains (TRAIN_RUNTIME), and an
+# evaluation's allocations besides its arrays (EVAL_RUNTIME): measured resident memory, after less before
+TRAIN_RUNTIME = 40 << 20
+EVAL_RUNTIME = 40 << 20
+
+
+def estimate_train(n_params: int, rows_per_run: int, batch_size: int, optimizer: str = "sgd",
+                   activations: tuple[int, int] = (0, 0), eval_samples: int = 0, held: dict | None = None) -> dict:
+    """Training one run at a time (the data set is loaded: ``held now``): the run's checkpoints, which are kept
+    until the run is committed to the study in one transaction, with the model, its gradients and optimizer
+    state while it trains, or the rows read back while it commits. Activations: the larger of a training step's
+    (what autograd keeps for the backward pass of ``batch_size`` samples, with the gradients and workspaces:
+    2.5x, measured on ResNet-56 and the ViT) and an evaluation's (about 4 of the largest outputs of 2048 samples,
+    measured on the CIFAR CNN). ``activations``: one sample's (largest module output, tensors autograd keeps).
+    ``optimizer``: the one with the most state among the runs (sgd: momentum; adam, adamw: two moments)."""
     opt_states = {"sgd": 1, "adam": 2, "adamw": 2}.get(optimizer, 2)
-    act = activations_per_sample if activations_per_sample is not None else 64 * sample_numel
-    return {"base": BASE_BYTES, "data set": train_samples * sample_numel * F32,
-            "model, gradients, optimizer": n_params * F32 * (2 + opt_states),
-            "checkpoints of one run": rows_per_run * n_params * F32,
-            "activations": batch_size * act * F32}
+    largest_out, saved = activations
+    training = {"model, gradients, optimizer": n_params * F32 * (2 + opt_states),
+                "activations": max(5 * batch_size * saved // 2, 4 * min(2048, eval_samples) * largest_out)}
+    # the commit reads each row back through HDF5's checksum filter and compares it (NaN masks): ~4 rows
+    commit = {"commit: rows written, read back, compared": 4 * n_params * F32}
+    return {**(held if held is not None else held_now()), "autograd and optimizer runtime": TRAIN_RUNTIME,
+            "checkpoints of one run": rows_per_run * n_params * F32, **largest(training, commit)}
 
 
-def estimate_landscape(n_params: int, rank: int, chunk_points: int, n_points: int, eval_bytes: int,
-                       activation_budget: int = 256 << 20) -> dict:
-    """Decoding a chunk of grid points into full weights and evaluating them together."""
-    return {"base": BASE_BYTES,
-            "reducer basis [k, P]": rank * n_params * F32 + 2 * n_params * F32,
-            "decoded chunk [B, P]": 2 * chunk_points * n_params * F32,
-            "activations": activation_budget,
+def estimate_landscape(n_params: int, chunk_points: int, n_points: int, eval_bytes: int,
+                       activation_bytes: int = 256 << 20, model_copies: int = 1, held: dict | None = None) -> dict:
+    """Decoding a chunk of grid points into full weights and evaluating them together (the reducer, its
+    checkpoints' codes and the evaluation data are loaded: ``held now``): the decoded chunk [B, P], the
+    evaluator's model (``model_copies``: 2 on the per-model path, which works on its own copy) and one forward's
+    activations, then the field's arrays (float64 work copies, the float32 arrays written, VTK's copies)."""
+    return {**(held if held is not None else held_now()), **libraries("scipy", "vtkmodules"),
+            "evaluation runtime": EVAL_RUNTIME, "decoded chunk [B, P]": chunk_points * n_params * F32,
+            "evaluation model": model_copies * n_params * F32,
+            "activations": activation_bytes,
             "evaluation data": eval_bytes,
-            "field arrays": n_points * 8 * 8}
+            "field arrays": n_points * 8 * 12}
+
+
+def estimate_connect(n_params: int, points: int, bends: int, plane_resolution: int, reducer_bytes: int,
+                     data: tuple[int, int] = (0, 0), batch_size: int = 64, activations: tuple[int, int] = (0, 0),
+                     data_libraries: tuple = (), batchnorm: bool = False, held: dict | None = None) -> dict:
+    """A curve between two final models (stages/connect.py): the reducers of the views (``reducer_bytes``, their
+    files' size), the data set (``data``: what it keeps, its peak while loading) and the model stay; then, one
+    after the other, the curve's training (its bends with gradients and momentum, the end points, a step's
+    activations), the curve and line points with their evaluated copies (the line is made in float64), the
+    plane of the curve (its float64 basis, the paths decoded in float64, chunks of 128 models) and the latent
+    views (each loads its evaluation data again while the training data is held: what loading adds on top of
+    it), and the commit to paths.h5.
+    ``batchnorm``: the model's BatchNorm statistics are recomputed at every point (forward passes of 512 samples)."""
+    P, m = n_params, points
+    kept, load = data
+    rows = {"curve and line points, evaluated copies": 4 * m * P * F32}
+    phases = [{"data set while it loads": load},
+              {"data set": kept, "curve training (bends, gradients, momentum, ends)": (3 * bends + 6) * P * F32,
+               "training activations": 5 * batch_size * activations[1] // 2},
+              {"data set": kept, "curve and line points [m, P] while made (float64)": 7 * m * P * F32},
+              {"data set": kept, **rows, "BatchNorm statistics (512 samples)": 3 * 512 * activations[0] * batchnorm},
+              {"data set": kept, **rows, "evaluation data loaded again": load - kept,
+               "commit: rows read back": m * P * F32}]
+    if plane_resolution:  # chunks of grid points decoded and evaluated, then both paths decoded in float64
+        plane = {"data set": kept, **rows, "plane basis (float64)": 8 * P * F64}
+        phases.append({**plane, "evaluation data loaded again": load - kept,
+                       "plane chunk of models": 2 * min(128, plane_resolution**2) * P * F32})
+        phases.append({**plane, "paths decoded in the plane (float64)": 5 * m * P * F64})
+    # the libraries (views, plot) and torch's autograd come after the data set is loaded: not in its phase
+    late = {**libraries("scipy", "vtkmodules", "matplotlib", *data_libraries),
+            "autograd and optimizer runtime": TRAIN_RUNTIME}
+    phases = phases[:1] + [{**late, **p} for p in phases[1:]]
+    return {**(held if held is not None else held_now()), "reducers of the views": reducer_bytes,
+            "model": 2 * P * F32, **largest(*phases)}
+
+
+def estimate_align(n_params: int, rows_per_run: int, alphas: int, matching_bytes: int = 0, eval_bytes: int = 0,
+                   data: tuple[int, int] = (0, 0), data_libraries: tuple = (), held: dict | None = None) -> dict:
+    """Aligning every run to a reference (stages/align.py): the data set (``data``: what it keeps, its peak while
+    loading) and the models stay; per run its rows read and permuted (two copies), then either the matching
+    (``matching_bytes``: its cost matrices) or the straight line between two final models at ``alphas`` weights,
+    made in float64 and evaluated."""
+    P = n_params
+    kept, load = data
+    run = {"data set and its evaluation subset": kept + eval_bytes,
+           "one run's rows, read and permuted": 2 * rows_per_run * P * F32}
+    late = {**libraries("scipy", "matplotlib", *data_libraries), "evaluation runtime": EVAL_RUNTIME}
+    phases = [{"data set while it loads": load},  # first: the libraries and evaluations come after it
+              {**late, **run, "matching (cost matrices)": matching_bytes},
+              {**late, **run, "line between two models [alphas, P] (float64)": 3 * alphas * P * F64 + 2 * P * F64}]
+    return {**(held if held is not None else held_now()), "models": 4 * P * F32, **largest(*phases)}
 
 
 def check_device_memory(n_bytes: int, device, what: str) -> None:

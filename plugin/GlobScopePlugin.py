@@ -28,7 +28,7 @@ for _dir in (_ROOT, os.path.join(_ROOT, "python")):
         sys.path.append(_dir)
         break
 
-from globscope_core.storage import study_files  # noqa: E402 - the study's file names (stdlib only)
+from globscope_core.storage import study_files, vtk_files  # noqa: E402 - file names, checksums (numpy only)
 
 VTK_VERTEX, VTK_LINE = 1, 3
 
@@ -262,6 +262,9 @@ def _read(path):
     out = _xml_reader(path).GetOutputDataObject(0)
     if out is None or (out.IsA("vtkImageData") and out.GetNumberOfPoints() == 0):
         raise ValueError(f"{path}: holds no data")
+    stored = vtk_files.stored_checksum(out)  # older files have none: shown as they are
+    if stored is not None and stored != vtk_files.data_checksum(out):
+        raise ValueError(f"{path} is damaged (checksum mismatch): {vtk_files.rerun_hint(path)}")
     return out
 
 

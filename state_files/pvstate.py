@@ -395,8 +395,19 @@ if os.environ.get("GLOBSCOPE_GUI") == "1":  # paraview --script (globscope parav
     load_plugin()
     gui_view = build_2d(os.path.abspath(os.environ["GLOBSCOPE_STUDY"]), pv.GetActiveViewOrCreate("RenderView"))
     fit_view(gui_view, "landscape-2d")
+    # the pipeline browser selects the active source: the landscape (the reader's first port), not the last
+    # source built (the hidden connect legend)
+    pv.SetActiveSource(pv.FindSource("Study"))
+    from gui_window import fill_screen  # noqa: E402 - next to this file
+
+    try:  # ParaView opens its window at about 3/4 of the screen
+        window = fill_screen()
+    except Exception as exc:  # cosmetic: never worth the 2D view
+        window = f"left as it is ({type(exc).__name__}: {exc})"
     pv.Render(gui_view)
-    if os.environ.get("GLOBSCOPE_SCREENSHOT"):  # lets a test see what the GUI shows
+    if os.environ.get("GLOBSCOPE_SCREENSHOT"):  # lets a test see what the GUI shows, and what it chose
+        with open(os.environ["GLOBSCOPE_SCREENSHOT"] + ".txt", "w") as fh:
+            fh.write(f"active {sm.ProxyManager().GetProxyName('sources', pv.GetActiveSource())}\nwindow {window}\n")
         pv.SaveScreenshot(os.environ["GLOBSCOPE_SCREENSHOT"], gui_view, ImageResolution=[800, 600])
 elif __name__ == "__main__":
     args = sys.argv[1:]

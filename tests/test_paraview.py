@@ -61,9 +61,13 @@ def study_b(tmp_path_factory):
 
 
 def _run(argv, timeout, env=None, cwd=None, prefix=()):
+    """``argv`` with an X server of its own (paraview_env.run); on the timeout its whole group is killed."""
     env = env or paraview_env.environment()
-    p = subprocess.run(["timeout", "-s", "KILL", str(timeout)] + list(prefix) + paraview_env.command(argv, env), env=env, cwd=cwd,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        p = paraview_env.run(list(prefix) + argv, env, timeout=timeout, cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    except subprocess.TimeoutExpired as exc:
+        return 137, (exc.stdout or "") + f"\n(killed after {timeout} s)"
     return p.returncode, p.stdout
 
 
@@ -277,9 +281,10 @@ def _free_port():
 def _client_server(study, tmp_path, ranks):
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.fail("unshare/nsenter (util-linux) are needed to isolate pvserver")
-    # Under mpiexec, a pvserver rank on Xvfb sometimes fails to open the display ("bad X server
-    # connection"; here 1 of 3 runs with `xvfb-run -a`, 3 of 5 with a display of its own), a
-    # failure in pvserver itself, cause not found. Such a run is retried; any other failure fails at once.
+    # Under mpiexec, a pvserver rank on Xvfb used to fail to open the display ("bad X server connection";
+    # 1 of 3 runs with `xvfb-run -a`, 3 of 5 with a display of its own): Xvfb resets when its first client
+    # leaves and refuses who connects meanwhile. paraview_env.XServer passes -noreset; the retry stays, for
+    # that failure only; any other failure fails at once.
     for attempt in range(3):
         rc, text, server_log = _client_server_once(study, tmp_path / f"try{attempt}", ranks)
         if rc == 0 or "bad X server connection" not in server_log:
@@ -296,16 +301,20 @@ def _client_server_once(study, tmp_path, ranks):
     server = [paraview_env.find("pvserver"), f"--server-port={port}"]
     if ranks > 1:
         server = [shutil.which("mpiexec"), "-n", str(ranks)] + server
-    if paraview_env.needs_xvfb(env):
-        # the server's own display number: two `xvfb-run -a` started together (server, then the
-        # client) can pick the same free number
-        num = next(n for n in range(400 + port % 400, 1200) if not os.path.exists(f"/tmp/.X{n}-lock"))
-        server = [shutil.which("xvfb-run"), "-n", str(num), "-s", "-screen 0 1280x1024x24"] + server
+    xserver = paraview_env.XServer() if paraview_env.needs_xvfb(env) else None
+    # the server's own X display (its file socket reaches into the new namespace); the client gets another
+    server_env = dict(env, **xserver.start()) if xserver is not None else env
     inner = shlex.join(server)
     log = open(tmp_path / "server.log", "w")
     # unshare execs sh, which execs timeout: proc.pid lives in the new namespace, and leads the process group
-    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec timeout -s KILL 240 {inner}"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp_path))
+    try:
+        proc = subprocess.Popen(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec timeout -s KILL 240 {inner}"],
+                                env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(tmp_path))
+    except BaseException:
+        if xserver is not None:
+            xserver.stop()
+        raise
     try:
         time.sleep(0.5)
         out, png = str(tmp_path / "tree.npz"), str(tmp_path / "server.png")
@@ -320,6 +329,8 @@ def _client_server_once(study, tmp_path, ranks):
             pass
         proc.wait(timeout=30)
         log.close()
+        if xserver is not None:
+            xserver.stop()
     return (0 if ok else rc or 1), text, open(tmp_path / "server.log").read()
 
 

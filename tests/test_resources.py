@@ -26,7 +26,7 @@ def test_sizes_and_limits(monkeypatch):
     # the paper's CNN with 500 checkpoints and an exact basis: the basis alone is 9.5 GB
     parts = budget.estimate_fit(4_718_118, 500, block_rows=8)
     assert 9.4e9 < parts["basis V [k, P]"] < 9.5e9
-    with pytest.raises(GlobScopeError, match=r"fit x: needs about 10\.\d\d GiB of memory \(basis V \[k, P\] 8\.79 GiB"):
+    with pytest.raises(GlobScopeError, match=r"fit x: needs about (9|10)\.\d\d GiB of memory \(basis V \[k, P\] 8\.79"):
         resources.require(parts, "fit x")
     # a truncated basis is what makes it fit
     k = budget.default_max_rank(4_718_118)
@@ -39,8 +39,8 @@ def test_sizes_and_limits(monkeypatch):
 def test_train_refuses_before_starting(tmp_path):
     out = tmp_path / "s"
     rc, _, err = run_cli("train", "--dataset", "digits", "--model", "mlp", "--runs", "1", "--epochs", "3",
-                         "--every", "1", "--out", out, env={"GLOBSCOPE_MEMORY_LIMIT": "200M"})
-    one_line_error(rc, err, "needs about", "checkpoints of one run", "only 200 MiB is there (GLOBSCOPE_MEMORY_LIMIT)",
+                         "--every", "1", "--out", out, env={"GLOBSCOPE_MEMORY_LIMIT": "400M"})  # > the interpreter
+    one_line_error(rc, err, "needs about", "checkpoints of one run", "only 400 MiB is there (GLOBSCOPE_MEMORY_LIMIT)",
                    "--every")
     assert not os.path.exists(out / "study.h5")  # nothing was trained, and no empty study blocks the rerun
 
@@ -55,7 +55,7 @@ def test_fit_and_landscape_refuse_before_starting(study_copy):
     rc, _, err = run_cli("fit", d, "--reducer", "pca", "--no-eval")
     assert rc == 0, err
     rc, _, err = run_cli("landscape", d, "--reducer", "pca-2d", "--resolution", "5", env=limit)
-    one_line_error(rc, err, "landscape", "needs about", "activations", "only 100 MiB is there")
+    one_line_error(rc, err, "landscape", "needs about", "held now", "only 100 MiB is there")
     assert not os.path.exists(os.path.join(d, "landscape-2d.vti"))
 
 

@@ -48,7 +48,7 @@ def run_compare(tmp_path, cases, env=None):
     spec.write_text(json.dumps(cases))
     out = tmp_path / "result.json"
     argv = [PVPYTHON, os.path.join(ROOT, "tests", "ttk_compare.py"), str(spec), str(out)]
-    p = subprocess.run(paraview_env.command(argv, display=False), env=paraview_env.environment(env), capture_output=True,
+    p = subprocess.run(argv, env=paraview_env.environment(env), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0 and out.exists(), p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(out.read_text()), p
@@ -149,7 +149,7 @@ def test_plugin_says_which_engine_ran(tmp_path, engine):
     script.write_text(PIPELINE)
     env = dict(os.environ, GLOBSCOPE_NO_TTK="1") if engine == "globscope_core" else None
     argv = [PVPYTHON, str(script), paraview_env.PLUGIN, path]
-    p = subprocess.run(paraview_env.command(argv, display=False), env=paraview_env.environment(env), capture_output=True,
+    p = subprocess.run(argv, env=paraview_env.environment(env), capture_output=True,
                        text=True, timeout=300)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
@@ -169,7 +169,7 @@ def test_pvbatch_under_mpiexec_loads_ttk(tmp_path):
                       "print('RANK', hasattr(s, 'TTKMergeandContourTreeFTM') or hasattr(s, 'TTKMergeTree'),"
                       " P.ttk_module()[0] is not None, flush=True)\n")
     argv = [mpiexec, "-n", "2", pvbatch, str(script)]
-    p = subprocess.run(paraview_env.command(argv), env=paraview_env.environment(), capture_output=True, text=True, timeout=300)
+    p = paraview_env.run(argv, paraview_env.environment(), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("RANK")]
     assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-3000:]
     assert all(ln.split()[1:] == ["True", "True"] for ln in lines), lines

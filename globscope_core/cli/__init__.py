@@ -12,9 +12,12 @@ bug: main prints one line with a hint (GLOBSCOPE_DEBUG=1 shows the traceback) an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
+import shlex
+import signal
 import sys
 
 from ..errors import GlobScopeError
@@ -67,22 +70,82 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's stop, torchrun), raised where the program is, as Ctrl-C raises
+    KeyboardInterrupt: the same cleanup (temporaries removed, locks released) and the same message."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+# what an interrupted command keeps, and the command that continues it: (what is kept, how, an option it needs)
+AFTER_INTERRUPT = {
+    "train": ("the finished runs are kept", "continue with", "--resume"),
+    "landscape": ("the finished chunks are kept", "continue with", None),  # and without --fresh
+    "connect": ("the curve's training so far is kept", "continue with", None),
+    "demo": ("the finished stages are kept", "continue with", None),
+    "align": ("the aligned study was not written (a DEEP-ALIGN net keeps its training so far)", "rerun", None),
+}
+NOTHING_TO_CONTINUE = ("info", "paraview")
+
+
+def interrupted_message(command: str, argv: list) -> str:
+    """One line: what an interrupted ``globscope COMMAND ARGV`` kept and the exact command to go on with."""
+    if command in NOTHING_TO_CONTINUE:
+        return f"globscope {command}: interrupted"
+    kept, how, option = AFTER_INTERRUPT.get(command, ("nothing was kept", "rerun", None))
+    args = list(argv)
+    if command == "landscape":  # --fresh again would throw away the chunks that are kept
+        args = [a for a in args if not (len(a) > 3 and "--fresh".startswith(a))]
+    if option and not any(len(a) > 3 and option.startswith(a) for a in args):
+        args.append(option)
+    return f"globscope {command}: interrupted: {kept}; {how}: {shlex.join(['globscope', *args])}"
+
+
+def _close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def main(argv=None) -> int:
+    """The command line; SIGTERM is handled like Ctrl-C while it runs (exit status 143 instead of 130)."""
+    previous = None
+    with contextlib.suppress(ValueError):  # only the main thread can set a handler: elsewhere, left as it is
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as exc:  # before a command started (while parsing, importing)
+        print("globscope: interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list) -> int:
     # two cores shared with pvbatch and friends: let torch use what the machine has, not more
     os.environ.setdefault("KMP_WARNINGS", "0")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a refused option (2, its line already printed)
-        return exc.code if isinstance(exc.code, int) else 2
+        return (exc.code if isinstance(exc.code, int) else 2) if _flushed() else 141
     try:
         rc = args.func(args)
     except GlobScopeError as exc:
         print(f"globscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"globscope {args.command}: interrupted (finished work is kept; rerun to resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        _close_progress_bars()  # so the message is a line of its own, and the last one
+        print(interrupted_message(args.command, argv), file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:  # the file system said no (permissions, missing path): the user can act on it
+        if isinstance(exc, BrokenPipeError) and not _flushed(poll=True):
+            return 141
         if os.environ.get("GLOBSCOPE_DEBUG"):
             raise
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
@@ -94,7 +157,30 @@ def main(argv=None) -> int:
         print(f"globscope {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
               "(a bug; rerun with GLOBSCOPE_DEBUG=1 for the traceback and report it)", file=sys.stderr)
         return 3
-    return int(rc or 0)
+    return int(rc or 0) if _flushed() else 141
+
+
+def _flushed(poll: bool = False) -> bool:
+    """Flush stdout; False when its reader went away (`globscope info STUDY | head -1`): the command then ends
+    without a word and with 141 (128 + SIGPIPE), as Unix tools do, and stdout goes to /dev/null so that
+    Python's own last flush is quiet too. ``poll``: also ask the pipe (a write that failed unbuffered left
+    nothing to flush), to tell stdout's broken pipe from another one."""
+    try:
+        sys.stdout.flush()
+        if poll:
+            import select
+
+            p = select.poll()
+            p.register(sys.stdout.fileno(), select.POLLOUT)
+            if any(ev & select.POLLERR for _, ev in p.poll(0)):
+                raise BrokenPipeError
+        return True
+    except (OSError, ValueError) as exc:  # ValueError, io.UnsupportedOperation: no descriptor (captured output)
+        if not isinstance(exc, BrokenPipeError):
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def _one_line(exc) -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..stages.fit import KINDS
-from .args import at_least, device, new_or_dir, nonnegative_int, positive_int, study_dir
+from .args import at_least, device, new_or_dir, nonnegative_int, positive_int, seed, study_dir
 
 
 def register(sub):
@@ -21,7 +21,7 @@ def register(sub):
     p.add_argument("--aligner-steps", type=positive_int, default=None,
                    help="deep-align: training steps of the aligner saved in STUDY/aligners/ (default 300; "
                         "a saved one with fewer steps resumes)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the matching's random order")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the matching's random order")
     p.add_argument("--compare-basins", action="store_true",
                    help="also run fit, landscape and topology on both studies and compare their basins")
     p.add_argument("--reducer", default="pca", choices=KINDS,

@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import re
+import sys
 
 from ..storage.study_files import study_h5
 
@@ -41,6 +42,10 @@ positive_int = _checked(int, "a positive integer", lambda v: v > 0)
 nonnegative_int = _checked(int, "0 or more", lambda v: v >= 0)
 positive_float = _checked(float, "a positive number", lambda v: v > 0)
 nonnegative_float = _checked(float, "0 or more", lambda v: v >= 0)
+# every --seed and --data-seed: numpy's RandomState (scikit-learn's KernelPCA, UMAP) takes seeds below 2**32, torch
+# below 2**64 (and train adds the run number); one range for all, so a seed that works for one command works for all
+SEED_LIMIT = 2**32
+seed = _checked(int, f"a seed from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
 
 
 def csv_of(kind):
@@ -88,9 +93,13 @@ _DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 def device(text: str) -> str:
-    """auto, cpu, cuda, cuda:N or mps (checked without importing torch; whether a GPU is there is checked later)."""
+    """auto, cpu, cuda, cuda:N or mps (checked without importing torch; whether a GPU is there is checked before
+    any work, networks/device.py). MPS is Apple's GPU: elsewhere no torch build has it, so it is refused here."""
     if not _DEVICE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"'{text}' is not a device (use auto, cpu, cuda, cuda:N or mps)")
+    if text == "mps" and sys.platform != "darwin":
+        raise argparse.ArgumentTypeError(f"'mps' is Apple's GPU (macOS only), not available on {sys.platform} "
+                                         "(use auto, cpu, or cuda where there is an NVIDIA GPU)")
     return text
 
 
@@ -153,7 +162,7 @@ def study_dir(text: str) -> str:
 def add_dataset_args(p, required=True):
     p.add_argument("--dataset", required=required, help="digits, mnist-5k (built in), mnist, cifar10, cifar100 (local files), or module:callable")
     p.add_argument("--data-dir", help="directory with the data files (MNIST IDX, CIFAR python batches)")
-    p.add_argument("--data-seed", type=nonnegative_int, default=0, help="seed of the digits train/test split")
+    p.add_argument("--data-seed", type=seed, default=0, help="seed of the digits train/test split")
 
 
 def add_model_args(p, required=True):

@@ -7,9 +7,9 @@ from .args import (
     at_least,
     device,
     nonnegative_float,
-    nonnegative_int,
     positive_float,
     positive_int,
+    seed,
     study_dir,
     zero_or_at_least,
 )
@@ -54,7 +54,7 @@ def register(sub):
                    help="grid points per axis of the loss in the plane through A, B and the bend (0: none)")
     p.add_argument("--plane-eval-samples", type=positive_int, default=1024, help="samples for the plane's loss")
     p.add_argument("--no-line", action="store_true", help="do not store the straight-line points as checkpoints")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the curve's training")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the curve's training")
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_connect)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..stages.fit import KINDS, compare_study, fit_study, format_table
 from ..storage.study_files import compare_png, reducer_file
-from .args import csv_of, device, nonnegative_int, one_of, positive_float, positive_int, study_dir
+from .args import csv_of, device, one_of, positive_float, positive_int, seed, study_dir
 
 
 def _ae_config(args) -> dict:
@@ -42,9 +42,18 @@ def register(sub):
 
 
 def _add_holdout_arg(p):
-    p.add_argument("--no-holdout", action="store_true",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-holdout", action="store_true",
                    help="skip the held-out fidelity (an extra fit on 3/4 of each run's checkpoints, scored on "
                         "the rest); for huge studies")
+    g.add_argument("--holdout", action="store_true",
+                   help="require the held-out fidelity: refuse a study with no run of 5 or more checkpoints "
+                        "(by default such a study is fitted without it, with a note)")
+
+
+def _holdout(args):
+    """True: required; False: off; None (neither option): when the study has checkpoints to hold out."""
+    return True if args.holdout else (False if args.no_holdout else None)
 
 
 def _add_ae_args(p):
@@ -53,7 +62,7 @@ def _add_ae_args(p):
     g.add_argument("--depth", type=positive_int, help="hidden layers in encoder and decoder (default 2)")
     g.add_argument("--epochs", type=positive_int, help="full-batch epochs (default 1500)")
     g.add_argument("--lr", type=positive_float, help="peak learning rate (default 2e-3)")
-    g.add_argument("--seed", type=nonnegative_int, help="seed (default 0)")
+    g.add_argument("--seed", type=seed, help="seed (default 0)")
     g.add_argument("--residual", choices=("polyharmonic", "gaussian"),
                    help="interpolant of the residual at the checkpoints (default polyharmonic: phi(r) = r spline)")
 
@@ -63,7 +72,7 @@ def cmd_fit(args):
     if args.max_rank:
         cfg["max_rank"] = args.max_rank
     r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
-                        eval_samples=args.eval_samples, device=args.device, holdout=not args.no_holdout, **cfg)
+                        eval_samples=args.eval_samples, device=args.device, holdout=_holdout(args), **cfg)
     print(f"{reducer_file(args.study, r.name)}: fitted in {info['fit_seconds']:.1f} s, "
           f"peak memory {info['peak_rss_mb']:.0f} MB")
     if "reconstruction" in info:
@@ -74,7 +83,9 @@ def cmd_fit(args):
         print(f"  trustworthiness {st['trustworthiness']:.3f}, continuity {st['continuity']:.3f}, "
               f"distance Spearman {st['distance_spearman']:.3f}, finals apart {st['finals_apart']}")
     ho = info.get("held_out")
-    if ho:
+    if ho and ho.get("skipped"):
+        print(f"  held-out: skipped: {ho['skipped']}")
+    elif ho:
         p = ho["protocol"]
         print(f"  held-out ({p['held_out']} of {p['held_out'] + p['fitted']} checkpoints: every 4th of each run, "
               f"never its first two nor its last; fitted on the rest):")
@@ -86,6 +97,6 @@ def cmd_fit(args):
 def cmd_compare(args):
     kinds = list(dict.fromkeys(args.reducers))  # checked by the option's type; each once
     rows = compare_study(args.study, args.dim, kinds, eval_samples=args.eval_samples, device=args.device,
-                         max_rank=args.max_rank, holdout=not args.no_holdout, **_ae_config(args))
+                         max_rank=args.max_rank, holdout=_holdout(args), **_ae_config(args))
     print(format_table(rows))
     print(f"saved: {compare_png(args.study, args.dim)}, report.json[compare-{args.dim}d]")

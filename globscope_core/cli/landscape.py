@@ -46,6 +46,8 @@ def cmd_landscape(args):
 
     from ..stages.landscape import compute_landscape
 
+    if args.precision == "bf16" and int(os.environ.get("RANK", "0")) == 0:  # said once, by rank 0
+        _warn_bf16_cpu(args.device)
     info = compute_landscape(args.study, args.reducer, args.resolution, split=args.split,
                              eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,
                              device=args.device, progress=not args.no_progress, chunk_points=args.chunk_points,
@@ -78,3 +80,14 @@ def cmd_landscape(args):
     if info.get("trajectories"):
         print(f"{info['trajectories']}")
     return 0
+
+
+def _warn_bf16_cpu(device: str) -> None:
+    """bf16 on a CPU without bf16 units is emulated, several times slower than fp32: say so (not an error)."""
+    import sys
+
+    from ..networks.device import bf16_cpu_warning, resolve_device
+
+    msg = bf16_cpu_warning() if resolve_device(device).type == "cpu" else None
+    if msg:
+        print(f"globscope landscape: warning: {msg}", file=sys.stderr, flush=True)

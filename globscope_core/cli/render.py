@@ -1,6 +1,8 @@
 """Subcommands `globscope render` (pvbatch images of a study) and `globscope paraview` (the GUI)."""
 from __future__ import annotations
 
+import sys
+
 from .args import existing_dir, new_or_dir, positive_int
 
 
@@ -18,9 +20,13 @@ def register(sub):
 
 
 def cmd_render(args):
-    from ..stages.render import render_study
+    from ..stages.render import RenderInterrupted, render_study
 
-    render_study(args.study, args.out, paraview=False if args.quick else None, timeout=args.timeout)
+    try:
+        render_study(args.study, args.out, paraview=False if args.quick else None, timeout=args.timeout)
+    except RenderInterrupted as exc:  # pvbatch and its X server are stopped: say what the folder holds
+        print(f"globscope render: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

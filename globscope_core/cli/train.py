@@ -9,10 +9,10 @@ from .args import (
     device,
     new_or_dir,
     nonnegative_float,
-    nonnegative_int,
     one_of,
     positive_float,
     positive_int,
+    seed,
 )
 
 
@@ -31,7 +31,7 @@ def register(sub):
                    "(default: 0.05)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="weight decay (default: 0)")
     p.add_argument("--every", type=positive_int, help="checkpoint every k steps (default: every epoch)")
-    p.add_argument("--seed", type=nonnegative_int, default=None, help="seed of run 0; run i uses seed+i (default: 0)")
+    p.add_argument("--seed", type=seed, default=None, help="seed of run 0; run i uses seed+i (default: 0)")
     p.add_argument("--eval-samples", type=positive_int, default=None,
                    help="samples for train/test loss at checkpoints (default: 10000)")
     p.add_argument("--label", default="", help="free label stored with each run")

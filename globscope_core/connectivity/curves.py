@@ -58,7 +58,7 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
     """Train the free bends; returns the control points [bends+2, P] (float32, A first, B last)."""
     from torch.func import functional_call
 
-    from ..networks.optimizers import make_optimizer
+    from ..networks.optimizers import divergence_hint, make_optimizer
 
     device = device or torch.device("cpu")
     model = model.to(device)
@@ -105,7 +105,7 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
                 bar.close()
                 remove_file(partial_path)  # resuming would only diverge again
                 raise GlobScopeError(f"curve training diverged: loss {loss.item()} at epoch {epoch + 1}, t={t:.3f}; "
-                                     f"try a lower --lr (now {lr}). Nothing was stored.")
+                                     f"{divergence_hint(optimizer, lr, weight_decay)}. Nothing was stored.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -115,7 +115,7 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
             bar.close()
             remove_file(partial_path)
             raise GlobScopeError(f"curve training diverged: bends not finite after epoch {epoch + 1}; "
-                                 f"try a lower --lr (now {lr}). Nothing was stored.")
+                                 f"{divergence_hint(optimizer, lr, weight_decay)}. Nothing was stored.")
         bar.set_postfix(epoch=epoch + 1, loss=f"{total / n:.4f}")
         if partial_path:
             save_torch({"config": config_key, "epoch": epoch + 1, "free": free.detach().cpu(),

@@ -28,7 +28,8 @@ def recompute_bn(model, x, batch_size: int = 512, device=None) -> bool:
         xb = x[s : s + batch_size].to(device)
         for m in bns:  # weight each batch by its size (as Garipov et al.'s update_bn does)
             m.momentum = len(xb) / (seen + len(xb))
-        model(xb)
+        with torch.no_grad():  # statistics only: autograd would keep every activation (3 GB for ResNet-56)
+            model(xb)
         seen += len(xb)
     for m, mom in zip(bns, momenta):
         m.momentum = mom

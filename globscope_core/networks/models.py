@@ -160,6 +160,7 @@ def build_model(spec: dict) -> nn.Module:
         fn = _REGISTRY[name]
     else:
         raise GlobScopeError(f"unknown model '{name}'; registered: {', '.join(registered())}, or module:callable")
+    _check_size(name, fn, kwargs)
     try:
         model = fn(**kwargs)
     except (TypeError, ValueError) as exc:  # wrong names, types or values of the user's arguments
@@ -167,6 +168,23 @@ def build_model(spec: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise GlobScopeError(f"model '{name}' did not return a torch.nn.Module")
     return model
+
+
+def _check_size(name: str, fn, kwargs: dict) -> None:
+    """A model too large for memory (``--model-arg widths=[1000000000]``) is refused before it is built: its
+    size is counted on torch's meta device, which allocates nothing (constructors that cannot run there are
+    not checked)."""
+    from ..resources import F32, require
+
+    try:
+        with torch.device("meta"):
+            model = fn(**kwargs)
+        n = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    except Exception:  # the real build below reports what is wrong with the arguments
+        return
+    # the model's own size only: the interpreter and the stage's other parts are the stage's estimate, which
+    # names them (a small model under a tight limit is not the model arguments' fault)
+    require({f"{n:,} parameters": n * F32}, f"model '{name}' {kwargs}", hint="choose smaller model arguments (--model-arg)")
 
 
 def parse_kwargs(items: list[str] | None) -> dict:

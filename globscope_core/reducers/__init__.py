@@ -42,7 +42,7 @@ def _check_memory(r, study, config) -> None:
     from .budget import default_max_rank, estimate_fit
 
     rank = config.get("max_rank") or default_max_rank(study.n_params)
-    require(estimate_fit(study.n_params, study.n_checkpoints, config.get("block_rows"), rank),
+    require(estimate_fit(study.n_params, study.n_checkpoints, config.get("block_rows"), rank, kind=r.kind),
             f"fit {r.name} on {getattr(study, 'h5_path', 'the checkpoints')} ({study.n_checkpoints} checkpoints x "
             f"{study.n_params:,} parameters)", hint="keep fewer basis directions (--max-rank K)")
 

@@ -38,6 +38,19 @@ DEFAULTS = {"width": "auto", "depth": 2, "epochs": 1500, "lr": 2e-3, "seed": 0, 
 RESIDUALS = ("polyharmonic", "gaussian")
 
 
+def auto_width(n_fit: int, depth: int) -> int:
+    """The "auto" width: enough readout features (width * depth) to interpolate every checkpoint."""
+    return max(128, -(-(n_fit + 8) // int(depth)))
+
+
+def network_bytes(k: int, dim: int, width: int, depth: int) -> int:
+    """Memory of the autoencoder on k basis coordinates (_mlp and _Decoder below): float32 weights, gradients
+    and Adam's two moments while it trains, then the float64 copy it is refitted and saved in."""
+    hidden = (depth - 1) * (width * width + width)
+    n = (k * width + width + hidden + width * dim + dim) + (dim * width + width + hidden + width * depth * k + k)
+    return n * (4 * 4 + 8)
+
+
 def _mlp(n_in, width, depth, n_out):
     layers, d = [], n_in
     for _ in range(depth):
@@ -110,8 +123,7 @@ class AutoencoderReducer(SpanReducer):
         cfg = self.config
         # the basis may have fewer than dim directions (tiny studies): pad the coordinates
         self.k_ = k
-        # "auto" width: enough readout features (width * depth) to interpolate every checkpoint
-        width = cfg["width"] if cfg["width"] != "auto" else max(128, -(-(self.n_fit_ + 8) // int(cfg["depth"])))
+        width = cfg["width"] if cfg["width"] != "auto" else auto_width(self.n_fit_, cfg["depth"])
         self.width_ = int(width)
         self.net = _AE(max(k, self.dim), self.dim, self.width_, int(cfg["depth"]))
 

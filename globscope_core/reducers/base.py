@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch
 from ..errors import GlobScopeError
 from ..storage.study import Study
 from ..storage.study_files import reducer_file
-from .budget import default_max_rank
+from .budget import default_max_rank, work_rows
 
 REDUCER_KINDS: dict[str, type] = {}
 
@@ -99,6 +100,7 @@ class Reducer:
             raise GlobScopeError(f"{path}: not a GlobScope reducer file ({type(exc).__name__})") from None
         if "checksum" in payload and payload["checksum"] != _checksum(payload):
             raise GlobScopeError(f"{path}: damaged reducer file (checksum mismatch); refit it with 'globscope fit'")
+        _check_name(path, payload)
         try:
             r = cls(dim=int(payload["dim"]), **json.loads(payload["config"]))
             r.study_id = payload.get("study_id") or None
@@ -108,6 +110,25 @@ class Reducer:
             raise GlobScopeError(f"{path}: incomplete or outdated reducer file ({type(exc).__name__}: {exc}); "
                                  "refit it with 'globscope fit'") from None
         return r
+
+
+def _check_name(path: str, payload: dict) -> None:
+    """A reducer file named ``<kind>-<dim>d.pt`` must hold that kind and latent dimension: the stages name their
+    outputs by the reducer (a 3D one under a 2D name would replace landscape-3d.vti), users pick it by file name."""
+    m = re.fullmatch(r"(.+)-(\d+)d\.pt", os.path.basename(path))
+    try:
+        dim = int(payload["dim"])
+    except (KeyError, TypeError, ValueError):
+        return  # an incomplete file: said when it is read
+    emb = payload.get("state", {}).get("embedding") if isinstance(payload.get("state"), dict) else None
+    if torch.is_tensor(emb) and emb.ndim == 2 and emb.shape[1] != dim:
+        raise GlobScopeError(f"{path}: damaged reducer file (its embedding is {emb.shape[1]}-dimensional, the file "
+                             f"says {dim}); refit it with 'globscope fit'")
+    named_kind = m and (m.group(1) in REDUCER_KINDS and m.group(1) != payload.get("kind"))  # 'mine-2d.pt' may be any
+    if m and (named_kind or int(m.group(2)) != dim):
+        raise GlobScopeError(f"{path}: holds a {dim}-dimensional {payload.get('kind')} reducer "
+                             f"({payload.get('kind')}-{dim}d), not what its name says; rename it to "
+                             f"{payload.get('kind')}-{dim}d.pt or fit {m.group(1)}-{m.group(2)}d again")
 
 
 def _checksum(payload: dict) -> str:
@@ -123,7 +144,7 @@ def _checksum(payload: dict) -> str:
                 add(k, v[k])
         elif torch.is_tensor(v):
             h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy: V is GBs
         else:
             h.update(repr(v).encode())
 
@@ -164,7 +185,8 @@ class SpanReducer(Reducer):
 
     def transform(self, X) -> np.ndarray:
         if hasattr(X, "iter_params"):  # a Study: stream it
-            return np.concatenate([self._encode(self.basis.to_coords(B)) for _, B in X.iter_params()], 0)
+            return np.concatenate([self._encode(self.basis.to_coords(B))
+                                   for _, B in X.iter_params(work_rows(X.n_params))], 0)
         return np.asarray(self._encode(self.basis.to_coords(X)), dtype=np.float64)
 
     def inverse_transform_torch(self, z: torch.Tensor) -> torch.Tensor:

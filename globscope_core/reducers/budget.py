@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import os
 
-from ..resources import BASE_BYTES, F32, F64, parse_size
+from ..resources import F32, F64, held_now, largest, libraries, parse_size
 from .gram import BLOCK_BYTES, PANEL_BYTES, rows_for
+
+# rows of the checkpoint matrix that the metrics and the held-out scoring handle at a time: their float64
+# differences take ~8x the block, so a block of whole rows must stay small (256 rows of a 1.7e7-parameter
+# MLP were 4.4 GB)
+WORK_BLOCK_BYTES = 32 << 20
+
+
+def work_rows(n_params: int) -> int:
+    return int(max(1, WORK_BLOCK_BYTES // (F32 * max(1, n_params))))
 
 
 def basis_rank(n_checkpoints: int, max_rank: int | None) -> int:
@@ -20,18 +29,86 @@ def default_max_rank(n_params: int) -> int:
     return int(max(8, budget // (F32 * max(1, n_params))))
 
 
-def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = None,
-                 max_rank: int | None = None) -> dict:
-    """The streamed span basis (basis.py, gram.py) and a reducer on its coordinates.
+# what each kind loads and builds on the [N, k] coordinates beyond the basis: libraries (resources.LIBRARY_BYTES),
+# torch's autograd for the autoencoder, and [N, N] work arrays in bytes per N^2
+KIND_LIBRARIES = {"ae": (), "pca": (), "kpca": ("scipy", "sklearn"), "umap": ("scipy", "sklearn", "umap")}
+KIND_RUNTIME = {"ae": 40 << 20}
+KIND_PAIR_BYTES = {"ae": 48, "pca": 0, "kpca": 48, "umap": 24}
 
-    The Gram pass (a float64 panel + a float32 stream block) and the basis pass (V + a row block) come one
-    after the other: the larger of the two counts."""
-    N, P = n_checkpoints, n_params
+
+def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_rank: int | None = None,
+                 floor: bool = False) -> list[dict]:
+    """The phases of ``SpanBasis.fit`` on ``n_rows`` rows, one after the other (bytes of their large arrays).
+
+    Pass 1 keeps float64 sums, squares and a shift of P and makes mean, spread and median copies of them at its
+    end; the Gram pass holds a float64 panel of rows (PANEL_BYTES), a float64 stream block and the standardized
+    block with its temporary; the basis pass holds V [k, P], a row block standardized (two copies) and a
+    column slice of the product. Pages that are never written (a stream buffer when one panel holds every row)
+    cost nothing and are not counted."""
+    N, P = n_rows, n_params
     k = basis_rank(N, max_rank)
-    block = min(N, block_rows or rows_for(64 << 20, P, N))
-    gram_pass = {"Gram panel and stream block": rows_for(PANEL_BYTES, P, N, 8) * P * F64
-                 + rows_for(BLOCK_BYTES, P, N) * P * (3 * F32 + F64)}  # read, standardized, temp, float64
-    basis_pass = {"basis V [k, P]": k * P * F32, "row block": block * P * (F32 + F64), "column slice": 64 << 20}
-    larger = basis_pass if sum(basis_pass.values()) >= sum(gram_pass.values()) else gram_pass
-    return {"base": BASE_BYTES, "mean, scale, sums [P]": P * (2 * F32 + 3 * F64),
-            "Gram and coordinates [N, N]": 4 * N * N * F64, **larger}
+    vec = P * F32 * (3 if floor else 2)  # mean, scale (and the floor of BatchNorm variances)
+    bb = min(N, block_rows or rows_for(64 << 20, P, N))
+    Bb = bb * P * F32
+    pr, br = rows_for(PANEL_BYTES, P, N, 8), rows_for(BLOCK_BYTES, P, N)
+    stream = min(br, N - pr) if N > pr else 0
+    cols = max(1, (64 << 20) // (4 * k))
+    return [
+        {"mean and spread pass: float64 vectors [P]": 17 * P * F32, "row block and its float64 copies": 5.25 * Bb},
+        {"mean, scale [P]": vec, "Gram panel (float64)": min(pr, N) * P * F64,
+         "Gram stream block": stream * P * F64 + min(br, N) * P * 3 * F32, "Gram matrix [N, N]": 4 * N * N * F64},
+        {"mean, scale [P]": vec, "basis V [k, P]": k * P * F32, "row block standardized": 3 * Bb,
+         "column slice": min(64 << 20, k * P * F32) + (bb * cols * F32 if cols < P else 0)},
+    ]
+
+
+def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = None, max_rank: int | None = None,
+                 kind: str = "ae", floor: bool = False, evaluate: dict | None = None, holdout_rows: int = 0,
+                 data_libraries: tuple = (), held: dict | None = None) -> dict:
+    """The peak of fitting a span reducer (reducers/__init__.py ``fit_reducer``; with ``evaluate`` and
+    ``holdout_rows`` what ``globscope fit`` does around it, stages/fit.py).
+
+    ``evaluate``: ``{"model": bytes of one model, "data": bytes of the data set while it loads, "eval": bytes of
+    the evaluation subset, "activations": bytes of one evaluation forward}`` when the fitted reducer is scored
+    (reconstruction, decoded losses, structure) and, with ``holdout_rows`` > 0, first fitted on that many rows
+    and scored on the rest; ``data_libraries``: what loading the data set imports (the scorer does it first).
+    ``held``: the part already resident (resources.held_now(), the default).
+    Returns ``{part: bytes}`` of the largest phase, ``held now`` and the libraries included."""
+
+    N, P = n_checkpoints, n_params
+    work = min(N, work_rows(P)) * P * F32  # metrics and held-out blocks: float64 differences ~6-10x
+
+    def fitting(n):  # the basis passes, then the kind on the coordinates (V, mean and scale kept)
+        kn = basis_rank(n, max_rank)
+        fitted = {"mean, scale [P]": P * F32 * (3 if floor else 2), "basis V [k, P]": kn * P * F32}
+        coords = {f"{kind} on the coordinates [N, k], [N, N]": KIND_PAIR_BYTES.get(kind, 0) * n * n + 3 * n * kn * F64}
+        return basis_phases(P, n, block_rows, max_rank, floor) + [{**fitted, **coords}], fitted
+
+    phases, fitted = fitting(N)
+    ev = evaluate or {}
+    scored = bool(evaluate and holdout_rows)
+    scorer = {"held-out scorer: model and data": ev.get("model", 0) + ev.get("eval", 0)} if scored else {}
+    if evaluate:  # reconstruction blocks, then every checkpoint and its decoded copy evaluated (own model, data)
+        phases.append({**fitted, "metrics blocks (float64)": 6 * work})  # numpy reuses the temporaries of d**2
+        # the data set loaded again; with the scorer's copy held, only the part that loading adds on top
+        reload = max(0, ev.get("data", 0) - (ev.get("eval", 0) if scored else 0))
+        phases.append({**fitted, "metrics blocks": 4 * work, "data set while it loads": reload,
+                       "model for the decoded losses": ev.get("model", 0),
+                       "evaluation activations": ev.get("activations", 0)})
+    if scored:  # the held-out scorer (a model, its data) lives through the whole stage
+        held_phases, held_fit = fitting(max(1, N - holdout_rows))
+        held_fit = {f"held-out {k}": v for k, v in held_fit.items()}
+        held_blocks = 10 * min(holdout_rows, work_rows(P)) * P * F32  # the held-out rows' blocks, scored
+        held_phases.append({**held_fit, "held-out blocks (float64)": held_blocks})
+        phases = [{**scorer, **p} for p in phases + held_phases]
+    if evaluate:  # last, the structure metrics: scikit-learn and scipy on [N, N] distances
+        phases.append({**scorer, **fitted, **libraries("scipy", "sklearn", *KIND_LIBRARIES.get(kind, ())),
+                       "structure metrics [N, N]": 4 * N * N * F64})
+    # the kind's libraries and torch's autograd come with the first fit, after the scorer has loaded its data
+    late = {**libraries(*KIND_LIBRARIES.get(kind, ()), *(data_libraries if scored else ())),
+            **({"autograd runtime": KIND_RUNTIME[kind]} if kind in KIND_RUNTIME else {})}
+    phases = [{**late, **p} for p in phases]
+    if scored:
+        phases.append({"data set while it loads": ev.get("data", 0), "held-out scorer: model": ev.get("model", 0),
+                       "evaluation activations": ev.get("activations", 0)})
+    return {**(held if held is not None else held_now()), **largest(*phases)}

@@ -23,6 +23,8 @@ import hashlib
 import numpy as np
 import torch
 
+from .budget import work_rows
+
 PROTOCOL = ("in each run (step order), checkpoints at positions 3, 7, 11, ... (every 4th) are held out, never "
             "the first two nor the last; the reducer (basis included) is fitted on the rest with its usual seed, "
             "each held-out checkpoint is encoded and decoded; standardized = divided by the fitted rows' "
@@ -43,6 +45,18 @@ def holdout_split(study, every: int = EVERY) -> tuple[np.ndarray, np.ndarray, np
     held = np.asarray(held, np.int64)
     fit = np.setdiff1d(np.arange(study.n_checkpoints), held)
     return fit, held, np.asarray(nb, np.int64).reshape(-1, 2)
+
+
+MIN_RUN_CHECKPOINTS = FIRST + 2  # position 3 held out needs a checkpoint after it: 5 checkpoints
+
+
+def nothing_to_hold_out(study) -> str | None:
+    """Why the study has no checkpoint to hold out (no run of 5 or more checkpoints), or None when it has one."""
+    if len(holdout_split(study)[1]):
+        return None
+    longest = max((len(study.run_rows(r, label=None)) for r in range(len(study.runs))), default=0)
+    return (f"no run has {MIN_RUN_CHECKPOINTS} or more checkpoints (the longest has {longest}; held out are the "
+            f"4th, 8th, ... of a run, never its last)")
 
 
 class RowSubset:
@@ -73,7 +87,7 @@ def _gaps(orig, dec) -> dict:
 class HeldOutScorer:
     """Scores decoded held-out rows against the originals (one instance per study and split)."""
 
-    def __init__(self, study, split="test", eval_samples=2000, device="cpu", every=EVERY, block_rows=64):
+    def __init__(self, study, split="test", eval_samples=2000, device="cpu", every=EVERY, block_rows=None):
         from ..evaluation.many_models import BatchedEvaluator, eval_data
         from ..networks.device import resolve_device
 
@@ -81,7 +95,7 @@ class HeldOutScorer:
         self.fit_rows, self.held_rows, self.neighbours = holdout_split(study, every)
         x, y = eval_data(study, split, eval_samples, seed=0)
         self.ev = BatchedEvaluator(study.model_spec, x, y, device=resolve_device(device), layout=study.layout)
-        self.block_rows = block_rows
+        self.block_rows = block_rows or work_rows(study.n_params)  # float64 differences: ~8x a block
         self._two_neighbour = {}  # two-neighbour scores by standardization (see score_two_neighbour)
         self.protocol = {"rule": PROTOCOL, "every": every, "first_position": FIRST,
                          "held_out": int(len(self.held_rows)), "fitted": int(len(self.fit_rows)),
@@ -133,8 +147,7 @@ def fit_held_out(study, kind, dim, progress=False, **config):
 
     fit_rows, held, _ = holdout_split(study)
     if len(held) == 0:
-        raise GlobScopeError(f"{study.h5_path}: no run has 5 or more checkpoints; nothing to hold out "
-                             "(use --no-holdout)")
+        raise GlobScopeError(f"{study.h5_path}: nothing to hold out: {nothing_to_hold_out(study)}")
     r = REDUCER_KINDS[kind](dim=dim, **config)
     r.fit(RowSubset(study, fit_rows), progress=progress)
     r.fit_rows_ = fit_rows  # which study rows it saw (tests check the held-out rows are not among them)

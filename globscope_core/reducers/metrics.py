@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from ..networks.models import study_model
+from .budget import work_rows
 
 
 def reconstruction(reducer, study, block_rows=None) -> dict:
     sum_raw = sum_std = 0.0
     worst_raw = worst_std = 0.0
     n = 0
-    for _, X in study.iter_params(block_rows):
+    for _, X in study.iter_params(block_rows or work_rows(study.n_params)):
         Xr = reducer.inverse_transform(reducer.transform(X))
         d = (Xr.astype(np.float64) - X)
         raw = (d**2).mean(1)
@@ -37,7 +38,7 @@ def reconstruction(reducer, study, block_rows=None) -> dict:
     return {"mse_raw": sum_raw / n, "mse_std": sum_std / n, "max_mse_raw": worst_raw, "max_mse_std": worst_std}
 
 
-def function_space(reducer, study, split="test", eval_samples=2000, device="cpu", block_rows=256) -> dict:
+def function_space(reducer, study, split="test", eval_samples=2000, device="cpu", block_rows=None) -> dict:
     """Loss/accuracy of every original and decoded checkpoint on the same fixed evaluation subset."""
     from ..evaluation.one_model import evaluate_model, subset
     from ..networks.datasets import load_dataset
@@ -48,7 +49,7 @@ def function_space(reducer, study, split="test", eval_samples=2000, device="cpu"
     x, y = x.to(dev), y.to(dev)
     model = study_model(study).to(dev)
     orig, dec = [], []
-    for _, X in study.iter_params(block_rows):
+    for _, X in study.iter_params(block_rows or work_rows(study.n_params)):
         Xr = reducer.inverse_transform(reducer.transform(X))
         for a, b in zip(X, Xr):
             study.layout.load_into(model, torch.from_numpy(a).to(dev))

@@ -8,6 +8,7 @@ each run's final model and the reference's, before and after alignment.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -20,9 +21,13 @@ from ..errors import GlobScopeError
 from ..evaluation.paths import barrier, interpolation_curve
 from ..networks.models import study_model
 from ..storage import study_files
+from ..storage.locks import holding, output_lock
 
 
 # --- aligning a study ----------------------------------------------------------------------------
+# the aligned study: a second align into it waits, then finds the first one's work done (a new --out: the second
+# Study.create is refused)
+@holding(lambda a: (a["out"], "align"))
 def align_study(study_dir: str, out: str, reference: int = 0, method: str = "weight-matching",
                 alphas: int = 25, eval_samples: int | None = 2000, seed: int = 0, progress: bool = True,
                 plot: bool = True, device="auto", **options) -> dict:
@@ -48,7 +53,9 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     if os.path.abspath(out) == src.dir:
         raise GlobScopeError(f"{out}: the aligned study must be a new directory, not the source study")
     spec = spec_for_model(src.model_spec, src.layout, study_model(src))
-    aligner = make_aligner(method, spec, src, seed=seed, device=dev, progress=progress, **options)
+    memory = _check_memory(src, spec, alphas, eval_samples)  # refused before any work, said when the work starts
+    with output_lock(src, "aligners", what=f"align --method {method}"):  # DEEP-ALIGN trains and saves its net here
+        aligner = make_aligner(method, spec, src, seed=seed, device=dev, progress=progress, **options)
 
     # what decides the aligned study and its report: the same command finds its own finished work
     plan = {"aligned_from": src.h5_path, "reference": int(reference), "method": method, "seed": int(seed),
@@ -75,6 +82,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     else:
         dst = Study.create(out, src.model_spec, src.dataset_spec, src.layout, plan=plan)
 
+    print(memory, file=sys.stderr, flush=True)  # after every refusal above: an error stays one line
     ds = load_dataset(src.dataset_spec)
     x, y = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
     al = np.linspace(0.0, 1.0, int(alphas))
@@ -126,6 +134,23 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
         report["plot"] = plot_barriers(report, study_files.align_barriers_png(dst.dir))
     dst.update_report("align", report)
     return report
+
+
+def _check_memory(src, spec, alphas: int, eval_samples) -> str:
+    """Refuse aligning when what it needs (resources.estimate_align) does not fit; the ``memory:`` line to say."""
+    import math
+
+    from ..resources import estimate_align, memory_line, require
+    from .memory_plan import data_bytes, data_libraries
+
+    rows = max((len(src.run_rows(r, label=None)) for r in range(len(src.runs))), default=0)
+    units = max(spec.identity(src.layout).values(), key=len, default=())
+    shape = (src.model_spec.get("kwargs") or {}).get("input_shape") or [1]
+    parts = estimate_align(src.n_params, rows, int(alphas), 4 * len(units) ** 2 * 8,
+                           (eval_samples or 0) * 4 * math.prod(shape), data_bytes(src.dataset_spec),
+                           data_libraries(src.dataset_spec))
+    require(parts, f"align {src.dir}", hint="use fewer --alphas")
+    return memory_line(parts)
 
 
 def _save_npz(path: str, arrays: dict) -> None:
@@ -201,7 +226,8 @@ def compare_basins(raw_dir: str, aligned_dir: str, reducer: str = "pca", dim: in
     for key, d in (("raw", raw_dir), ("aligned", aligned_dir)):
         study = Study.open(d)
         # fitted afresh: both studies get the very same pipeline
-        fit_reducer(study, reducer, dim, **({"device": device} if reducer == "ae" else {}))
+        with output_lock(study, f"fit-{name}"):  # as `globscope fit` saves a reducer
+            fit_reducer(study, reducer, dim, **({"device": device} if reducer == "ae" else {}))
         land = compute_landscape(study, name, resolution, eval_samples=eval_samples, progress=progress, device=device)
         if key == "raw":
             basins = study_topology(study.dir, dim=dim, verbose=False, relative=True,

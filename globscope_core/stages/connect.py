@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -31,8 +32,10 @@ from ..networks import datasets
 from ..networks.batchnorm import bn_modules
 from ..networks.device import resolve_device
 from ..networks.models import study_model
+from ..networks.optimizers import divergence_hint
 from ..storage import study_files
-from ..storage.safe_write import remove_file, save_torch
+from ..storage.locks import holding, output_lock
+from ..storage.safe_write import check_utf8_path, remove_file, save_torch
 from ..storage.study import RowUnion, Study, paths_store
 from .connect_views import (
     PATH_CURVE,
@@ -101,7 +104,72 @@ def _tag(study: Study, ref_study: Study, run: int) -> str:
     return str(run) if ref_study.h5_path == study.h5_path else f"{os.path.basename(ref_study.dir)}.{run}"
 
 
+def _pair_lock(a):
+    """The lock of one pair's files (connect-A-B.*, its runs in paths.h5, its report section), named as
+    ``_tag`` names them. A second connect of the pair is refused: it would train from the same partial file."""
+    ends = []
+    for ref in a["runs"] if len(a["runs"]) == 2 else ():
+        other, sep, num = str(ref).rpartition(":")
+        if not num.strip().isdigit():
+            return None  # the stage refuses it
+        same = not sep or os.path.abspath(other) == os.path.abspath(a["study_dir"])
+        ends.append(str(int(num)) if same else f"{os.path.basename(os.path.abspath(other))}.{int(num)}")
+    if len(ends) != 2:
+        return None
+    return a["study_dir"], study_files.connect_key("-".join(ends)), {
+        "refuse_same": True, "hint": ", or stop it and rerun your command (its curve's training resumes)"}
+
+
+def _check_sizes(study: Study, points: int, plane_resolution: int) -> None:
+    """Memory and disk that --points and --plane-resolution ask for, checked before the curve is trained (the
+    points are [points, P] arrays, the plane a grid of plane_resolution^2 evaluated models); the message names
+    the option whose part is the largest."""
+    from ..resources import BASE_BYTES, F32, F64, format_bytes, require
+    from ..storage.safe_write import check_writable, free_bytes
+
+    P, n_plane = study.n_params, plane_resolution**2
+    opt_points, opt_plane = f"--points {points}", f"--plane-resolution {plane_resolution}"
+    mem = {"base": BASE_BYTES,
+           # the curve's and the line's points and their evaluated copies, the line made in float64 first
+           f"{opt_points}: curve and line points [{points:,} x {P:,}], evaluated copies": 4 * points * P * F32,
+           f"{opt_points}: the line in float64 while it is made": 2 * points * P * F64}
+    if plane_resolution:  # grid coordinates, loss and accuracy, interpolator, the written arrays; a chunk of models
+        mem[f"{opt_plane}: plane of {n_plane:,} points, its arrays"] = n_plane * 10 * F64 + 2 * 128 * P * F32
+    big = max((k for k in mem if k != "base"), key=mem.get).split(":")[0]
+    require(mem, f"connect {study.dir}", hint=f"use a smaller {big.split()[0]}")
+    check_writable(study.dir, 0, "connect")
+    disk = {opt_points: 2 * (2 * points * P * F32),  # paths.h5 and its copy while the transaction commits
+            opt_plane: n_plane * 2 * F32 * 2}  # the plane's loss and accuracy, base64 in the .vti
+    need, free = sum(disk.values()) + (1 << 20), free_bytes(study.dir)
+    if free is not None and need > free:
+        big = max(disk, key=disk.get)
+        raise GlobScopeError(f"connect {study.dir}: {big} needs about {format_bytes(need)} on disk ({points * 2:,} "
+                             f"curve and line points of {P:,} parameters in paths.h5, and the plane), only "
+                             f"{format_bytes(free)} is free there; use a smaller {big.split()[0]}")
+
+
+def _check_memory(study: Study, points: int, bends: int, plane_resolution: int, reducers, batch_size) -> str:
+    """Refuse the stage when what it needs (resources.estimate_connect) does not fit; the ``memory:`` line to say."""
+    from ..resources import estimate_connect, memory_line, require
+    from .memory_plan import activation_bytes, data_bytes, data_libraries
+
+    try:
+        files = [study_files.reducer_file(study.dir, n) if not n.endswith(".pt") else n
+                 for n in choose_reducers(study, reducers).values()]
+        reducer_bytes = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+    except (GlobScopeError, OSError):  # said by the stage where it loads them
+        reducer_bytes = 0
+    batch = int(batch_size or (study.plan or {}).get("batch_size") or 64)  # the runs' own, as the stage takes it
+    floor = any(e.name.endswith("running_var") for e in study.layout.entries)
+    parts = estimate_connect(study.n_params, points, bends, plane_resolution, reducer_bytes,
+                             data_bytes(study.dataset_spec), batch, activation_bytes(study.model_spec),
+                             data_libraries(study.dataset_spec), batchnorm=floor)
+    require(parts, f"connect {study.dir}", hint="use fewer --points or a smaller --plane-resolution")
+    return memory_line(parts)
+
+
 # --- the stage ------------------------------------------------------------------------------------
+@holding(_pair_lock)
 def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, epochs: int = 50,
             lr: float | None = None, optimizer: str | None = None, batch_size: int | None = None,
             weight_decay: float = 0.0, points: int = N_POINTS, eval_samples: int | None = 10000,
@@ -122,9 +190,9 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     if plane_resolution and plane_resolution < 2:
         raise GlobScopeError(f"--plane-resolution must be 0 (no plane) or at least 2, not {plane_resolution}")
     study = Study.open(study_dir)
-    from ..storage.safe_write import check_writable
-
-    check_writable(study.dir, 2 * (2 * points * study.n_params * 4) + (1 << 20), "connect")  # paths.h5 and its copy
+    check_utf8_path(study.dir, "connect")  # its views are VTK files
+    _check_sizes(study, points, plane_resolution)
+    memory = _check_memory(study, points, bends, plane_resolution, reducers, batch_size)  # said when the work starts
     wa, wb, (sa, ra), (sb, rb) = _endpoints(study, list(runs))
     ends = [_tag(study, sa, ra), _tag(study, sb, rb)]
     tag = "-".join(ends)
@@ -140,6 +208,7 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     from ..reducers import fit_reducer, load_reducer
 
     loaded = {dim: load_reducer(study, name) for dim, name in choose_reducers(study, reducers).items()}
+    print(memory, file=sys.stderr, flush=True)  # after every refusal above: an error stays one line
     ds = datasets.load_dataset(study.dataset_spec)
     model = study_model(study).to(dev)
     layout = study.layout
@@ -165,7 +234,7 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
         bad = [k for k, v in m.items() if not np.isfinite(v).all()]
         if bad:
             raise GlobScopeError(f"{study.h5_path}: the {name} diverged: {', '.join(bad)} not finite along it "
-                                 f"(try a lower --lr, now {lr}). Nothing was stored.")
+                                 f"({divergence_hint(optimizer, lr, weight_decay)}). Nothing was stored.")
 
     views, plane_skipped = {}, None
     if plane_resolution:  # the exact picture: the plane of the curve (needs nothing stored)
@@ -183,16 +252,24 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     base_info = dict(label="curve", connect=key, path="curve", **{k: v for k, v in config.items() if k != "runs"},
                      ends=config["runs"], t=t.tolist(), batchnorm_recomputed=has_bn)
     paths = paths_store(study, create=True)
-    with paths.transaction(extra_bytes=(2 * points) * study.n_params * 4) as w:
-        for r, info in enumerate(paths.runs):  # an earlier curve between the same runs is superseded
-            if info.get("connect") == key and not info.get("superseded"):
-                w.set_run(r, superseded=True)
-        rc = w.add_run(**base_info)
+    # an earlier curve (and line) between the same runs is replaced, not kept beside: its rows are left out of
+    # the new paths.h5 and its run numbers reused, so rerunning a pair never grows the file
+    earlier = [r for r, info in enumerate(paths.runs) if info.get("connect") == key]
+    with paths.transaction(extra_bytes=(2 * points) * study.n_params * 4, drop_runs=tuple(earlier)) as w:
+        def new_run(**info):
+            if earlier:
+                w.replace_run(earlier[0], **info)
+                return earlier.pop(0)
+            return w.add_run(**info)
+
+        rc = new_run(**base_info)
         w.append(rc, np.arange(points), curve_rows, label="curve", **m_curve)
         rl = None
         if store_line:
-            rl = w.add_run(**dict(base_info, label="line", path="line", curve="line", bends=0, epochs=0))
+            rl = new_run(**dict(base_info, label="line", path="line", curve="line", bends=0, epochs=0))
             w.append(rl, np.arange(points), line_rows, label="line", **m_line)
+        for r in earlier:  # left over: the earlier pair had a line and this one has none, or old superseded runs
+            w.replace_run(r, connect=key, label="removed", superseded=True)
     save_torch({"control_points": torch.from_numpy(control), "config": config_key}, study_files.connect_pt(base))
     remove_file(study_files.connect_partial(base))
 
@@ -203,7 +280,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
             red = loaded[dim]
             loaded[dim] = fit_reducer(RowUnion(study, paths), red.kind, red.dim, save=False, **red.config)
             loaded[dim].study_id = study_id(study)
-            loaded[dim].save(study_files.reducer_file(study.dir, loaded[dim].name))
+            with output_lock(study, f"fit-{loaded[dim].name}", what=key):  # as fit saves a reducer
+                loaded[dim].save(study_files.reducer_file(study.dir, loaded[dim].name))
             views[dim] = _view(study, loaded[dim], dim, line_rows, curve_rows, dev, progress, refit=True)
     latent = {"plane": {"skipped": plane_skipped}} if plane_skipped else {}
     if "plane" in views:

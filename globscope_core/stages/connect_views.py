@@ -45,13 +45,15 @@ def choose_reducers(study: Study, names) -> dict:
     for dim in (2, 3):
         vti = study_files.landscape_vti(study.dir, dim)
         if os.path.exists(vti):
-            try:
-                from ..storage.vtk_files import read_vti
+            from ..storage.vtk_files import DamagedFileError, read_vti
 
+            try:
                 r = read_vti(vti).field_data.get("reducer")
                 if isinstance(r, str) and os.path.exists(study_files.reducer_file(study.dir, r)):
                     chosen[dim] = r
                     continue
+            except DamagedFileError:  # said now, not after the curve has trained
+                raise
             except GlobScopeError:
                 pass
         for kind in ("ae", "pca"):

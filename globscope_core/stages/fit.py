@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from ..errors import GlobScopeError
+from ..storage.locks import holding
 from ..storage.study_files import compare_png
 
 KINDS = ("ae", "pca", "kpca", "umap")
@@ -46,13 +47,17 @@ def _check_dim(dim):
         raise GlobScopeError(f"--dim must be 2 or 3, not {dim}")
 
 
+# the reducer file and its report section: a second fit of the same reducer waits, and then replaces both
+@holding(lambda a: (a["study_dir"], f"fit-{a['kind']}-{a['dim']}d") if a["save"] else None)
 def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_samples=2000, device="auto",
-              holdout=True, save=True, scorer=None, **config):
+              holdout=None, save=True, scorer=None, say_memory=True, **config):
     """Fit, save STUDY/reducers/<kind>-<dim>d.pt and add its numbers to report.json ("fit-<name>").
 
     ``holdout`` (with ``evaluate``): first fit on the held-out split's fitted rows and score the held-out
-    checkpoints (reducers/holdout.py), then fit on everything for the saved reducer. ``save=False``
-    (compare): nothing is written, neither the reducer nor its report section.
+    checkpoints (reducers/holdout.py), then fit on everything for the saved reducer. None (default): when the
+    study has checkpoints to hold out, else skipped with a note (held_out = {"skipped": why}); True: required;
+    False: off. ``save=False`` (compare): nothing is written, neither the reducer nor its report section.
+    ``say_memory``: check and print the memory estimate first (compare checks all its fits at once).
     """
     from ..networks.device import resolve_device
     from ..reducers import fit_reducer
@@ -64,9 +69,15 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
     study = Study.open(study_dir)
     if kind == "ae":
         config.setdefault("device", device)
+        _check_ae_size(study, dim, config)
     eval_device = "cpu" if device == "auto" else device
     held = None
-    if evaluate and holdout:
+    holdout, skipped = _holdout_plan(study, holdout) if evaluate else (False, None)
+    if skipped:
+        held = {"skipped": skipped}
+    if say_memory:
+        check_fit_memory(study, [kind], dim, config, evaluate, holdout, eval_samples, device)
+    if holdout:
         from ..reducers.holdout import HeldOutScorer, fit_held_out
 
         scorer = scorer or HeldOutScorer(study, eval_samples=eval_samples, device=eval_device)
@@ -92,6 +103,73 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
     return r, info
 
 
+def _holdout_plan(study, holdout) -> tuple[bool, str | None]:
+    """(hold out?, why it is skipped): a study with no run long enough is fitted without the held-out part
+    (a first short study must fit), unless ``holdout`` is True (--holdout), which refuses it."""
+    if holdout is False:
+        return False, None
+    from ..reducers.holdout import nothing_to_hold_out
+    from ..storage.safe_write import note
+
+    why = nothing_to_hold_out(study)
+    if why is None:
+        return True, None
+    if holdout:
+        raise GlobScopeError(f"--holdout: {study.h5_path}: nothing to hold out: {why}; train longer (--epochs), "
+                             "checkpoint more often (--every), or drop --holdout")
+    note(f"{study.h5_path}: held-out fidelity skipped: {why}")
+    return False, why
+
+
+def check_fit_memory(study, kinds, dim, config, evaluate, holdout, eval_samples, device, what="fit") -> dict:
+    """Refuse a fit (or compare's fits) that would not fit in memory, and print what it will need: the basis
+    passes, the kind on the coordinates, the metrics and the held-out scorer (reducers/budget.py)."""
+    import math
+
+    from ..networks.models import is_mlp
+    from ..reducers.budget import default_max_rank, estimate_fit
+    from ..reducers.holdout import holdout_split
+    from ..resources import held_now, largest, libraries, require
+    from .memory_plan import activation_bytes, data_bytes, data_libraries, retained_bytes
+
+    P, N = study.n_params, study.n_checkpoints
+    ev = None
+    if evaluate:
+        shape = (study.model_spec.get("kwargs") or {}).get("input_shape") or [1]
+        n_eval = eval_samples or 2000
+        ev = {"model": P * 4 * (1 if is_mlp(study.model_spec) else 2), "data": data_bytes(study.dataset_spec)[1],
+              "eval": retained_bytes(study.dataset_spec, n_eval * 4 * math.prod(shape)),
+              "activations": 3 * min(2048, n_eval) * activation_bytes(study.model_spec)[0]}
+    floor = any(e.name.endswith("running_var") for e in study.layout.entries)
+    rows_out = len(holdout_split(study)[1]) if evaluate and holdout else 0
+    held = held_now()
+    parts = largest(*[estimate_fit(P, N, config.get("block_rows"), config.get("max_rank") or default_max_rank(P),
+                                   kind=k, floor=floor, evaluate=ev, holdout_rows=rows_out,
+                                   data_libraries=data_libraries(study.dataset_spec), held=held) for k in kinds])
+    if what == "compare":  # its plot
+        parts.update(libraries("matplotlib"))
+    if str(device).startswith("cuda"):
+        parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
+    names = ", ".join(f"{k}-{dim}d" for k in kinds)
+    return require(parts, f"{what} {names} on {study.h5_path} ({N} checkpoints x {P:,} parameters)",
+                   hint="keep fewer basis directions (--max-rank K)" + (", or --no-holdout" if rows_out else ""),
+                   say=True)
+
+
+def _check_ae_size(study, dim, config) -> None:
+    """An autoencoder too large for memory (--width, --depth) is refused before the basis is built, not after."""
+    from ..reducers.ae import DEFAULTS, auto_width, network_bytes
+    from ..reducers.budget import basis_rank, default_max_rank
+    from ..resources import BASE_BYTES, require
+
+    depth, width = int(config.get("depth") or DEFAULTS["depth"]), config.get("width") or DEFAULTS["width"]
+    w = auto_width(study.n_checkpoints, depth) if width == "auto" else int(width)
+    k = max(dim, basis_rank(study.n_checkpoints, config.get("max_rank") or default_max_rank(study.n_params)))
+    name = f"--width {w}" if width != "auto" else f"width {w} (auto)"
+    require({"base": BASE_BYTES, f"autoencoder ({name}, --depth {depth}, {k} inputs)": network_bytes(k, dim, w, depth)},
+            f"fit ae-{dim}d on {study.h5_path}", hint="use a smaller --width or --depth")
+
+
 def _row(info) -> dict:
     rec, fs, st = info["reconstruction"], info["function"], info["structure"]
     row = {"reducer": info["reducer"], "mse_raw": rec["mse_raw"], "mse_std": rec["mse_std"],
@@ -102,25 +180,35 @@ def _row(info) -> dict:
            "fit_seconds": info["fit_seconds"], "peak_rss_mb": info["peak_rss_mb"]}
     ho = info.get("held_out")
     row.update({f"ho_{k}": (ho or {}).get(k) for k in HELD_KEYS})
+    if ho and ho.get("skipped"):
+        row["ho_skipped"] = ho["skipped"]
     return row
 
 
 HELD_KEYS = ("mse_raw", "mse_std", "loss_gap_mean", "loss_gap_median", "loss_gap_max")
 
 
+@holding(lambda a: (a["study_dir"], f"compare-{a['dim']}d"))  # compare-Xd.png and its report section
 def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=2000, device="auto", max_rank=None,
-                  holdout=True, **ae_config) -> list:
+                  holdout=None, **ae_config) -> list:
     """Fit every reducer, print the table, save report.json["compare-<dim>d"] and STUDY/compare-<dim>d.png.
 
     The fits stay in memory: STUDY/reducers/ and the report's fit-* sections are not touched (they
     describe the saved reducers, which ``globscope fit`` makes). With ``holdout`` the last row is the
     two-neighbour reference (held-out columns only).
     """
+    from ..storage.safe_write import check_writable
     from ..storage.study import Study
 
     _check_dim(dim)
     study = Study.open(study_dir)
+    check_writable(study.dir, what="compare")  # a read-only study is refused before every reducer is fitted
+    if "ae" in kinds:
+        _check_ae_size(study, dim, dict(ae_config, max_rank=max_rank))
     scorer = None
+    holdout, skipped = _holdout_plan(study, holdout)
+    check_fit_memory(study, kinds, dim, {**ae_config, "max_rank": max_rank}, True, holdout, eval_samples, device,
+                     what="compare")
     if holdout:
         from ..reducers.holdout import HeldOutScorer
 
@@ -128,8 +216,12 @@ def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=200
     rows, ref = [], None
     for kind in kinds:
         extra = {"max_rank": max_rank} if max_rank else {}
-        _, info = fit_study(study_dir, kind, dim, progress=progress, eval_samples=eval_samples, device=device,
-                            holdout=holdout, save=False, scorer=scorer, **extra, **(ae_config if kind == "ae" else {}))
+        # [1]: the reducer is not kept alive into the next fit (two bases in memory at once)
+        info = fit_study(study_dir, kind, dim, progress=progress, eval_samples=eval_samples, device=device,
+                         holdout=holdout, save=False, scorer=scorer, say_memory=False, **extra,
+                         **(ae_config if kind == "ae" else {}))[1]
+        if skipped:
+            info["held_out"] = {"skipped": skipped}
         rows.append(_row(info))
         if holdout:
             ref = info["held_out"]["two_neighbour"]
@@ -159,6 +251,9 @@ def format_table(rows) -> str:
                      f"{g('ho_loss_gap_mean', '8.2e')} {g('ho_loss_gap_median', '8.2e')} {g('ho_loss_gap_max', '8.2e')} "
                      f"{g('trustworthiness', '6.3f')} {g('continuity', '6.3f')} {g('finals_apart', '5.2f')} "
                      f"{g('fit_seconds', '7.1f')} {g('peak_rss_mb', '8.0f')}")
+    skipped = next((r["ho_skipped"] for r in rows if r.get("ho_skipped")), None)
+    if skipped:
+        lines.append(f"held-out: skipped: {skipped}")
     if any(r.get("ho_mse_raw") is not None for r in rows):
         lines.append("ho: held-out checkpoints (every 4th of each run, never its first two nor its last), reducer "
                      "fitted on the rest; two-neighbour: mean of the held-out checkpoint's two fitted neighbours")

@@ -6,6 +6,8 @@ which refuses pickled code; ``.safetensors`` files hold tensors only.
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 
 import torch
 
@@ -21,10 +23,23 @@ from ..storage.study_files import study_h5
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
+def check_regular_file(path: str) -> None:
+    """Refuse, without opening it, what is not a regular file: reading a FIFO would wait forever for a writer,
+    a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise GlobScopeError(f"{path}: checkpoint file does not exist") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a special file")
+        raise GlobScopeError(f"{path}: is {kind}, not a checkpoint file; give a regular file (it was not opened)")
+
+
 def load_state_file(path: str) -> dict:
     """A flat {name: tensor} state_dict from a checkpoint file, without running any pickled code."""
-    if not os.path.exists(path):
-        raise GlobScopeError(f"{path}: checkpoint file does not exist")
+    check_regular_file(path)
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -33,7 +48,9 @@ def load_state_file(path: str) -> dict:
         except Exception as exc:
             raise GlobScopeError(f"{path}: not a readable safetensors file: {exc}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings about the pickle (protocol, legacy format): the
+            warnings.simplefilter("ignore")  # refusal below says what matters, in one line
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise GlobScopeError(f"{path}: cannot load as a weights-only checkpoint ({_load_reason(exc)})") from None
     for key in _NESTED_KEYS:  # common wrappers: {"state_dict": {...}, "epoch": ...}
@@ -93,6 +110,8 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
         raise GlobScopeError("import: no checkpoint files given")
     if steps is not None and len(steps) != len(files):
         raise GlobScopeError(f"import: {len(steps)} steps given for {len(files)} files")
+    for path in files:  # before any work, and never opened
+        check_regular_file(path)
     dev = resolve_device(device)
     check_writable(study_dir, what="import")
     if os.path.exists(study_h5(study_dir)):

@@ -32,6 +32,7 @@ writes the one field.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -50,7 +51,8 @@ from ..reducers import load_reducer
 from ..reducers.base import study_id
 from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation
 from ..storage import study_files
-from ..storage.safe_write import atomic_write_bytes
+from ..storage.locks import output_lock
+from ..storage.safe_write import atomic_write_bytes, check_utf8_path
 from ..storage.study import Study
 
 PARTIAL_VERSION = 1
@@ -94,20 +96,27 @@ def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, re
 
 
 def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution, dim) -> dict:
-    """Refuse, before evaluating, a landscape whose decoding and evaluation would not fit (resources.py)."""
+    """Refuse, before evaluating, a landscape whose decoding and evaluation would not fit, and say what it
+    will need (resources.py): the study, reducer and evaluation data are loaded by now (``held now``)."""
     from ..evaluation.many_models import ACTIVATION_BUDGET
+    from ..networks.models import is_mlp
     from ..resources import estimate_landscape, require
+    from .memory_plan import activation_bytes
 
-    basis = getattr(reducer, "basis", None)
-    rank = basis.rank if basis is not None else 0
-    parts = estimate_landscape(study.n_params, rank, chunk_points, n_points, x.numel() * 4, ACTIVATION_BUDGET)
+    mlp = is_mlp(study.model_spec)  # the MLP path: small tiles and a transposed copy of the data
+    per_model = not mlp and device.type == "cpu"  # works on its own copy of the model (and a channels-last x)
+    largest_out = activation_bytes(study.model_spec)[0]
+    act = 8 << 20 if mlp else min(ACTIVATION_BUDGET, 3 * len(x) * largest_out) if largest_out else ACTIVATION_BUDGET
+    parts = estimate_landscape(study.n_params, chunk_points, n_points, x.numel() * 4, act,
+                               model_copies=2 if per_model else 1)
     gpu = None
     if device.type == "cuda":  # decoding and evaluation happen on the GPU, the field on the host
         gpu = {k: parts.pop(k) for k in ("decoded chunk [B, P]", "activations")}
-        gpu["reducer basis [k, P]"] = parts["reducer basis [k, P]"]  # loaded on the host, copied to the GPU
+        basis = getattr(reducer, "basis", None)
+        gpu["reducer basis [k, P]"] = basis.rank * study.n_params * 4 if basis is not None else 0  # copied there
         parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
     return require(parts, f"landscape {study.dir} at resolution {resolution} in {dim}D", device, gpu,
-                   hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)")
+                   hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)", say=True)
 
 
 # --- the resumable chunk store ------------------------------------------------------------------
@@ -237,8 +246,10 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
     from tqdm import tqdm
 
     study = study if isinstance(study, Study) else Study.open(study)
+    check_utf8_path(study.dir, "landscape")  # VTK writes the results: refused now, not after the work
     check_precision(precision, resolve_device(device))  # --device cuda without a GPU: a clear error before any work
-    reducer = load_reducer(study, reducer_name)
+    with _reducer_lock(study, reducer_name):  # a fit of this reducer that is running: its result, not the old file
+        reducer = load_reducer(study, reducer_name)
     dim = int(reducer.dim)
     tag = f"{dim}d"
     resolution = int(resolution or (65 if dim == 2 else 33))
@@ -254,6 +265,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         raise GlobScopeError(f"--beyond-hull must be 'clamp' or 'extrapolate', not '{beyond_hull}'")
 
     dist = _Dist(resolve_device(device))
+    held = contextlib.ExitStack()  # rank 0's lock of this landscape's files, until they are written
     try:
         t_start = time.time()
         Z = encode_checkpoints(study, reducer)
@@ -303,6 +315,10 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         status = None
         if dist.rank == 0:
             try:
+                # one landscape per dimension at a time: a second one would compute the same chunks twice, and
+                # its --fresh would delete the first one's; a topology reading this dimension is waited for
+                held.enter_context(output_lock(study, f"landscape-{tag}", refuse_same=True,
+                                               hint=", or stop it and rerun your command"))
                 store.open(config, fresh)
                 status = {"done": store.done(n_chunks, sizes)}
             except GlobScopeError as exc:
@@ -353,7 +369,15 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         summary = dist.broadcast(summary)
         return summary
     finally:
+        held.close()
         dist.close()
+
+
+def _reducer_lock(study, reducer_name: str):
+    """The lock of a saved reducer (``fit-NAME``, taken by fit while it fits and saves it); none for a .pt path."""
+    if reducer_name.endswith(".pt"):
+        return contextlib.nullcontext()
+    return output_lock(study, f"fit-{reducer_name}", what=f"landscape with {reducer_name}", reading=True)
 
 
 def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, config, dims, origin, spacing, ev,

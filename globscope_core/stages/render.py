@@ -4,12 +4,13 @@
 ``trajectories-2d.png`` (those whose landscape exists), with ``globscope connect``'s straight line and curve
 drawn over the landscapes when the study has them, and ``connect-plane.png`` (the loss in the plane of the
 newest curve, with both paths) when there is a ``connect-*-plane.vti``. With ParaView it runs
-``pvbatch state_files/pvstate.py render`` (under xvfb-run when there is no display, with the environment
+``pvbatch state_files/pvstate.py render`` (with an Xvfb of its own when there is no display, and the environment
 of globscope_core.stages.paraview_env); without it, it says so and draws quick looks with matplotlib (Agg, no display).
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..errors import GlobScopeError
 from ..storage import study_files
+from ..storage.locks import holding
 from ..storage.study_files import (
     CONNECT_PATHS,
     PLANE_VIEW,
@@ -31,6 +33,7 @@ from ..storage.study_files import (
 from . import paraview_env
 
 
+@holding(lambda a: (a["study_dir"], "renders"))  # a second render of the study waits; its pictures then replace these
 def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | None = None, timeout: int = 600,
                  verbose: bool = True, views: list[str] | None = None) -> dict:
     """Render the study's views to ``out_dir`` (default STUDY/renders); returns {view: png path, ...}.
@@ -45,6 +48,9 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
     if absent:
         raise GlobScopeError(f"{study_dir}: cannot render {', '.join(absent)} (this study has {', '.join(have)})")
     views = list(views) if views else have
+    from ..storage.vtk_files import verify_views
+
+    verify_views(study_dir, views)  # damaged inputs: one line now, not a wrong picture (pvbatch checks nothing)
     from ..storage.safe_write import check_writable
 
     check_writable(out_dir, (4 << 20) * len(views), "render")  # refused before pvbatch starts, not after
@@ -75,40 +81,113 @@ def render_study(study_dir: str, out_dir: str | None = None, paraview: bool | No
     return {"renderer": how, "seconds": round(time.perf_counter() - t0, 2), "images": paths}
 
 
+class RenderInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP during pvbatch, raised once pvbatch and its X server are stopped and
+    waited for (nothing writes afterwards); ``str()`` says which images are new, which old ones are kept, which
+    missing."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # ParaView's log colours, kept out of our one-line messages
+
+
 def _pvbatch(pvbatch, study_dir, out_dir, views, timeout, verbose):
-    """Run pvstate.py's render; with ``verbose``, a line per image as pvbatch writes it (~20 s each)."""
+    """Run pvstate.py's render; with ``verbose``, a line per image as pvbatch writes it (~20 s each).
+
+    pvbatch gets an X server of its own (paraview_env.started: no race between renders run side by side) and
+    runs in its own process group, which is killed and waited for on every way out: done, failed, timed out,
+    Ctrl-C, SIGTERM and SIGHUP."""
     env = paraview_env.environment()
     script = os.path.join(paraview_env.STATE_DIR, "pvstate.py")
-    argv = paraview_env.command([pvbatch, script, "render", study_dir, out_dir] + views, env)
+    argv = [pvbatch, script, "render", study_dir, out_dir] + views
     if verbose:
         print(f"pvbatch: rendering {len(views)} view(s) of {study_dir} (about 20 s each)", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    log = []
+    log, wrote = [], []
+    reader = None
 
-    def follow():  # a thread: the main one keeps the timeout
-        done = 0
-        for line in proc.stdout:
+    def follow(stream):  # a thread: the main one keeps the timeout
+        for line in stream:
             log.append(line)
-            if verbose and line.startswith("wrote "):
-                done += 1
-                print(f"  [{done}/{len(views)}] wrote {line[6:].strip()} ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+            if line.startswith("wrote "):
+                wrote.append(line[6:].strip())
+                if verbose:
+                    print(f"  [{len(wrote)}/{len(views)}] wrote {line[6:].strip()} ({time.perf_counter() - t0:.0f} s)",
+                          flush=True)
 
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
+    timed_out, proc = False, None
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:  # the whole group: xvfb-run, Xvfb and pvbatch
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise GlobScopeError(f"{study_dir}: pvbatch did not finish within {timeout} s") from None
-    finally:
+        with paraview_env.started(argv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace") as proc:
+            reader = threading.Thread(target=follow, args=(proc.stdout,), daemon=True)
+            reader.start()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        # here pvbatch's whole group is gone and its X server stopped: its pipe reaches its end
         reader.join(timeout=10)
+    except KeyboardInterrupt as exc:  # SIGINT; SIGTERM or SIGHUP (exc.signum, paraview_env): all stopped already
+        if reader is not None:
+            reader.join(timeout=10)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        _remove_partials(out_dir, views)
+        raise RenderInterrupted(signum, f"{study_dir}: stopped by {signal.Signals(signum).name} with pvbatch and its X "
+                                        f"server; {_left(out_dir, views, wrote)}") from None
+    finally:
+        if proc is not None:
+            proc.stdout.close()
+    if timed_out:
+        _remove_partials(out_dir, views)
+        raise GlobScopeError(f"{study_dir}: pvbatch did not finish within {timeout} s (stopped); "
+                             f"{_left(out_dir, views, wrote)}")
     if proc.returncode != 0:
-        tail = [ln.strip() for ln in log if ln.strip()][-3:]
-        raise GlobScopeError(f"{study_dir}: pvbatch failed (exit {proc.returncode}): {' | '.join(tail)}")
+        problem = _disk_problem(out_dir, "".join(log))  # before the partial PNGs go: they take the space
+        _remove_partials(out_dir, views)
+        if problem:
+            raise GlobScopeError(f"{problem}: {_left(out_dir, views, wrote)}")
+        rc = proc.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit {rc}"
+        tail = [t for t in (" ".join(ANSI.sub("", ln).split()) for ln in log) if t][-3:]
+        raise GlobScopeError(f"{study_dir}: pvbatch failed ({how}): {' | '.join(tail) or 'no output'}")
+
+
+def _disk_problem(out_dir, log_text):
+    """'no space left on DIR' or 'DIR is read-only' when that is why pvbatch failed (it may show only a crash)."""
+    try:
+        st = os.statvfs(out_dir)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY or not os.access(out_dir, os.W_OK):
+        return f"{out_dir} is read-only"
+    if st.f_bavail * st.f_frsize < (4 << 20) or "No space left on device" in log_text:
+        return f"no space left on {out_dir}"
+    return None
+
+
+def _remove_partials(out_dir, views):
+    """pvstate.py writes each PNG under NAME.tmp.png and renames it when complete: a stopped one leaves its part."""
+    for v in views:
+        tmp = study_files.render_png(out_dir, v) + ".tmp.png"
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def _left(out_dir, views, wrote):
+    """What the renders folder holds for ``views`` after a stopped or failed pvbatch, in one clause."""
+    new, kept, missing = [], [], []
+    for v in views:
+        path = study_files.render_png(out_dir, v)
+        name = os.path.basename(path)
+        (new if path in wrote else kept if os.path.exists(path) else missing).append(name)
+    parts = [f"{', '.join(names)} {what}" for names, what in ((new, "written"), (kept, "unchanged (older)"),
+                                                              (missing, "not written")) if names]
+    return "; ".join(parts)
 
 
 # --- quick looks without ParaView -----------------------------------------------------------------------
@@ -266,4 +345,9 @@ def open_gui(study_dir: str) -> int:
     env["GLOBSCOPE_GUI"] = "1"
     env["GLOBSCOPE_STATE_DIR"] = paraview_env.STATE_DIR
     script = os.path.join(paraview_env.STATE_DIR, "pvstate.py")
-    return subprocess.call(paraview_env.command([exe, f"--script={script}"], env), env=env)
+    # without a display (tests, a remote shell) the GUI gets an Xvfb of its own; the window is closed with us
+    with paraview_env.started([exe, f"--script={script}"], env, screen=GUI_SCREEN) as proc:
+        return proc.wait()
+
+
+GUI_SCREEN = (1600, 1000)  # the screen of the GUI's own Xvfb when there is no display

@@ -14,6 +14,8 @@ import numpy as np
 
 from ..errors import GlobScopeError
 from ..storage import study_files, vtk_files
+from ..storage.locks import holding
+from ..storage.safe_write import file_set
 from ..topology.merge_tree import TopologyResult, compute_topology
 
 # Leaf branches with persistence below 5% of the loss range are noise of the evaluation grid; what is
@@ -23,21 +25,25 @@ DEFAULT_PERSISTENCE = 0.05
 
 def write_topology(res: TopologyResult, out_dir: str, field: vtk_files.ImageField | None = None,
                    field_data: dict | None = None) -> list:
-    """Write the four TTK outputs of ``res`` to ``out_dir``; ``field`` adds the input's other arrays."""
-    os.makedirs(out_dir, exist_ok=True)
-    fd = dict(field_data or {})
+    """Write the four TTK outputs of ``res`` to ``out_dir`` as one set (all new, or after a failure all old);
+    ``field`` adds the input's other arrays, and its field data (a landscape's study, reducer, ...) goes to
+    every output: TTK 1.2.0 keeps it on the segmentation (a shallow copy of the input) and the diagram
+    (ttkPersistenceDiagram copies it), and here the nodes and arcs carry it too, beside our own fields."""
+    fd = dict(field.field_data if field is not None else {})
+    fd.update(field_data or {})
     fd.update({"TreeType": res.tree, "PersistenceThreshold": res.threshold})
     n, a, d = res.nodes, res.arcs, res.diagram
-    paths = study_files.topology_files(out_dir)
-    vtk_files.write_vtu(paths[0], n["points"], n["cell_types"], n["cells"], n["point_arrays"], field_data=fd)
-    vtk_files.write_vtu(paths[1], a["points"], np.full(len(a["cells"]), vtk_files.VTK_LINE), a["cells"],
-                    a["point_arrays"], a["cell_arrays"], field_data=fd)
     nz, ny, nx = res.shape
-    vtk_files.write_vti(paths[2], vtk_files.ImageField((nx, ny, nz), res.origin, res.spacing,
-                                               segmentation_arrays(res, field), fd, "SegmentationId"))
-    vtk_files.write_vtu(paths[3], d["points"], np.full(len(d["cells"]), vtk_files.VTK_LINE), d["cells"],
-                    d["point_arrays"], d["cell_arrays"], field_data=fd)
-    return paths
+    with file_set(out_dir, study_files.TOPOLOGY_FILES) as tmp:
+        paths = study_files.topology_files(tmp)
+        vtk_files.write_vtu(paths[0], n["points"], n["cell_types"], n["cells"], n["point_arrays"], field_data=fd)
+        vtk_files.write_vtu(paths[1], a["points"], np.full(len(a["cells"]), vtk_files.VTK_LINE), a["cells"],
+                            a["point_arrays"], a["cell_arrays"], field_data=fd)
+        vtk_files.write_vti(paths[2], vtk_files.ImageField((nx, ny, nz), res.origin, res.spacing,
+                                                           segmentation_arrays(res, field), fd, "SegmentationId"))
+        vtk_files.write_vtu(paths[3], d["points"], np.full(len(d["cells"]), vtk_files.VTK_LINE), d["cells"],
+                            d["point_arrays"], d["cell_arrays"], field_data=fd)
+    return study_files.topology_files(out_dir)
 
 
 def segmentation_arrays(res: TopologyResult, field: vtk_files.ImageField | None = None) -> dict:
@@ -111,6 +117,9 @@ def final_points(path: str) -> tuple:
     return np.asarray(arrays["run"])[ids].astype(int), pos
 
 
+# its own files, then its inputs: a landscape of this dimension being computed or written is waited for
+@holding(lambda a: (a["study_dir"], f"topology-{a['dim']}d"),
+         lambda a: (a["study_dir"], f"landscape-{a['dim']}d", {"what": f"topology-{a['dim']}d", "reading": True}))
 def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PERSISTENCE, relative: bool = True,
                    scalar: str = "log_loss", tree: str = "join", verbose: bool = True,
                    trusted_only: bool = True) -> dict:
@@ -125,14 +134,17 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     of the encoded checkpoints) are set to the trusted part's highest value, a plateau whose minima have zero
     persistence, so no kept minimum, basin or threshold comes from extrapolation.
     """
+    from ..storage.safe_write import check_utf8_path
     from ..storage.study import update_report
 
+    check_utf8_path(study_dir, "topology")  # VTK reads and writes the files
     land = study_files.landscape_vti(study_dir, dim)
     traj = study_files.trajectories_vtp(study_dir, dim)
     if not os.path.exists(land):
         raise GlobScopeError(f"{land}: file does not exist (run `globscope landscape` first)")
     t0 = time.perf_counter()
     field = vtk_files.read_vti(land)
+    runs, pos = final_points(traj)  # every input read and checked before anything is written
     if scalar == "log_loss" and "log_loss" not in field.point_arrays:
         scalar = "loss"
     field, values, order = read_scalar(land, scalar, field)
@@ -153,7 +165,6 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
         raise GlobScopeError(f"{land}: {exc}") from None
     out_dir = study_files.topology_dir(study_dir, dim)
     write_topology(res, out_dir, field, {"source": os.path.abspath(land), "scalar": scalar})
-    runs, pos = final_points(traj)
     nz, ny, nx = res.shape
     ijk = np.rint((pos - np.asarray(res.origin)) / np.asarray(res.spacing)).astype(np.int64)
     outside = ((ijk < 0) | (ijk >= np.array([nx, ny, nz]))).any(1)

@@ -18,10 +18,11 @@ from ..errors import GlobScopeError
 from ..evaluation.one_model import evaluate_model, subset
 from ..networks import datasets, models
 from ..networks.device import resolve_device
-from ..networks.optimizers import make_optimizer
+from ..networks.optimizers import divergence_hint, make_optimizer
+from ..storage.locks import dir_lock
 from ..storage.safe_write import check_writable
 from ..storage.state_layout import StateLayout
-from ..storage.study import Study, dir_lock
+from ..storage.study import Study
 from ..storage.study_files import study_h5
 
 
@@ -144,7 +145,8 @@ def _train_locked(out, dataset, ds, spec, layout, runs, given, dev, resume, labe
     ev_train = subset(ds.train_x, ds.train_y, cfg["eval_samples"], seed=1)
     ev_test = subset(ds.test_x, ds.test_y, cfg["eval_samples"], seed=2)
     rows_per_run = cfg["epochs"] * steps_per_epoch // cfg["every"] + 2
-    _check_memory(layout.size, rows_per_run, ds, cfg["batch_size"], plan, dev, out)
+    _check_memory(layout.size, rows_per_run, ds, cfg["batch_size"], plan, dev, out, spec,
+                  max(len(ev_train[0]), len(ev_test[0])))
     # the new rows, plus a copy of the study while each run is committed
     check_writable(out, (len(todo) * rows_per_run * layout.size * 4) * 2 + (1 << 20), f"{len(todo)} runs")
     if study is not None and not _same(study.plan, stored_plan):
@@ -171,22 +173,25 @@ def _train_runs(out, dataset, spec, layout, ds, plan, cfg, todo, label, stored_p
             r = w.add_run(**run_cfg, complete=True)
             for step, vec, m in rows:
                 w.append(r, step, vec, **m)
-        del rows  # else the next run's checkpoints pile up on this run's: twice the memory
+        # else the next run's checkpoints pile up on this run's (the writer keeps what it wrote): twice the memory
+        rows = w = vec = None
     return study
 
 
-def _check_memory(n_params, rows_per_run, ds, batch_size, plan, dev, out) -> None:
-    """Say what training needs before starting, instead of being killed for memory (resources.py)."""
+def _check_memory(n_params, rows_per_run, ds, batch_size, plan, dev, out, spec, eval_samples) -> None:
+    """Say what training needs before starting, instead of being killed for memory (resources.py); the data
+    set is loaded by now (``held now``)."""
     from ..resources import estimate_train, require
+    from .memory_plan import activation_bytes
 
     opt = "adam" if any(p["optimizer"] != "sgd" for p in plan) else "sgd"
-    parts = estimate_train(n_params, rows_per_run, 0, int(ds.train_x[0].numel()), batch_size, opt)
-    parts.pop("data set")  # already loaded
+    parts = estimate_train(n_params, rows_per_run, batch_size, opt, activation_bytes(spec), eval_samples)
     gpu = None
     if dev.type == "cuda":  # model and activations live on the GPU, checkpoints on the host
         gpu = {k: parts.pop(k) for k in ("model, gradients, optimizer", "activations")}
+        parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
     require(parts, f"train {out}: {n_params:,} parameters x {rows_per_run} checkpoints per run", dev, gpu,
-            hint="checkpoint less often (--every) or train fewer steps per run")
+            hint="checkpoint less often (--every) or train fewer steps per run", say=True)
 
 
 def _train_run(spec, ds, cfg, dev, ev_train, ev_test, bar) -> list:
@@ -196,13 +201,14 @@ def _train_run(spec, ds, cfg, dev, ev_train, ev_test, bar) -> list:
     opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     rows = []
+    hint = lambda: divergence_hint(cfg["optimizer"], cfg["lr"], cfg["weight_decay"])  # noqa: E731
 
     def checkpoint(step):
         tl, ta = evaluate_model(model, *ev_train, device=dev)
         vl, va = evaluate_model(model, *ev_test, device=dev)
         if not (math.isfinite(tl) and math.isfinite(vl)):
             raise GlobScopeError(f"run {cfg['index']} (seed {cfg['seed']}, {cfg['optimizer']}, lr {cfg['lr']}): "
-                                 f"loss is not finite at step {step}; try a lower --lr. Earlier runs are kept.")
+                                 f"loss is not finite at step {step}; {hint()}. Earlier runs are kept.")
         rows.append((step, layout.flatten(model.state_dict()).numpy(),
                      dict(train_loss=tl, train_acc=ta, test_loss=vl, test_acc=va)))
         bar.set_postfix(run=cfg["index"], loss=f"{tl:.4f}", acc=f"{va:.3f}")
@@ -220,7 +226,7 @@ def _train_run(spec, ds, cfg, dev, ev_train, ev_test, bar) -> list:
             loss = F.cross_entropy(model(xb), yb)
             if not torch.isfinite(loss):
                 raise GlobScopeError(f"run {cfg['index']} (seed {cfg['seed']}, {cfg['optimizer']}, lr {cfg['lr']}): "
-                                     f"training loss became {loss.item()} at step {step + 1}; try a lower --lr. "
+                                     f"training loss became {loss.item()} at step {step + 1}; {hint()}. "
                                      "Earlier runs are kept.")
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -5,7 +5,8 @@ non-empty, verified (read back) and only then renamed over ``path``. Any failure
 temporary and leaves ``path`` as it was; a full disk or a read-only directory becomes one line
 (``write_error``): "no space left on DIR: NAME unchanged". A temporary left by a writer that was killed
 (``NAME.tmp-PID``, that process gone) is removed by the next write of the same file. ``check_writable`` refuses long work
-whose results could not be written. Standard library only: ParaView's Python can import it.
+whose results could not be written. ``file_set`` does the same for files that only make sense together (a merge
+tree's four): all of the new set, or the old set as it was. Standard library only: ParaView's Python can import it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -112,6 +114,18 @@ def check_writable(directory: str, need_bytes: int = 0, what: str = "") -> None:
                              f"{format_bytes(free)} free")
 
 
+def check_utf8_path(path: str, what: str) -> None:
+    """Refuse, before any work, a path that is not valid UTF-8: VTK's writers and readers (and ParaView) take
+    file names as UTF-8 text and fail on such a path only when the results are written."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise GlobScopeError(f"{shown}: the path is not valid UTF-8 (byte 0x{raw[exc.start]:02x}), and VTK and "
+                             f"ParaView cannot use it: {what} not started; rename or link it to a UTF-8 path") from None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, suffix: str = "", verify=None):
     """``with atomic_file(p) as tmp: write(tmp)``: ``p`` is replaced only by a complete, verified file.
@@ -119,15 +133,17 @@ def atomic_file(path: str, suffix: str = "", verify=None):
     The temporary is fsynced, checked to be non-empty and passed to ``verify(tmp)`` (which raises
     when the file does not read back) before it is renamed over ``path``; on any failure it is removed
     and ``path`` is left as it was. Write failures (full disk, read-only directory, and what HDF5,
-    torch or VTK report in their own words) become one line, ``write_error``.
+    torch or VTK report in their own words) become one line, ``write_error``. A ``path`` that is a symbolic
+    link stays one: the file it points to is replaced (its temporary lies next to it).
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    directory = os.path.dirname(os.path.abspath(target))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise write_error(exc, path) from None
-    _remove_orphans(path)
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    _remove_orphans(target)
+    tmp = f"{target}.tmp-{os.getpid()}{suffix}"
     try:
         yield tmp
         if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
@@ -135,7 +151,7 @@ def atomic_file(path: str, suffix: str = "", verify=None):
         _fsync_path(tmp)
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
         _fsync_path(directory)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -193,7 +209,7 @@ def save_torch(obj, path: str) -> None:
 
     def readable(tmp):
         try:
-            torch.load(tmp, map_location="cpu", weights_only=True)
+            torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # mmap: not a second copy in memory
         except Exception as exc:
             raise OSError(errno.EIO, f"the written file does not read back ({type(exc).__name__})") from None
 
@@ -212,3 +228,117 @@ def save_figure(fig, path: str, **kw) -> None:
         fig.savefig(tmp, format="png", **kw)
 
 
+# --- sets of files written together ---------------------------------------------------------------
+@contextlib.contextmanager
+def file_set(out_dir: str, names):
+    """``with file_set(d, names) as tmp: write each of names into tmp``: they replace ``d``'s old set as a whole.
+
+    A merge tree's four files only make sense together, so they are written into a temporary folder next to
+    ``d`` (``.d.tmp-PID``) and swapped in by renames only when all are written and verified: after a full disk,
+    a read-only folder or any other failure the old set is there as it was, and the temporary is gone. ``d``
+    holding only this set is exchanged with the temporary in one step (Linux ``renameat2``; elsewhere two
+    renames, undone by the next write after a crash between them); otherwise (other files in ``d``, or ``d``
+    the working directory) each file is renamed into it. A ``d`` that is a symbolic link stays one: the folder
+    it points to is the one replaced.
+    """
+    shown = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir) if os.path.islink(out_dir) else shown
+    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    names = list(names)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _recover_sets(parent, base)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise _set_error(exc, shown, names, tmp) from None
+    try:
+        yield tmp
+        missing = [n for n in names if not os.path.isfile(os.path.join(tmp, n))]
+        if missing:
+            raise OSError(errno.EIO, f"{', '.join(missing)} not written")
+        _fsync_dir(tmp)
+        _swap_in(tmp, out_dir, names)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, GlobScopeError)):
+            raise _set_error(exc, shown, names, tmp) from None
+        raise
+
+
+def _set_error(exc, out_dir, names, tmp) -> GlobScopeError:
+    """One line for a failed set: where, why, and that the old files are unchanged (or none were written)."""
+    what = f"{', '.join(names)} {'unchanged' if os.path.isdir(out_dir) else 'not written'}"
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or text.startswith("no space left on"):
+        return GlobScopeError(f"no space left on {out_dir}: {what}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return GlobScopeError(f"{os.path.dirname(out_dir)} is not writable ({os.strerror(code)}): {what}")
+    if isinstance(exc, GlobScopeError):  # the message of one file's write, with the folder it will be in
+        return GlobScopeError(text.replace(tmp, out_dir))
+    return GlobScopeError(f"{out_dir}: cannot write ({getattr(exc, 'strerror', None) or text}): {what}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: str, out_dir: str, names: list) -> None:
+    parent = os.path.dirname(out_dir)
+    if not os.path.lexists(out_dir):
+        os.rename(tmp, out_dir)
+    elif set(os.listdir(out_dir)) <= set(names) and os.path.realpath(out_dir) != os.path.realpath(os.getcwd()):
+        if not _exchange(tmp, out_dir):
+            old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:
+                os.rename(old, out_dir)
+                raise
+            tmp = old
+        shutil.rmtree(tmp, ignore_errors=True)  # the old set
+    else:  # a folder with other files: each of ours renamed into it (no space needed, nothing else touched)
+        for n in names:
+            os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
+        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(out_dir)
+    _fsync_dir(parent)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def _recover_sets(parent: str, base: str) -> None:
+    """Clean up after a writer that was killed: its temporary folder goes; an old set it had moved aside
+    (killed between two renames) comes back when the folder is missing."""
+    for entry in os.listdir(parent):
+        m = re.fullmatch(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)", entry)
+        if not m or int(m[2]) == os.getpid() or _alive(int(m[2])):
+            continue
+        path = os.path.join(parent, entry)
+        if m[1] == "old" and not os.path.lexists(os.path.join(parent, base)):
+            os.rename(path, os.path.join(parent, base))
+        else:
+            shutil.rmtree(path, ignore_errors=True)

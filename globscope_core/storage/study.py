@@ -15,15 +15,14 @@ a study (reducers, landscapes, trees, images, report.json) goes through ``atomic
 rule: a full disk or a read-only directory is one line naming the directory, and the old file
 stays as it was.
 
-Damage: the parameter rows carry HDF5's fletcher32 checksum, checked on every read (a mismatch
-names the file and the rows); the file's metadata uses the v110 format, whose superblock and
-object headers carry checksums. Studies written before checksums still open, with a one-line note.
+Damage: ``study_format`` holds the datasets' checksums, the checksum of what HDF5 leaves unguarded (attributes,
+run table, labels) and the column checks, all checked at every open. A study.h5 of the previous release (connect's
+curve and line kept in it as runs, no stored plan) is migrated once, at its first open, under the lock
+(``_upgrade`` here, its pieces in ``study_migration``).
 """
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import glob
 import json
 import os
@@ -34,21 +33,27 @@ import numpy as np
 
 from ..errors import GlobScopeError
 from ..resources import format_bytes
+from . import study_migration as migration
+from .locks import dir_lock
 
 # the shared write path (stdlib only, so vtk_files and render use it without h5py or torch)
-from .safe_write import atomic_file, atomic_write_bytes, free_bytes, note, write_error
+from .safe_write import _probe_writable, atomic_file, atomic_write_bytes, free_bytes, note
 from .safe_write import reserve as _reserve
 from .state_layout import StateLayout
-from .study_files import PATHS_H5, STUDY_H5, paths_h5, report_json, study_h5
-
-FORMAT = "globscope-study"
-VERSION = 1
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-_STR = h5py.string_dtype("utf-8")
-LIBVER = ("v110", "v110")  # superblock v3 and object headers with checksums; readable by HDF5 >= 1.10
-def _row_chunks(n_params: int) -> tuple:
-    # about 1 MiB per chunk, whole rows: reads are always by rows
-    return (max(1, min(1024, (1 << 20) // max(1, 4 * n_params))), n_params)
+from .study_files import PATHS_H5, STUDY_H5, paths_h5, reducers_dir, report_json
+from .study_format import (
+    FORMAT,
+    LIBVER,
+    METRICS,
+    VERSION,
+    check_sums,
+    column_error,
+    copy_without_runs,
+    first_line,
+    new_datasets,
+    seal,
+    verify_h5,
+)
 
 
 class Study:
@@ -62,6 +67,9 @@ class Study:
         self.dir = os.path.abspath(directory)
         self.h5_path = os.path.join(self.dir, name)
         self._load_meta()
+        if name == STUDY_H5:
+            self._upgrade_earlier()
+        self._notes()
 
     # --- opening ---------------------------------------------------------------------------
     @classmethod
@@ -81,14 +89,12 @@ class Study:
             f.attrs["layout"] = layout.to_json()
             if plan is not None:
                 f.attrs["plan"] = json.dumps(plan, sort_keys=True)
-            f.create_dataset("params", shape=(0, layout.size), maxshape=(None, layout.size), dtype="f4",
-                             chunks=_row_chunks(layout.size), fletcher32=True)
-            g = f.create_group("checkpoints")
-            for col, dt in (("run", "i4"), ("step", "i8"), *((m, "f8") for m in METRICS)):
-                g.create_dataset(col, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,), fletcher32=True)
-            g.create_dataset("label", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
-            f.create_dataset("runs", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(256,))
-        atomic_write_bytes(path, buf.getvalue())
+            new_datasets(f, layout.size)
+            seal(f)
+        with dir_lock(directory):  # two creators at once: the second is refused, never replaces the first's study
+            if os.path.exists(path):
+                raise GlobScopeError(f"{path}: a study already exists here (use another --out, or --resume)")
+            atomic_write_bytes(path, buf.getvalue())
         return cls(directory, name)
 
     @classmethod
@@ -103,6 +109,10 @@ class Study:
     def _load_meta(self) -> None:
         try:
             with h5py.File(self.h5_path, "r") as f:
+                bad = column_error(f)  # a column of another type reads as no runs, no rows: never silently
+                if bad:
+                    raise GlobScopeError(f"{self.h5_path}: damaged study file: {bad}")
+                self.attrs_checked = check_sums(f, self.h5_path)
                 if f.attrs.get("format") != FORMAT:
                     raise GlobScopeError(f"{self.h5_path}: not a GlobScope study (format attribute missing)")
                 self.model_spec = json.loads(f.attrs["model_spec"])
@@ -126,10 +136,20 @@ class Study:
             raise
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise GlobScopeError(f"{self.h5_path}: unreadable study file (damaged?) "
-                                 f"({_first_line(exc)})") from None
+                                 f"({first_line(exc)})") from None
+
+    def _upgrade_earlier(self) -> None:
+        """Migrate a study.h5 of the previous release once (see ``_upgrade``)."""
+        if migration.connect_runs(self.runs) or (self.plan is None and any(map(migration.trained_run, self.runs))):
+            _upgrade(self)
+
+    def _notes(self) -> None:
         if not self.checksums:
             note(f"{self.h5_path} was written before GlobScope stored checksums: damage to its parameters "
                  "cannot be detected")
+        elif not self.attrs_checked:
+            note(f"{self.h5_path} was written before GlobScope checked its attributes (plan, layout, specs): "
+                 "damage to them is detected from its next write on")
 
     # --- reading ---------------------------------------------------------------------------
     def _rows_error(self, d, rows, exc) -> GlobScopeError:
@@ -152,7 +172,7 @@ class Study:
         try:
             return h5py.File(self.h5_path, "r")
         except OSError as exc:
-            raise GlobScopeError(f"{self.h5_path}: unreadable study file (damaged?) ({_first_line(exc)})") from None
+            raise GlobScopeError(f"{self.h5_path}: unreadable study file (damaged?) ({first_line(exc)})") from None
 
     def read_params(self, rows=None) -> np.ndarray:
         """Parameter rows as float32 [k, P] (all rows if ``rows`` is None; keep that for small studies)."""
@@ -228,12 +248,13 @@ class Study:
         return dir_lock(self.dir, name, wait, what)
 
     @contextlib.contextmanager
-    def transaction(self, extra_bytes: int = 0):
+    def transaction(self, extra_bytes: int = 0, drop_runs=()):
         """``with study.transaction() as w: w.add_run(...); w.append(...)`` -- all or nothing.
 
         The new file is flushed, closed, read back (metadata, and the appended rows compared with what
         was written) before it replaces the old one; ``extra_bytes`` (the size of what will be added)
-        lets a full disk be refused before the copy is made.
+        lets a full disk be refused before the copy is made. ``drop_runs``: runs whose rows the new file
+        leaves out (their entries stay, so run numbers hold; ``w.replace_run`` gives them new contents).
         """
         with self.lock():
             for stale in glob.glob(self.h5_path + ".tmp-*"):
@@ -246,13 +267,17 @@ class Study:
                 raise GlobScopeError(f"no space left on {self.dir}: {os.path.basename(self.h5_path)} unchanged "
                                      f"(the new version needs about {format_bytes(need)}, {format_bytes(free)} free)")
             written = []
-            with atomic_file(self.h5_path, verify=lambda tmp: _verify_h5(tmp, written)) as tmp:
-                shutil.copyfile(self.h5_path, tmp)
+            with atomic_file(self.h5_path, verify=lambda tmp: verify_h5(tmp, written)) as tmp:
+                if drop_runs:
+                    copy_without_runs(self.h5_path, tmp, drop_runs)
+                else:
+                    shutil.copyfile(self.h5_path, tmp)
                 _reserve(tmp, need)
                 with h5py.File(tmp, "r+", libver=LIBVER if self.checksums else None) as f:
                     w = _Writer(f, self, written)
                     yield w
                     w._check_complete()
+                    seal(f)
                     f.flush()  # raises here, instead of a warning at close, when the disk is full
         self._load_meta()
 
@@ -271,25 +296,6 @@ class Study:
 
     def update_report(self, key: str, value) -> None:
         update_report(self.dir, key, value)
-
-
-@contextlib.contextmanager
-def dir_lock(directory: str, name: str = ".lock", wait: bool = True, what: str = "another writer"):
-    """An exclusive lock on ``directory/name``; ``wait=False`` refuses at once, in one line, when it is held."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fh = open(os.path.join(directory, name), "a")
-    except OSError as exc:
-        raise write_error(exc, study_h5(directory)) from None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise GlobScopeError(f"{directory}: {what} is working on this study now "
-                                 f"({name} is locked); wait for it to finish") from None
-        yield
-
-
 
 
 def paths_store(study: Study, create: bool = False) -> Study | None:
@@ -350,6 +356,10 @@ class _Writer:
         d[n] = json.dumps(info)
         return n
 
+    def replace_run(self, run: int, **info) -> None:
+        """The run's entry becomes ``info`` (an entry whose rows ``drop_runs`` left out, reused)."""
+        self.f["runs"][run] = json.dumps(info)
+
     def set_run(self, run: int, **info) -> None:
         d = self.f["runs"]
         cur = json.loads(d.asstr()[run])
@@ -387,31 +397,6 @@ class _Writer:
                 raise GlobScopeError(f"{self.study.h5_path}: internal error, column {name} has {d.shape[0]} rows, params {n}")
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _verify_h5(tmp: str, written=()) -> None:
-    """Read a just-written study file back: its metadata, every column, and the rows appended now."""
-    try:
-        with h5py.File(tmp, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise OSError(errno.EIO, "format attribute lost")
-            json.loads(f.attrs["layout"])
-            n = f["params"].shape[0]
-            for name, d in f["checkpoints"].items():
-                if d.shape[0] != n or len(d[:]) != n:
-                    raise OSError(errno.EIO, f"column {name} lost rows")
-            f["runs"].asstr()[:]
-            for first, rows in written:
-                back = f["params"][first : first + len(rows)]
-                if not np.array_equal(back, rows, equal_nan=True):
-                    raise OSError(errno.EIO, f"rows {first}-{first + len(rows) - 1} read back differently")
-    except (KeyError, ValueError) as exc:
-        raise OSError(errno.EIO, f"the new file does not read back ({_first_line(exc)})") from None
-
-
 def read_report(directory: str) -> dict:
     """report.json, or {} when it is missing or damaged: it is derived, so damage costs a note, not the stage."""
     path = report_json(directory)
@@ -424,18 +409,13 @@ def read_report(directory: str) -> dict:
             raise ValueError("not a JSON object")
         return report
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        note(f"{path} is damaged ({_first_line(exc)}); it is rebuilt from the sections written from now on")
+        note(f"{path} is damaged ({first_line(exc)}); it is rebuilt from the sections written from now on")
         return {}
 
 
 def update_report(directory: str, key: str, value) -> None:
-    """Set ``report[key] = value`` atomically (other keys are kept)."""
-    try:
-        lock = open(os.path.join(directory, ".report.lock"), "a")
-    except OSError as exc:
-        raise write_error(exc, report_json(directory)) from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """Set ``report[key] = value`` atomically (other keys are kept): read, change and write under one lock."""
+    with dir_lock(directory, ".report.lock", what="report.json writer", output=report_json(directory), make_dir=False):
         path = report_json(directory)
         report = read_report(directory)
         if not report and os.path.exists(path) and os.path.getsize(path):
@@ -463,3 +443,63 @@ def final_summary(study: Study) -> list[dict]:
         d.update({k: study.runs[r].get(k) for k in ("seed", "optimizer", "lr", "label")})
         out.append(d)
     return out
+
+
+# --- a study.h5 of the previous release ----------------------------------------------------------------------
+def _upgrade(study: Study) -> None:
+    """Migrate a study.h5 written by the previous release, once, under the study's lock.
+
+    That release kept connect's curve and line as runs of study.h5 (fit, info and align took them for the
+    ensemble) and stored no plan (``train --resume`` took today's defaults, e.g. 10,000 evaluation samples
+    for runs evaluated on 300). The paths go to paths.h5 first, each marked with the run it was (an
+    interrupted migration is finished by the next open, never repeated), the report's connect sections
+    follow them, then study.h5 is rewritten without them and with the plan of its runs (and checksums).
+    """
+    moved = migration.connect_runs(study.runs)
+    if _probe_writable(study.dir) is not None:
+        if moved:
+            raise GlobScopeError(f"{study.h5_path}: written by an earlier GlobScope that kept {len(moved)} connect "
+                                 f"paths in it; {study.dir} is not writable, so they cannot be moved to {PATHS_H5} "
+                                 "(copy the study somewhere writable)")
+        return  # only the plan is missing: stored at the first open with write access
+    with study.lock():
+        study._load_meta()  # another command may have migrated it while this one waited
+        moved = migration.connect_runs(study.runs)
+        plan = migration.earlier_plan(study) if study.plan is None else None
+        if not moved and plan is None:
+            return
+        if moved:
+            where = migration.move_paths(study, moved)
+            _follow_in_report(study, where)
+            gone = set(moved)
+            keep = [r for r in range(len(study.runs)) if r not in gone]
+            attrs = migration.attrs_of(study.h5_path)
+            if plan is not None:
+                attrs["plan"] = json.dumps(plan, sort_keys=True)
+            migration.write_store(study.h5_path, attrs, [(study.h5_path, keep, [study.runs[r] for r in keep])])
+        else:
+            try:
+                migration.store_plan(study, plan)
+            except GlobScopeError as exc:  # a full disk: the study reads as before; the plan waits for the next open
+                note(f"{exc} (the plan of its runs is stored at the next open)")
+                return
+    study._load_meta()
+    said = [f"epochs {plan['epochs']}" if "epochs" in (plan or {}) else "",
+            f"{plan['eval_samples']} evaluation samples" if "eval_samples" in (plan or {}) else ""]
+    stored = plan is not None and f"stored the plan its runs were trained with ({', '.join(w for w in said if w)})"
+    if not moved:
+        note(f"{study.h5_path}: {stored} (written by an earlier GlobScope)")
+        return
+    rdir = reducers_dir(study.dir)
+    refit = os.path.isdir(rdir) and any(n.endswith(".pt") for n in os.listdir(rdir))  # fitted with the paths
+    note("; ".join([f"{study.h5_path}: moved {len(moved)} connect paths to {PATHS_H5} (written by an earlier "
+                    "GlobScope)", *([stored] if stored else []), *(["fit its reducers again"] if refit else [])]))
+
+
+def _follow_in_report(study: Study, where: dict) -> None:
+    """The report's connect sections name their runs in paths.h5, as connect writes them today."""
+    for key, sec in read_report(study.dir).items():
+        if isinstance(sec, dict) and sec.get("key") == key and "points_file" not in sec \
+                and sec.get("curve_run") in where:
+            update_report(study.dir, key, dict(sec, points_file=PATHS_H5, curve_run=where[sec["curve_run"]],
+                                               line_run=where.get(sec.get("line_run"))))

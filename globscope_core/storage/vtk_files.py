@@ -4,15 +4,26 @@ The only module of the core that imports pip ``vtk``. Files are written with inl
 (``SetDataModeToBinary``, zlib-compressed): Debian's ParaView 5.11 with an updated libexpat cannot
 read the appended-data layout (shared/paraview.md). Every file is written to a temporary name and
 renamed, so an interrupted write never leaves half a file.
+
+Every file carries a checksum in its field data (``globscope_checksum``: BLAKE2 of its geometry, cells and
+arrays, ``data_checksum``), so ParaView opens it unchanged; every read here checks it, and a damaged or
+truncated file is one line naming it and the command that writes it again. Files written before checksums
+are read with a one-line note. Sets of files (a merge tree's four) are written by ``safe_write.file_set``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import GlobScopeError
+from . import study_files
 
 
 def _vtk():
@@ -59,28 +70,218 @@ def _write(writer_cls, obj, path: str) -> None:
     ext = os.path.splitext(path)[1]
     from .safe_write import atomic_file
 
-    with atomic_file(path, suffix=ext, verify=_complete_xml) as tmp:
+    digest = data_checksum(obj)
+    obj.GetFieldData().RemoveArray(CHECKSUM)
+    obj.GetFieldData().AddArray(_string_array(CHECKSUM, digest))
+
+    def reads_back(tmp):  # the whole file, as every reader will see it, before it replaces the old one
+        _complete_xml(tmp)
+        try:
+            got = _read_xml(tmp)
+        except GlobScopeError as exc:
+            raise OSError(errno.EIO, f"{os.path.basename(tmp)} does not read back ({exc})") from None
+        if stored_checksum(got) != digest or data_checksum(got) != digest:
+            raise OSError(errno.EIO, f"{os.path.basename(tmp)} does not read back (checksum mismatch)")
+
+    with atomic_file(path, suffix=ext, verify=reads_back) as tmp:
         w = getattr(io, writer_cls)()
-        w.SetFileName(tmp)
+        # into memory, then to disk by Python: VTK's XML writer crashes (SIGSEGV) on a disk that fills while
+        # it writes, where Python raises ENOSPC (one line, and the old file stays)
+        w.WriteToOutputStringOn()
         w.SetInputData(obj)
         w.SetDataModeToBinary()  # inline base64; never appended (see module docstring)
         w.SetCompressorTypeToZLib()
         quiet = core.vtkObject.GetGlobalWarningDisplay()
-        core.vtkObject.GlobalWarningDisplayOff()  # VTK's own multi-line report of a full disk: we say it in one
+        core.vtkObject.GlobalWarningDisplayOff()
         try:
             ok = w.Write()
         finally:
             core.vtkObject.SetGlobalWarningDisplay(quiet)
         if not ok:
             raise OSError(f"the VTK writer failed on {os.path.basename(tmp)}")
+        with open(tmp, "wb") as fh:
+            fh.write(w.GetOutputString().encode("ascii"))  # inline base64 and XML: ASCII
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def _complete_xml(tmp: str) -> None:
     """A VTK XML file that was written to the end (VTK may not notice a full disk itself)."""
-    with open(tmp, "rb") as fh:
-        fh.seek(max(0, os.path.getsize(tmp) - 64))
-        if b"</VTKFile>" not in fh.read():
-            raise OSError(f"{os.path.basename(tmp)} is incomplete (no closing </VTKFile>)")
+    if not _ends_complete(tmp):
+        raise OSError(f"{os.path.basename(tmp)} is incomplete (no closing </VTKFile>)")
+
+
+def _ends_complete(path: str) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(max(0, os.path.getsize(path) - 64))
+        return b"</VTKFile>" in fh.read()
+
+
+# --- checksums ------------------------------------------------------------------------------------
+CHECKSUM = "globscope_checksum"  # field data array: "blake2b:<hex>" of the data (data_checksum)
+_READERS = {".vti": "vtkXMLImageDataReader", ".vtp": "vtkXMLPolyDataReader", ".vtu": "vtkXMLUnstructuredGridReader"}
+
+
+def data_checksum(obj) -> str:
+    """BLAKE2 of what a VTK data object holds, but the checksum itself: its type, geometry (extent, origin,
+    spacing, direction; or points), cells, and point, cell and field arrays (names, types, shapes, values).
+
+    Computed on the object, so the same data gives the same checksum whatever the file's encoding; numpy and
+    VTK only, so ParaView's own Python can check a file too.
+    """
+    core, _, _, ns = _vtk()
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(tag, values=None):
+        h.update(tag.encode() + b"\0")
+        if values is not None:
+            a = np.ascontiguousarray(values)
+            a = a.astype(a.dtype.newbyteorder("<"))  # one byte order: the same data, the same checksum
+            h.update(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+
+    def add_array(a):
+        if a.IsA("vtkStringArray"):
+            add(f"{a.GetName()}:str", np.frombuffer("\0".join(a.GetValue(i) for i in range(a.GetNumberOfValues()))
+                                                     .encode(), np.uint8))
+        elif a.IsA("vtkDataArray"):
+            add(f"{a.GetName()}:{a.GetNumberOfComponents()}", ns.vtk_to_numpy(a))
+        else:
+            add(f"{a.GetName()}:{a.GetClassName()}:{a.GetNumberOfValues()}")
+
+    def add_cells(tag, cells):
+        n = cells.GetNumberOfCells() if cells is not None else 0
+        add(f"{tag}:{n}")
+        if n:
+            add(tag, ns.vtk_to_numpy(cells.GetConnectivityArray()).astype(np.int64))
+            add(tag, ns.vtk_to_numpy(cells.GetOffsetsArray()).astype(np.int64))
+
+    add(obj.GetClassName())
+    if obj.IsA("vtkImageData"):
+        m = obj.GetDirectionMatrix()
+        add("image", np.array(obj.GetExtent(), np.int64))
+        add("image", np.array(obj.GetOrigin() + obj.GetSpacing(), np.float64))
+        add("image", np.array([m.GetElement(i, j) for i in range(3) for j in range(3)], np.float64))
+    if obj.IsA("vtkPointSet"):
+        pts = obj.GetPoints()
+        add("points", None if pts is None else ns.vtk_to_numpy(pts.GetData()))
+    if obj.IsA("vtkPolyData"):
+        for tag, cells in (("verts", obj.GetVerts()), ("lines", obj.GetLines()), ("polys", obj.GetPolys()),
+                           ("strips", obj.GetStrips())):
+            add_cells(tag, cells)
+    if obj.IsA("vtkUnstructuredGrid"):
+        add_cells("cells", obj.GetCells())
+        if obj.GetNumberOfCells():  # VTK 9.6 renamed GetCellTypesArray (ParaView 5.11 has VTK 9.2)
+            new = (core.vtkVersion.GetVTKMajorVersion(), core.vtkVersion.GetVTKMinorVersion()) >= (9, 6)
+            add("types", ns.vtk_to_numpy(obj.GetCellTypes() if new else obj.GetCellTypesArray()).astype(np.uint8))
+    for tag, data in (("point", obj.GetPointData()), ("cell", obj.GetCellData()), ("field", obj.GetFieldData())):
+        arrays = [data.GetAbstractArray(i) for i in range(data.GetNumberOfArrays())]
+        arrays = sorted((a for a in arrays if a is not None and a.GetName() != CHECKSUM), key=lambda a: a.GetName() or "")
+        add(f"{tag}:{len(arrays)}")
+        for a in arrays:
+            add_array(a)
+    return "blake2b:" + h.hexdigest()
+
+
+def stored_checksum(obj) -> str | None:
+    """The checksum a file's data object carries (None: written before checksums, or not by GlobScope)."""
+    a = obj.GetFieldData().GetAbstractArray(CHECKSUM)
+    return a.GetValue(0) if a is not None and a.IsA("vtkStringArray") and a.GetNumberOfValues() else None
+
+
+def rerun_hint(path: str) -> str:
+    """The command that writes ``path`` again (a study's landscapes, trajectories, merge trees, connect views)."""
+    name = os.path.basename(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    m = re.fullmatch(r"(?:landscape|trajectories)-([23])d\.(?:vti|vtp)", name)
+    if m:
+        reducer = "NAME"
+        with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
+            with open(study_files.report_json(parent)) as fh:
+                reducer = json.load(fh)[f"landscape-{m[1]}d"]["reducer"]
+        return f"rerun `globscope landscape {parent} --reducer {reducer}`"
+    m = re.fullmatch(r"topology-([23])d", os.path.basename(parent))
+    if m and name in study_files.TOPOLOGY_FILES:
+        return f"rerun `globscope topology {os.path.dirname(parent)} --dim {m[1]}`"
+    m = re.fullmatch(r"connect-(\w+)-(\w+)-(?:2d|3d|plane)\.(?:vti|vtp)", name)
+    if m:
+        return f"rerun `globscope connect {parent} --runs {m[1]} {m[2]}`"
+    return "write it again"
+
+
+class DamagedFileError(GlobScopeError):
+    """A file that is there but cannot be trusted: truncated, unreadable, or its checksum does not match."""
+
+
+def _damaged(path: str, why: str) -> DamagedFileError:
+    return DamagedFileError(f"{path} is damaged ({why}): {rerun_hint(path)}")
+
+
+def _read_xml(path: str):
+    """The data object of a VTK XML file, its checksum checked; a missing, truncated, unreadable or damaged file
+    is one GlobScopeError (VTK's own multi-line error log is caught, not printed)."""
+    core, _, io, _ = _vtk()
+    ext = os.path.splitext(path)[1]
+    if ext not in _READERS:
+        raise GlobScopeError(f"{path}: not a .vtp, .vtu or .vti file")
+    if not os.path.isfile(path):
+        raise GlobScopeError(f"{path}: file does not exist")
+    if not _ends_complete(path):
+        raise _damaged(path, "truncated: no closing </VTKFile>")
+    log = core.vtkStringOutputWindow()
+    window = core.vtkOutputWindow.GetInstance()
+    verbosity = core.vtkLogger.GetCurrentVerbosityCutoff()
+    core.vtkOutputWindow.SetInstance(log)
+    core.vtkLogger.SetStderrVerbosity(core.vtkLogger.VERBOSITY_OFF)
+    try:
+        r = getattr(io, _READERS[ext])()
+        r.SetFileName(path)
+        r.Update()
+    finally:
+        core.vtkOutputWindow.SetInstance(window)
+        core.vtkLogger.SetStderrVerbosity(verbosity)
+    out = r.GetOutputDataObject(0)
+    # VTK's errors, each "ERROR: In FILE, line N" and "CLASS (0xADDR): message". Not counted: the cached range
+    # of an array with inf in it, which VTK writes and cannot read back (metadata; the checksum covers the data)
+    errors = [re.sub(r"^\w+ \(0x[0-9a-fA-F]+\): ", "", block.split("\n", 1)[1].strip())
+              for block in log.GetOutput().split("\n\n") if block.strip().startswith("ERROR:") and "\n" in block.strip()]
+    errors = [e for e in errors if "Error reading InformationKey" not in e]
+    if errors or r.GetErrorCode() or out is None:
+        reason = errors[0].splitlines()[0] if errors else f"VTK error code {r.GetErrorCode()}"
+        raise _damaged(path, f"unreadable: {reason.rstrip('.')}")
+    verify(path, out)
+    return out
+
+
+def verify(path: str, obj) -> None:
+    """Check the checksum of ``obj``, read from ``path``: a mismatch is one line; none (an older file) a note."""
+    stored = stored_checksum(obj)
+    if stored is None:
+        from .safe_write import note
+
+        note(f"{path} has no checksum (written before checksums, or not by GlobScope): read unchecked")
+    elif stored != data_checksum(obj):
+        raise _damaged(path, "checksum mismatch")
+
+
+def verify_views(study_dir: str, views) -> None:
+    """Read and check every VTK file the study's ``views`` show (before pvbatch, whose readers check nothing):
+    landscapes, trajectories, merge trees (all four files or none) and connect's paths and planes."""
+    files = []
+    for view in views:
+        if view == study_files.PLANE_VIEW:
+            vti = study_files.newest_plane(study_dir)
+            files += [vti, study_files.plane_paths(vti)] if vti else []
+            continue
+        dim = study_files.VIEWS[view]
+        tree = study_files.topology_files(study_files.topology_dir(study_dir, dim))
+        missing = [os.path.basename(p) for p in tree if not os.path.exists(p)]
+        if 0 < len(missing) < len(tree):
+            raise GlobScopeError(f"{study_files.topology_dir(study_dir, dim)} is incomplete (no {', '.join(missing)}): "
+                                 f"rerun `globscope topology {study_dir} --dim {dim}`")
+        files += study_files.view_files(study_dir, dim) + study_files.connect_files(study_dir, f"{dim}d")
+    for path in dict.fromkeys(files):
+        if os.path.exists(path):
+            _read_xml(path)
 
 
 # --- image data -----------------------------------------------------------------------------------
@@ -133,6 +334,8 @@ def _field_data_dict(obj) -> dict:
     fd = obj.GetFieldData()
     for i in range(fd.GetNumberOfArrays()):
         a = fd.GetAbstractArray(i)
+        if a.GetName() == CHECKSUM:  # of this file's data only: never passed on
+            continue
         if a.IsA("vtkStringArray"):
             vals = [a.GetValue(j) for j in range(a.GetNumberOfValues())]
             out[a.GetName()] = vals[0] if len(vals) == 1 else vals
@@ -141,24 +344,28 @@ def _field_data_dict(obj) -> dict:
     return out
 
 
+def field_data_of(data) -> dict:
+    """{name: value} of a vtk data object's field data (strings as str, numbers as numpy), without the checksum."""
+    return _field_data_dict(data)
+
+
 def read_vti(path: str) -> ImageField:
-    """Read a .vti file; a clear GlobScopeError for a missing, unreadable or non-image file."""
-    _, _, io, ns = _vtk()
+    """Read a .vti file, its checksum checked; a clear GlobScopeError for a missing, damaged or non-image file."""
+    _, _, _, ns = _vtk()
     if not os.path.exists(path):
         raise GlobScopeError(f"{path}: file does not exist")
     with open(path, "rb") as fh:
         head = fh.read(512)
+    ours = bool(re.fullmatch(r"(?:landscape-[23]d|segmentation|connect-.+-plane)\.vti", os.path.basename(path)))
     if b"<VTKFile" not in head:
-        raise GlobScopeError(f"{path}: not a VTK XML file")
+        raise _damaged(path, "not VTK XML") if ours else GlobScopeError(f"{path}: not a VTK XML file")
     if b'type="ImageData"' not in head:
         kind = head.split(b'type="')[1].split(b'"')[0].decode(errors="replace") if b'type="' in head else "?"
-        raise GlobScopeError(f"{path}: holds VTK {kind}, not image data (.vti)")
-    r = io.vtkXMLImageDataReader()
-    r.SetFileName(path)
-    r.Update()
-    img = r.GetOutput()
-    if img is None or r.GetErrorCode() or img.GetNumberOfPoints() == 0:
-        raise GlobScopeError(f"{path}: unreadable or empty image data")
+        raise (_damaged(path, f"holds VTK {kind}, not image data") if ours
+               else GlobScopeError(f"{path}: holds VTK {kind}, not image data (.vti)"))
+    img = _read_xml(path)
+    if not img.IsA("vtkImageData") or img.GetNumberOfPoints() == 0:
+        raise GlobScopeError(f"{path}: empty image data")
     pd = img.GetPointData()
     arrays = {pd.GetArrayName(i): ns.vtk_to_numpy(pd.GetArray(i)) for i in range(pd.GetNumberOfArrays())
               if pd.GetArray(i) is not None}
@@ -224,16 +431,10 @@ def write_vtu(path: str, points, cell_types, cells, point_arrays=None, cell_arra
 
 
 def read_any(path: str):
-    """Read .vtp/.vtu/.vti into a vtk data object (for tests and quick looks)."""
-    _, _, io, _ = _vtk()
-    readers = {".vtp": "vtkXMLPolyDataReader", ".vtu": "vtkXMLUnstructuredGridReader", ".vti": "vtkXMLImageDataReader"}
-    ext = os.path.splitext(path)[1]
-    if ext not in readers or not os.path.exists(path):
+    """Read .vtp/.vtu/.vti into a vtk data object, its checksum checked (quick looks, basins, tests)."""
+    if os.path.splitext(path)[1] not in _READERS or not os.path.exists(path):
         raise GlobScopeError(f"{path}: not a readable .vtp/.vtu/.vti file")
-    r = getattr(io, readers[ext])()
-    r.SetFileName(path)
-    r.Update()
-    return r.GetOutput()
+    return _read_xml(path)
 
 
 def arrays_of(data, where: str = "point") -> dict:

@@ -7,6 +7,7 @@ this runs inside ParaView's own Python too.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -279,8 +280,171 @@ def _regions(vnode, is_node, arc_of_node, seg_arc, rtype, span):
     return size, seg, rt, rs, sp
 
 
+def _homology(desc_order, dims, offs, cell_verts, facet_verts, facet_cells, uf, pos):
+    """The pairs of ``homology_split_pairs`` in one sweep of the vertices in ``desc_order``.
+
+    Once a vertex is swept, all the cells of its star lie in one component of the complement (the star of a
+    vertex is connected through its facets), so these components are those of the swept vertices on the grid's
+    edges, with the outside as one more vertex, the oldest, next to every vertex on the domain boundary. At s,
+    the components of its swept neighbours (and the outside, on the boundary) merge: all but the eldest die, a
+    pair (its maximum, s) each. Only their order depends on the facets: where three or more merge, the facets
+    of star(s) with s first are replayed in the order of their sorted vertex ids (``_star_tables``), as the
+    union-find over all cells that this replaces did. ``uf`` (n + 1, all -1): parents, each root its component's
+    oldest vertex (so its birth is its sweep position); ``pos`` (n) is scratch. Returns (maxima, saddles) in the
+    order of the saddles in the sweep.
+    """
+    n = desc_order.shape[0]
+    nx, ny, nz = dims[0], dims[1], dims[2]
+    nxy = nx * ny
+    nf = facet_verts.shape[1]  # a facet's vertices but s
+    nc = cell_verts.shape[1]  # a cell's vertices
+    nk = offs.shape[0]
+    delta = offs[:, 0] + offs[:, 1] * nx + offs[:, 2] * nxy
+    outside = n
+    for r in range(n):
+        pos[desc_order[r]] = r
+    uf[outside] = outside
+    cap = 16 + n // 8
+    pmax = np.empty(cap, np.int64)
+    psad = np.empty(cap, np.int64)
+    npairs = 0
+    npos = np.empty(nk, np.int64)  # the neighbours' sweep positions, -1 outside the grid
+    nid = np.empty(nk, np.int64)  # and their vertex ids
+    roots = np.empty(nk + 1, np.int64)
+    nloc = facet_cells.shape[0] * 2 + 1
+    lkey = np.empty(nloc, np.int64)  # the replay's union-find: components and cells born at s
+    lpar = np.empty(nloc, np.int64)
+    lbirth = np.empty(nloc, np.int64)
+    for r in range(n):
+        s = desc_order[r]
+        k = s // nxy
+        rem = s - k * nxy
+        j = rem // nx
+        i = rem - j * nx
+        # inside the domain (on the axes it spans): no bounds to check and not next to the outside
+        inside = (nx == 1 or 0 < i < nx - 1) and (ny == 1 or 0 < j < ny - 1) and (nz == 1 or 0 < k < nz - 1)
+        nr = 0
+        for o in range(nk):
+            if inside:
+                u = s + delta[o]
+            else:
+                ii = i + offs[o, 0]
+                jj = j + offs[o, 1]
+                kk = k + offs[o, 2]
+                if ii < 0 or ii >= nx or jj < 0 or jj >= ny or kk < 0 or kk >= nz:
+                    npos[o] = -1
+                    continue
+                u = ii + jj * nx + kk * nxy
+            nid[o] = u
+            npos[o] = pos[u]
+            if npos[o] < r:
+                while uf[u] != u:  # find, with path halving
+                    uf[u] = uf[uf[u]]
+                    u = uf[u]
+                dup = False
+                for q in range(nr):
+                    if roots[q] == u:
+                        dup = True
+                        break
+                if not dup:
+                    roots[nr] = u
+                    nr += 1
+        if not inside:  # on the boundary: next to the outside (always a root)
+            dup = False
+            for q in range(nr):
+                if roots[q] == outside:
+                    dup = True
+                    break
+            if not dup:
+                roots[nr] = outside
+                nr += 1
+        if nr == 0:  # a maximum inside the domain
+            uf[s] = s
+            continue
+        eldest = roots[0]
+        for q in range(1, nr):
+            if roots[q] == outside or (eldest != outside and pos[roots[q]] < pos[eldest]):
+                eldest = roots[q]
+        if nr > 2:  # replay the facets: the order of the pairs at s
+            nl = 0
+            for f in range(facet_verts.shape[0]):
+                first = True  # s comes first in the facet (a vertex outside the grid has -1: no facet)
+                for t in range(nf):
+                    if npos[facet_verts[f, t]] < r:
+                        first = False
+                        break
+                if not first:
+                    continue
+                x = -1
+                y = -1
+                for e in range(2):
+                    sc = facet_cells[f, e]
+                    key = n + 1 + sc  # a cell born at s, unless it has a vertex outside the grid or swept
+                    for t in range(nc):
+                        pv = npos[cell_verts[sc, t]]
+                        if pv < 0:
+                            key = outside
+                            break
+                        if pv < r:
+                            u = nid[cell_verts[sc, t]]
+                            while uf[u] != u:
+                                u = uf[u]
+                            key = u
+                            break
+                    slot = -1
+                    for q in range(nl):
+                        if lkey[q] == key:
+                            slot = q
+                            break
+                    if slot < 0:
+                        slot = nl
+                        nl += 1
+                        lkey[slot] = key
+                        lpar[slot] = slot
+                        lbirth[slot] = -1 if key == outside else (r if key > n else pos[key])
+                    while lpar[slot] != slot:
+                        slot = lpar[slot]
+                    if e == 0:
+                        x = slot
+                    else:
+                        y = slot
+                if x == y:
+                    continue
+                if lbirth[x] > lbirth[y]:
+                    x, y = y, x  # x the elder
+                if lbirth[y] != r:  # a cell born at s makes no pair
+                    if npairs == cap:
+                        cap *= 2
+                        grown = np.empty(cap, np.int64)
+                        grown[:npairs] = pmax[:npairs]
+                        pmax = grown
+                        grown = np.empty(cap, np.int64)
+                        grown[:npairs] = psad[:npairs]
+                        psad = grown
+                    pmax[npairs] = desc_order[lbirth[y]]
+                    psad[npairs] = s
+                    npairs += 1
+                lpar[y] = x
+        elif nr == 2:  # one pair: the younger one dies
+            if npairs == cap:
+                cap *= 2
+                grown = np.empty(cap, np.int64)
+                grown[:npairs] = pmax[:npairs]
+                pmax = grown
+                grown = np.empty(cap, np.int64)
+                grown[:npairs] = psad[:npairs]
+                psad = grown
+            pmax[npairs] = roots[1] if roots[0] == eldest else roots[0]
+            psad[npairs] = s
+            npairs += 1
+        for q in range(nr):
+            uf[roots[q]] = eldest
+        uf[s] = eldest
+    return pmax[:npairs].copy(), psad[:npairs].copy()
+
+
 _KERNELS = {"py": {"sweep": _sweep, "seg_ids": _seg_ids, "flatten": _flatten, "lowest": _lowest,
-                   "regions": _regions}}
+                   "regions": _regions, "homology": _homology}}
 
 
 def numba_available() -> bool:
@@ -301,32 +465,6 @@ def kernels_for(use_numba):
     return _KERNELS["nb"]
 
 
-def _top_cells(shape) -> np.ndarray:
-    """The triangles (2D) or tetrahedra (3D) of TTK's implicit triangulation, [m, d+1] vertex ids.
-
-    Mirrored in x, it is the Kuhn triangulation: in each cell of the grid, one simplex per order of the axes,
-    the path of unit steps from the cell's lower corner to its upper one."""
-    import itertools
-
-    nz, ny, nx = shape
-    axes = [a for a, n in enumerate((nx, ny, nz)) if n > 1]
-    dims = np.array([nx, ny, nz])
-    lo = np.stack(np.meshgrid(*[np.arange(n - 1 if a in axes else 1) for a, n in enumerate((nx, ny, nz))],
-                              indexing="ij"), -1).reshape(-1, 3)  # lower corners, mirrored coordinates
-    out = []
-    for perm in itertools.permutations(axes):
-        p = lo.copy()
-        verts = []
-        for step in (None,) + perm:
-            if step is not None:
-                p = p.copy()
-                p[:, step] += 1
-            i = dims[0] - 1 - p[:, 0]  # back to TTK's x
-            verts.append(i + p[:, 1] * nx + p[:, 2] * nx * ny)
-        out.append(np.stack(verts, 1))
-    return np.concatenate(out) if out else np.zeros((0, len(axes) + 1), np.int64)
-
-
 def homology_split_pairs(shape, desc_order, use_numba=None) -> np.ndarray:
     """Saddle-maximum pairs as TTK's default persistence backend (discrete Morse) gives them.
 
@@ -335,51 +473,59 @@ def homology_split_pairs(shape, desc_order, use_numba=None) -> np.ndarray:
     triangles (tetrahedra) above the level, joined through the edges (triangles) above it, and the outside,
     older than every maximum, through the boundary. So a maximum on the boundary makes no pair, and a maximum
     dies where its component of the complement reaches an older one. Returns [k, 2] (maximum vertex, saddle
-    vertex) in the order of the saddles in ``desc_order``.
+    vertex) in the order of the saddles in ``desc_order``: one sweep of the vertices (``_homology``), about
+    the cost of the merge tree's own.
     """
     nz, ny, nx = shape
-    n = nx * ny * nz
-    top = _top_cells(shape)
-    d = top.shape[1] - 1
-    if d < 2:  # a one-cell-wide grid has no such pairs
+    axes = [a for a, m in enumerate((nx, ny, nz)) if m > 1]
+    if len(axes) < 2:  # a one-cell-wide grid has no such pairs
         return np.zeros((0, 2), np.int64)
-    pos = np.empty(n, np.int64)
-    pos[np.asarray(desc_order, np.int64)] = np.arange(n)  # position in the descending sweep
-    # the cell's first vertex in the sweep is when it joins the complement: its maximum
-    cell_birth = top[np.arange(len(top)), np.argmin(pos[top], 1)]
-    # facets: drop one vertex; each is shared by two cells, or one on the boundary (then joined to the outside)
-    facets = np.concatenate([np.sort(np.delete(top, q, 1), 1) for q in range(d + 1)])
-    owner = np.tile(np.arange(len(top)), d + 1)
-    key, inv = np.unique(facets, axis=0, return_inverse=True)
-    inv = inv.ravel()
-    srt = np.argsort(inv, kind="stable")
-    first = np.searchsorted(inv[srt], np.arange(len(key)))
-    a = owner[srt[first]]
-    cnt = np.bincount(inv, minlength=len(key))
-    b = np.where(cnt == 2, owner[srt[np.minimum(first + 1, len(srt) - 1)]], len(top))  # len(top): the outside
-    f_when = pos[key].min(1)  # the facet joins the complement at its maximum vertex
-    f_vertex = key[np.arange(len(key)), pos[key].argmin(1)]
-    ev = np.argsort(f_when, kind="stable")
-    parent = list(range(len(top) + 1))
-    birth = [int(pos[v]) for v in cell_birth] + [-1]  # the outside is the oldest
-    bvert = [int(v) for v in cell_birth] + [-1]
-    pairs = []
+    n = nx * ny * nz
+    small = n + 1 < 2**31  # int32 ids and sweep positions halve what the random order reads
+    uf = np.full(n + 1, -1, np.int32 if small else np.int64)
+    pos = np.empty(n, np.int32 if small else np.int64)
+    homology = kernels_for(use_numba)["homology"]
+    pmax, psad = homology(np.ascontiguousarray(desc_order, dtype=np.int64), np.array([nx, ny, nz], np.int64),
+                          *_star_tables(shape), uf, pos)
+    return np.stack([pmax, psad], 1)
 
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
 
-    for e in ev.tolist():
-        x, y = find(int(a[e])), find(int(b[e]))
-        if x == y:
-            continue
-        if birth[x] > birth[y]:
-            x, y = y, x  # x the elder
-        s = int(f_vertex[e])
-        if bvert[y] != s:  # a zero-persistence pair (inside one vertex's star) is no pair
-            pairs.append((bvert[y], s))
-        parent[y] = x
-    p = np.array(pairs, np.int64).reshape(-1, 2)
-    return p[np.argsort(pos[p[:, 1]], kind="stable")] if len(p) else p
+def _star_tables(shape):
+    """The star of a vertex in the grid's implicit triangulation, for ``_homology``.
+
+    Mirrored in x, that triangulation is Kuhn's: in each cell of the grid, one simplex per order of the axes, the
+    path of unit steps from the cell's lower corner to its upper one. Returns (offs, cell_verts, facet_verts,
+    facet_cells): the neighbours (di, dj, dk), the vertex itself first; per top cell of the star its vertices
+    (indices into offs); per facet through the vertex its other vertices and its two cells, sorted by the
+    facet's sorted vertex ids. Those ids are the vertex's id plus fixed deltas, so this order is the same at
+    every vertex (deltas that coincide on a narrow grid belong to vertices that never both exist).
+    """
+    nz, ny, nx = shape
+    axes = [a for a, m in enumerate((nx, ny, nz)) if m > 1]
+    d = len(axes)
+    flat = [a for a in range(3) if a not in axes]  # an axis of size 1: no steps along it
+    offs = [(0, 0, 0)] + [tuple(int(x) for x in o) for o in OFFSETS if all(o[a] == 0 for a in flat)]
+    index = {o: q for q, o in enumerate(offs)}
+    cells = []
+    for perm in itertools.permutations(axes):  # one simplex per axis order in each grid cell (mirrored in x)
+        for m in range(d + 1):  # the vertex is the cell's m-th: its lower corner is m steps back
+            q = [0, 0, 0]
+            for a in perm[:m]:
+                q[a] -= 1
+            verts = []
+            for t in range(d + 1):
+                if t:
+                    q[perm[t - 1]] += 1
+                verts.append(index[(-q[0], q[1], q[2])])
+            cells.append(verts)
+    facets = {}
+    for sc, verts in enumerate(cells):
+        for drop in verts:
+            if drop != 0:
+                facets.setdefault(tuple(sorted(v for v in verts if v != drop)), []).append(sc)
+    assert all(len(c) == 2 for c in facets.values())  # in the unbounded grid, every facet has two cells
+    delta = [o[0] + o[1] * nx + o[2] * nx * ny for o in offs]
+    order = sorted(facets, key=lambda f: sorted(delta[v] for v in f))
+    facet_verts = [[v for v in f if v != 0] for f in order]
+    return (np.array(offs, np.int64), np.array(cells, np.int64), np.array(facet_verts, np.int64),
+            np.array([facets[f] for f in order], np.int64))
