@@ -187,6 +187,9 @@ def libraries(*names: str) -> dict:
 # evaluation's allocations besides its arrays (EVAL_RUNTIME): measured resident memory, after less before
 TRAIN_RUNTIME = 40 << 20
 EVAL_RUNTIME = 40 << 20
+# a training step's activations over what autograd saves for the backward pass (gradients, workspaces): measured
+# 1.5-1.65 on ResNet-56 and the ViT
+TRAIN_ACTIVATIONS = 1.6
 
 
 def estimate_train(n_params: int, rows_per_run: int, batch_size: int, optimizer: str = "sgd",
@@ -195,13 +198,13 @@ def estimate_train(n_params: int, rows_per_run: int, batch_size: int, optimizer:
     until the run is committed to the study in one transaction, with the model, its gradients and optimizer
     state while it trains, or the rows read back while it commits. Activations: the larger of a training step's
     (what autograd keeps for the backward pass of ``batch_size`` samples, with the gradients and workspaces:
-    2.5x, measured on ResNet-56 and the ViT) and an evaluation's (about 4 of the largest outputs of 2048 samples,
+    TRAIN_ACTIVATIONS) and an evaluation's (about 4 of the largest outputs of 2048 samples,
     measured on the CIFAR CNN). ``activations``: one sample's (largest module output, tensors autograd keeps).
     ``optimizer``: the one with the most state among the runs (sgd: momentum; adam, adamw: two moments)."""
     opt_states = {"sgd": 1, "adam": 2, "adamw": 2}.get(optimizer, 2)
     largest_out, saved = activations
-    training = {"model, gradients, optimizer": n_params * F32 * (2 + opt_states),
-                "activations": max(5 * batch_size * saved // 2, 4 * min(2048, eval_samples) * largest_out)}
+    act = max(int(TRAIN_ACTIVATIONS * batch_size * saved), 4 * min(2048, eval_samples) * largest_out)
+    training = {"model, gradients, optimizer": n_params * F32 * (2 + opt_states), "activations": act}
     # the commit reads each row back through HDF5's checksum filter and compares it (NaN masks): ~4 rows
     commit = {"commit: rows written, read back, compared": 4 * n_params * F32}
     return {**(held if held is not None else held_now()), "autograd and optimizer runtime": TRAIN_RUNTIME,
@@ -238,7 +241,7 @@ def estimate_connect(n_params: int, points: int, bends: int, plane_resolution: i
     rows = {"curve and line points, evaluated copies": 4 * m * P * F32}
     phases = [{"data set while it loads": load},
               {"data set": kept, "curve training (bends, gradients, momentum, ends)": (3 * bends + 6) * P * F32,
-               "training activations": 5 * batch_size * activations[1] // 2},
+               "training activations": int(TRAIN_ACTIVATIONS * batch_size * activations[1])},
               {"data set": kept, "curve and line points [m, P] while made (float64)": 7 * m * P * F32},
               {"data set": kept, **rows, "BatchNorm statistics (512 samples)": 3 * 512 * activations[0] * batchnorm},
               {"data set": kept, **rows, "evaluation data loaded again": load - kept,

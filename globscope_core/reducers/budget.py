@@ -41,8 +41,8 @@ def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_
     """The phases of ``SpanBasis.fit`` on ``n_rows`` rows, one after the other (bytes of their large arrays).
 
     Pass 1 keeps float64 sums, squares and a shift of P and makes mean, spread and median copies of them at its
-    end; the Gram pass holds a float64 panel of rows (PANEL_BYTES), a float64 stream block and the standardized
-    block with its temporary; the basis pass holds V [k, P], a row block standardized (two copies) and a
+    end; the Gram pass holds a float64 panel of rows (PANEL_BYTES), a float64 stream block and a block read and
+    standardized (numpy reuses the temporary); the basis pass holds V [k, P], a row block standardized and a
     column slice of the product. Pages that are never written (a stream buffer when one panel holds every row)
     cost nothing and are not counted."""
     N, P = n_rows, n_params
@@ -56,7 +56,7 @@ def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_
     return [
         {"mean and spread pass: float64 vectors [P]": 17 * P * F32, "row block and its float64 copies": 5.25 * Bb},
         {"mean, scale [P]": vec, "Gram panel (float64)": min(pr, N) * P * F64,
-         "Gram stream block": stream * P * F64 + min(br, N) * P * 3 * F32, "Gram matrix [N, N]": 4 * N * N * F64},
+         "Gram stream block": stream * P * F64 + min(br, N) * P * 2 * F32, "Gram matrix [N, N]": 4 * N * N * F64},
         {"mean, scale [P]": vec, "basis V [k, P]": k * P * F32, "row block standardized": 3 * Bb,
          "column slice": min(64 << 20, k * P * F32) + (bb * cols * F32 if cols < P else 0)},
     ]
