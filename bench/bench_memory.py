@@ -138,6 +138,7 @@ def main():
     ap.add_argument("--studies", default=",".join(STUDIES))
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--fresh", action="store_true", help="retrain the named studies and measure them again")
+    ap.add_argument("--redo", action="store_true", help="measure the named stages again (the studies are kept)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -156,7 +157,7 @@ def main():
             results[name] = r = {}
         write_data(args.work, cfg)
         for stage in stages:
-            if stage in r and r[stage].get("rc") == 0 and not args.fresh:
+            if stage in r and r[stage].get("rc") == 0 and not (args.fresh or args.redo):
                 continue
             if stage == "train":
                 shutil.rmtree(study, ignore_errors=True)

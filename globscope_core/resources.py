@@ -272,7 +272,7 @@ def estimate_align(n_params: int, rows_per_run: int, alphas: int, matching_bytes
     late = {**libraries("scipy", "matplotlib", *data_libraries), "evaluation runtime": EVAL_RUNTIME}
     phases = [{"data set while it loads": load},  # first: the libraries and evaluations come after it
               {**late, **run, "matching (cost matrices)": matching_bytes},
-              {**late, **run, "line between two models [alphas, P] (float64)": 3 * alphas * P * F64 + 2 * P * F64}]
+              {**late, **run, "line between two models [alphas, P] (float64)": 2 * alphas * P * F64 + 2 * P * F64}]
     return {**(held if held is not None else held_now()), "models": 4 * P * F32, **largest(*phases)}
 
 
