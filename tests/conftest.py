@@ -1,7 +1,11 @@
 """Shared fixtures and helpers: small real studies trained on digits (seconds, not minutes), the installed command."""
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,3 +65,64 @@ def random_perms(spec, layout, seed):
     """A random permutation of every permutable axis of ``spec`` on ``layout``."""
     rng = np.random.default_rng(seed)
     return {p: rng.permutation(n) for p, n in spec.identity(layout).items()}
+
+
+# --- fault helpers (tests/test_faults*.py) ----------------------------------------------------------
+def make_ready_study(d):
+    """A small study with a pca-2d reducer, a 9x9 landscape and its merge tree (the inputs of every stage),
+    and a checkpoint file next to it: (study dir, checkpoint path)."""
+    from globscope_core.reducers import fit_reducer
+    from globscope_core.stages.landscape import compute_landscape
+    from globscope_core.stages.topology import study_topology
+
+    s = make_study(d, runs=3, epochs=3, widths=(16,), eval_samples=256)
+    fit_reducer(s, "pca", 2)
+    compute_landscape(s, "pca-2d", 9, eval_samples=64, progress=False)
+    study_topology(str(d), dim=2, verbose=False)
+    ck = str(d.parent / "ck.pt")
+    torch.save(s.layout.unflatten(torch.from_numpy(s.read_params([0])[0] + 0.01)), ck)
+    return str(d), ck
+
+
+def file_digests(d):
+    """{relative path: sha256} of every file under ``d`` (locks excluded: they are empty by design)."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            if not f.endswith(".lock"):
+                p = os.path.join(root, f)
+                with open(p, "rb") as fh:
+                    out[os.path.relpath(p, d)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def leftovers(d):
+    """Temporaries (``*.tmp*``) anywhere under ``d``."""
+    return [p for p in glob.glob(os.path.join(d, "**", "*"), recursive=True) if ".tmp" in os.path.basename(p)]
+
+
+@contextlib.contextmanager
+def tmpfs(path, size="20m"):
+    """A real small file system at ``path`` (we are root in CI; elsewhere the case is skipped with the reason)."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}); full-disk and read-only "
+                    "cases need one")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory, leave: int = 0) -> str:
+    """Fill the file system of ``directory`` until about ``leave`` bytes are free (0: until it is full)."""
+    path = os.path.join(directory, "filler")
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while shutil.disk_usage(directory).free > leave:
+                fh.write(b"\0" * max(4096, min(1 << 20, shutil.disk_usage(directory).free - leave)))
+        except OSError:  # full
+            pass
+    return path

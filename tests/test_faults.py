@@ -7,7 +7,6 @@ A read-only directory is a tmpfs remounted ``ro`` (root ignores permission bits,
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -23,10 +22,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_study
+from conftest import file_digests, fill, leftovers, make_ready_study, make_study, tmpfs
 
 from globscope_core.cli import main
-from globscope_core.reducers import fit_reducer, load_reducer
+from globscope_core.reducers import load_reducer
 from globscope_core.storage import safe_write
 from globscope_core.storage import study as store
 from globscope_core.storage.study import Study
@@ -38,21 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _sha(path):
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()
-
-
-def _tree(d):
-    """{relative path: sha256} of every file under ``d`` (locks excluded: they are empty by design)."""
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            if not f.endswith(".lock"):
-                p = os.path.join(root, f)
-                out[os.path.relpath(p, d)] = _sha(p)
-    return out
-
-
-def _leftovers(d):
-    return [p for p in glob.glob(os.path.join(d, "**", "*"), recursive=True) if ".tmp" in os.path.basename(p)]
 
 
 def cli(capsys, *argv):
@@ -74,46 +58,9 @@ def one_error(capsys, *argv, match):
     return errors[0]
 
 
-@contextlib.contextmanager
-def tmpfs(path, size="20m"):
-    os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}); full-disk and read-only "
-                    "cases need one")
-    try:
-        yield str(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def fill(directory, leave: int = 0) -> str:
-    """Fill the file system of ``directory`` until about ``leave`` bytes are free (0: until it is full)."""
-    path = os.path.join(directory, "filler")
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while shutil.disk_usage(directory).free > leave:
-                fh.write(b"\0" * max(4096, min(1 << 20, shutil.disk_usage(directory).free - leave)))
-        except OSError:  # full
-            pass
-    return path
-
-
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory):
-    """A small study with a PCA reducer, a 9x9 landscape and its merge tree (the inputs of every stage)."""
-    from globscope_core.stages.landscape import compute_landscape
-    from globscope_core.stages.topology import study_topology
-
-    d = tmp_path_factory.mktemp("faults") / "study"
-    s = make_study(d, runs=3, epochs=3, widths=(16,), eval_samples=256)
-    fit_reducer(s, "pca", 2)
-    compute_landscape(s, "pca-2d", 9, eval_samples=64, progress=False)
-    study_topology(str(d), dim=2, verbose=False)
-    ck = str(d.parent / "ck.pt")
-    torch.save(s.layout.unflatten(torch.from_numpy(s.read_params([0])[0] + 0.01)), ck)
-    return str(d), ck
+    return make_ready_study(tmp_path_factory.mktemp("faults") / "study")
 
 
 def _copy(ready, dst):
@@ -126,7 +73,7 @@ def test_full_disk_import_leaves_the_study_unchanged(ready, tmp_path, capsys, mo
     """Issue 13.1: the import used to commit zeros over study.h5, print success and segfault."""
     with tmpfs(tmp_path / "fs") as fs:
         d = _copy(ready, os.path.join(fs, "s"))
-        before = _tree(d)
+        before = file_digests(d)
         filler = fill(fs, 64 << 10)
         # the check before the work
         one_error(capsys, "import", d, ready[1], "--eval-samples", 64, match=f"no space left on {d}")
@@ -135,14 +82,14 @@ def test_full_disk_import_leaves_the_study_unchanged(ready, tmp_path, capsys, mo
         monkeypatch.setattr(store, "free_bytes", lambda _: None)
         one_error(capsys, "import", d, *[ready[1]] * 8, "--eval-samples", 64,
                   match=f"no space left on {d}: study.h5 unchanged")
-        assert _tree(d) == before and not _leftovers(fs)
+        assert file_digests(d) == before and not leftovers(fs)
         os.remove(filler)  # with space again the same command works, and stores the real values
         assert cli(capsys, "import", d, ready[1], "--eval-samples", 64)[0] == 0
         s = Study.open(d)
         want = torch.load(ready[1], weights_only=True)
         np.testing.assert_array_equal(s.read_params([s.n_checkpoints - 1])[0],
                                       s.layout.flatten(want).numpy())
-        assert not _leftovers(fs)
+        assert not leftovers(fs)
 
 
 def test_full_disk_keeps_every_result_file(ready, tmp_path, capsys, monkeypatch):
@@ -152,7 +99,7 @@ def test_full_disk_keeps_every_result_file(ready, tmp_path, capsys, monkeypatch)
 
     with tmpfs(tmp_path / "fs") as fs:
         d = _copy(ready, os.path.join(fs, "s"))
-        before = _tree(d)
+        before = file_digests(d)
         fill(fs)
         # stages refuse before the work where the need is known ...
         one_error(capsys, "landscape", d, "--reducer", "pca-2d", "--resolution", 9, "--no-progress",
@@ -181,14 +128,14 @@ def test_full_disk_keeps_every_result_file(ready, tmp_path, capsys, monkeypatch)
         with pytest.raises(Exception, match=f"no space left on {d}/renders: view.png not written"):
             save_figure(fig, os.path.join(d, "renders", "view.png"))
         plt.close(fig)
-        assert _tree(d) == before and not _leftovers(fs)
+        assert file_digests(d) == before and not leftovers(fs)
 
 
 # --- read-only directory ---------------------------------------------------------------------------
 def test_read_only_directory_is_one_line_for_every_writing_stage(ready, tmp_path, capsys):
     with tmpfs(tmp_path / "fs") as fs:
         d = _copy(ready, os.path.join(fs, "s"))
-        before = _tree(d)
+        before = file_digests(d)
         r = subprocess.run(["mount", "-o", "remount,ro", fs], capture_output=True, text=True)
         if r.returncode:
             pytest.skip(f"cannot remount the tmpfs read-only: {r.stderr.strip()}")
@@ -205,7 +152,7 @@ def test_read_only_directory_is_one_line_for_every_writing_stage(ready, tmp_path
         one_error(capsys, "render", d, match=f"{d}/renders is {ro}")
         rc, lines = cli(capsys, "info", d)  # reading needs no write access
         assert rc == 0
-        assert _tree(d) == before and not _leftovers(fs)
+        assert file_digests(d) == before and not leftovers(fs)
 
 
 # --- SIGKILL at a random point of every long stage, then resume --------------------------------------
@@ -279,7 +226,7 @@ def _report(stage, killed, tmp_path):
         seen.append(f"curve epoch {torch.load(os.path.join(d, 'connect-0-1.partial.pt'), weights_only=True)['epoch']}")
     if os.path.exists(os.path.join(d, "reducers", "ae-2d.pt")):
         seen.append("ae-2d.pt complete")
-    seen += [f"left: {os.path.basename(p)}" for p in _leftovers(str(tmp_path))]
+    seen += [f"left: {os.path.basename(p)}" for p in leftovers(str(tmp_path))]
     print(f"\n[{stage}] SIGKILL {killed[0]} s after its work began"
           f"{' (it had finished already)' if killed[1] else ''}; found: {', '.join(seen) or 'nothing written'}")
 
@@ -359,7 +306,7 @@ def test_sigkill_then_resume_loses_nothing(stage, ready, tmp_path):
         ref = str(tmp_path / "ref-aligned")
         align_study(d, ref, eval_samples=256, alphas=5, progress=False, plot=False, max_iter=100, act_samples=1024)
         np.testing.assert_array_equal(Study.open(out).read_params(), Study.open(ref).read_params())
-    assert not _leftovers(str(tmp_path))
+    assert not leftovers(str(tmp_path))
 
 
 # --- concurrent writers and the training plan --------------------------------------------------------

@@ -14,8 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import make_study
-from test_faults import _leftovers, _tree, fill, tmpfs
+from conftest import file_digests, fill, leftovers, make_study, tmpfs
 
 from globscope_core.cli import main
 from globscope_core.stages import paraview_env
@@ -123,7 +122,7 @@ def test_damaged_derived_file_is_one_line_and_changes_nothing(study, tmp_path, c
             data = fh.read()
         with open(path, "wb") as fh:
             fh.write(DAMAGE[damage](data))
-    before = _tree(d)
+    before = file_digests(d)
     out = str(tmp_path / "renders")
     rc, lines = cli(capfd, *_command(kind, command, d, out))
     assert rc == 2 and len(lines) == 1, (rc, lines)
@@ -133,7 +132,7 @@ def test_damaged_derived_file_is_one_line_and_changes_nothing(study, tmp_path, c
         assert "does not exist" in lines[0] or "is incomplete" in lines[0], lines
     else:
         assert " is damaged (" in lines[0] and "rerun `globscope " in lines[0], lines
-    assert _tree(d) == before and not _leftovers(d) and not os.path.exists(out)
+    assert file_digests(d) == before and not leftovers(d) and not os.path.exists(out)
 
 
 def test_checksum_mismatch_names_the_file_and_the_command(study, tmp_path, capfd):
@@ -259,13 +258,13 @@ def test_full_disk_during_topology_keeps_the_old_set(study, tmp_path, capfd, whe
             with open(os.path.join(out, "notes.txt"), "w") as fh:
                 fh.write("the user's own file\n")
             argv = ["topology", study_files.landscape_vti(d, 2), "--out", out, "--persistence", 0.2, "--relative"]
-        before = {**_tree(d), **{f"out/{k}": v for k, v in _tree(out).items()}}
+        before = {**file_digests(d), **{f"out/{k}": v for k, v in file_digests(out).items()}}
         filler = fill(fs, room)
         rc, lines = cli(capfd, *argv)
         assert rc == 2 and len(lines) == 1, lines
         assert f"no space left on {out}: " in lines[0] and lines[0].endswith(" unchanged"), lines
-        assert {**_tree(d), **{f"out/{k}": v for k, v in _tree(out).items()}} == before
-        assert not _leftovers(fs) and not [e for e in os.listdir(os.path.dirname(out)) if ".tmp-" in e]
+        assert {**file_digests(d), **{f"out/{k}": v for k, v in file_digests(out).items()}} == before
+        assert not leftovers(fs) and not [e for e in os.listdir(os.path.dirname(out)) if ".tmp-" in e]
         os.remove(filler)
         rc, lines = cli(capfd, *argv)  # with space again: the whole new set
         assert rc == 0, lines
@@ -273,7 +272,7 @@ def test_full_disk_during_topology_keeps_the_old_set(study, tmp_path, capfd, whe
             assert _field_data(_vtk_read(os.path.join(out, f)))["PersistenceThreshold"][0] > 0, f
         if where != "study":
             assert open(os.path.join(out, "notes.txt")).read() == "the user's own file\n"
-        assert not _leftovers(fs)
+        assert not leftovers(fs)
 
 
 # --- ParaView opens a checksummed file unchanged ----------------------------------------------------------

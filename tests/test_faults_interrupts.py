@@ -15,8 +15,7 @@ import sys
 import time
 
 import pytest
-import torch
-from conftest import make_study
+from conftest import make_ready_study
 
 from globscope_core.storage.study import Study
 
@@ -27,19 +26,7 @@ ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH
 
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory):
-    """A small study with a pca-2d reducer, a 9x9 landscape and its merge tree; and a checkpoint file."""
-    from globscope_core.reducers import fit_reducer
-    from globscope_core.stages.landscape import compute_landscape
-    from globscope_core.stages.topology import study_topology
-
-    d = tmp_path_factory.mktemp("interrupts") / "study"
-    s = make_study(d, runs=3, epochs=3, widths=(16,), eval_samples=256)
-    fit_reducer(s, "pca", 2)
-    compute_landscape(s, "pca-2d", 9, eval_samples=64, progress=False)
-    study_topology(str(d), dim=2, verbose=False)
-    ck = str(d.parent / "ck.pt")
-    torch.save(s.layout.unflatten(torch.from_numpy(s.read_params([0])[0] + 0.01)), ck)
-    return str(d), ck
+    return make_ready_study(tmp_path_factory.mktemp("interrupts") / "study")
 
 
 def _copy(ready, dst) -> str:

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import fill, tmpfs
 
 from globscope_core.stages import paraview_env
 
@@ -226,33 +227,6 @@ def test_a_stopped_render_leaves_nothing_running(study, tmp_path, how):
 
 
 # --- full or read-only disk under pvbatch ---------------------------------------------------------------
-@contextlib.contextmanager
-def _tmpfs(path, size="20m"):
-    os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}); full-disk and read-only "
-                    "cases need one")
-    try:
-        yield str(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _fill(directory):
-    path = os.path.join(directory, "filler")
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 20))
-        except OSError:
-            pass
-    with contextlib.suppress(OSError), open(path + "-small", "wb", buffering=0) as fh:
-        while True:
-            fh.write(b"\0" * 4096)
-
-
 @pytest.mark.paraview
 @needs_pv
 @pytest.mark.parametrize("fault", ["full", "read-only"])
@@ -260,7 +234,7 @@ def test_disk_fault_under_pvbatch_is_one_line(study, tmp_path, fault):
     """The renders folder's file system fills up (or turns read-only) once pvbatch has started: one line
     naming the folder ("no space left on DIR: ..." / "DIR is read-only: ..."), no colour codes, the older
     image unchanged, no partial PNG (before: "pvbatch failed (exit N): ..." with ParaView's coloured log)."""
-    with _tmpfs(tmp_path / "fs") as fs:
+    with tmpfs(tmp_path / "fs") as fs:
         out = os.path.join(fs, "renders")
         os.makedirs(out)
         old = os.path.join(out, "landscape-2d.png")
@@ -275,7 +249,7 @@ def test_disk_fault_under_pvbatch_is_one_line(study, tmp_path, fault):
         seen = _watch(proc, _has_pvbatch)
         assert _has_pvbatch(seen), proc.communicate()
         if fault == "full":
-            _fill(fs)
+            fill(fs)
         else:
             r = subprocess.run(["mount", "-o", "remount,ro", fs], capture_output=True, text=True)
             if r.returncode:
