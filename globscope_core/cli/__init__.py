@@ -20,7 +20,7 @@ import shlex
 import signal
 import sys
 
-from ..errors import GlobScopeError
+from ..errors import GlobScopeError, Terminated
 
 # stage modules that contribute subcommands, in the order of the pipeline
 STAGES = [
@@ -70,14 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a batch system's stop, torchrun), raised where the program is, as Ctrl-C raises
-    KeyboardInterrupt: the same cleanup (temporaries removed, locks released) and the same message."""
-
-
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated()
+    raise Terminated(signum)
 
 
 # what an interrupted command keeps, and the command that continues it: (what is kept, how, an option it needs)
@@ -104,6 +99,11 @@ def interrupted_message(command: str, argv: list) -> str:
     return f"globscope {command}: interrupted: {kept}; {how}: {shlex.join(['globscope', *args])}"
 
 
+def _interrupt_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + exc.signum if isinstance(exc, Terminated) else 130
+
+
 def _close_progress_bars() -> None:
     tqdm = sys.modules.get("tqdm.std")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt as exc:  # before a command started (while parsing, importing)
         print("globscope: interrupted", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _interrupt_status(exc)
     finally:
         if previous is not None:
             with contextlib.suppress(ValueError):
@@ -142,7 +142,7 @@ def _main(argv: list) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         _close_progress_bars()  # so the message is a line of its own, and the last one
         print(interrupted_message(args.command, argv), file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _interrupt_status(exc)
     except OSError as exc:  # the file system said no (permissions, missing path): the user can act on it
         if isinstance(exc, BrokenPipeError) and not _flushed(poll=True):
             return 141

@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 
-from ..errors import GlobScopeError
+from ..errors import GlobScopeError, Terminated
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # globscope_core/
 # A wheel (`pip install .`) ships plugin/ and state_files/ as globscope_core/paraview/{plugin,state_files} (setup.py
@@ -331,14 +331,6 @@ def _descendants(root: int) -> dict[int, str]:
 def _kill_if(pid: int, start: str, sig: int) -> None:
     if _start_time(pid) == start:  # still the process we saw, not a new one with its number
         os.kill(pid, sig)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP) arrived while a ParaView program ran (``started``): an interrupt, like Ctrl-C."""
-
-    def __init__(self, signum: int = signal.SIGTERM):
-        super().__init__()
-        self.signum = signum
 
 
 STOPPING = (signal.SIGTERM, signal.SIGHUP)  # besides SIGINT: kill, a batch system's stop, a closed terminal

@@ -258,7 +258,7 @@ def file_set(out_dir: str, names):
         missing = [n for n in names if not os.path.isfile(os.path.join(tmp, n))]
         if missing:
             raise OSError(errno.EIO, f"{', '.join(missing)} not written")
-        _fsync_dir(tmp)
+        _fsync_path(tmp)
         _swap_in(tmp, out_dir, names)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,14 +281,6 @@ def _set_error(exc, out_dir, names, tmp) -> GlobScopeError:
     return GlobScopeError(f"{out_dir}: cannot write ({getattr(exc, 'strerror', None) or text}): {what}")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_in(tmp: str, out_dir: str, names: list) -> None:
     parent = os.path.dirname(out_dir)
     if not os.path.lexists(out_dir):
@@ -308,8 +300,8 @@ def _swap_in(tmp: str, out_dir: str, names: list) -> None:
         for n in names:
             os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
         shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(out_dir)
-    _fsync_dir(parent)
+        _fsync_path(out_dir)
+    _fsync_path(parent)
 
 
 def _exchange(a: str, b: str) -> bool:
