@@ -1,4 +1,5 @@
-"""GlobScope's ParaView plugin: a study reader, a merge tree filter and a persistence simplification.
+"""GlobScope's ParaView plugin: a study reader, a merge tree filter, a persistence simplification and a decoder
+of picked points (which runs `globscope decode` out of process: ParaView's Python has no torch).
 
 Load it with Tools > Manage Plugins (GUI), ``LoadPlugin(path, ns=globals())`` (pvpython, pvbatch) or
 ``LoadPlugin(path, remote=True, ns=globals())`` (client of a pvserver). It runs inside ParaView's own
@@ -9,14 +10,17 @@ too (its sitecustomize.py fixes ParaView 5.11's getargspec import). `globscope r
 
 Thin adapter only (the TTK model): algorithms live in globscope_core.
 """
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
 from paraview.util.vtkAlgorithm import VTKPythonAlgorithmBase, smdomain, smhint, smproperty, smproxy
 from vtkmodules.util import numpy_support as ns
-from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkPoints
-from vtkmodules.vtkCommonDataModel import vtkDataObject, vtkImageData, vtkUnstructuredGrid
+from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkIntArray, vtkOutputWindow, vtkPoints, vtkStringArray
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkDataObject, vtkImageData, vtkUnstructuredGrid
 from vtkmodules.vtkCommonExecutionModel import vtkStreamingDemandDrivenPipeline as SDDP
 from vtkmodules.vtkIOXML import vtkXMLImageDataReader, vtkXMLPolyDataReader, vtkXMLUnstructuredGridReader
 
@@ -215,6 +219,13 @@ _READER_PORTS = [("Landscape", "vtkImageData"), ("Trajectories", "vtkPolyData"),
 CONNECT_PORT = 6
 
 
+def _string_field(data, name, value):
+    a = vtkStringArray()
+    a.SetName(name)
+    a.InsertNextValue(value)
+    data.GetFieldData().AddArray(a)
+
+
 def _study_dir(path):
     """The study directory of the reader's file name (study.h5, or the directory itself)."""
     return path if os.path.isdir(path) else os.path.dirname(path)
@@ -339,6 +350,8 @@ class GlobScopeStudyReader(VTKPythonAlgorithmBase):
                 if _READER_PORTS[port][1] == "vtkImageData":
                     out.ShallowCopy(_read(path))
                     _crop_to_request(out, info)
+                    if port == 0:  # the file names only the study's basename: GlobScope Decode Point needs the path
+                        _string_field(out, "study_dir", os.path.abspath(_study_dir(self._filename)))
                 elif _piece(info) == 0:  # points and cells: all on the first rank, none elsewhere
                     out.ShallowCopy(_read(path))
             connect = study_files.connect_files(_study_dir(self._filename), f"{self._dim}d")  # optional: no warning when none
@@ -525,4 +538,162 @@ class GlobScopeTopologicalSimplification(_WholeImageFilter):
             _crop_to_request(out, outInfo.GetInformationObject(0))
         except Exception as exc:  # noqa: BLE001
             _error("GlobScope Topological Simplification", exc)
+        return 1
+
+
+# --- decoding a picked point: `globscope decode` out of process (ParaView's Python has no torch) ---------
+DECODE_TIMEOUT = 600  # seconds; a decode is one forward pass, but the CLI loads torch and the study first
+
+
+def globscope_command():
+    """How to run globscope's CLI: $GLOBSCOPE_PYTHON -m globscope_core.cli (`globscope paraview|render` set it),
+    else ``globscope`` on PATH, else the checkout's .venv next to this plugin."""
+    py = os.environ.get("GLOBSCOPE_PYTHON")
+    if py:
+        return [py, "-m", "globscope_core.cli"]
+    exe = shutil.which("globscope")
+    if exe:
+        return [exe]
+    py = os.path.join(_ROOT, ".venv", "bin", "python")
+    if os.access(py, os.X_OK):
+        return [py, "-m", "globscope_core.cli"]
+    raise ValueError("globscope not found: set GLOBSCOPE_PYTHON to a python with globscope_core installed, "
+                     "or put globscope on PATH")
+
+
+def _onto_grid(study, dim, point):
+    """``point`` moved onto the landscape's box when it lies outside by float32 rounding only: VTK keeps picked
+    points in float32, and decode refuses points off the grid by more than 1e-9 of it (a pick on the edge)."""
+    info = _xml_reader(study_files.landscape_vti(study, dim), information_only=True).GetOutputInformation(0)
+    ext = np.array(info.Get(SDDP.WHOLE_EXTENT()), np.float64)[: 2 * dim]
+    origin = np.array(info.Get(vtkDataObject.ORIGIN()), np.float64)[:dim]
+    spacing = np.array(info.Get(vtkDataObject.SPACING()), np.float64)[:dim]
+    lo, hi = origin + ext[0::2] * spacing, origin + ext[1::2] * spacing
+    slack = 1e-6 * np.maximum(hi - lo, 1.0)
+    p = np.asarray(point, np.float64)
+    return np.where((p < lo) & (p >= lo - slack), lo, np.where((p > hi) & (p <= hi + slack), hi, p))
+
+
+def decode_point(study, point, out="", force=False, timeout=DECODE_TIMEOUT):
+    """`globscope decode STUDY --at X,Y[,Z] --json`'s answer (a dict); a refused point or a failure raises
+    ValueError with the CLI's one line."""
+    argv = globscope_command() + ["decode", study, "--at=" + ",".join(repr(float(v)) for v in point), "--json"]
+    argv += [f"--out={out}"] if out else []
+    argv += ["--force"] if force else []
+    env = dict(os.environ)
+    env.pop("PYTHONHOME", None)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(study_files.__file__))))
+    try:
+        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"globscope decode gave no answer within {timeout} s") from None
+    except OSError as exc:
+        raise ValueError(f"cannot run {argv[0]}: {exc}") from None
+    if p.returncode:
+        lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+        raise ValueError(lines[-1] if lines else f"globscope decode failed (exit status {p.returncode})")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def decoded_message(info):
+    """The one line the filter and the macro show."""
+    trust = "trusted" if info["trusted"] else "UNTRUSTED"
+    return (f"decoded loss {info['loss']:.6g}, landscape {info['landscape_loss']:.6g} ({trust}), accuracy "
+            f"{info['accuracy']:.4f}, wrote {info['out']}")
+
+
+def _field_string(data, name):
+    a = data.GetFieldData().GetAbstractArray(name) if data is not None else None
+    return str(a.GetValue(0)) if a is not None and a.GetNumberOfValues() else ""
+
+
+def _point_array(data, name, value, cls=vtkDoubleArray):
+    a = cls()
+    a.SetName(name)
+    a.InsertNextValue(value)
+    data.GetPointData().AddArray(a)
+
+
+@smproxy.filter(name="GlobScopeDecodePoint", label="GlobScope Decode Point")
+@smhint.xml('<ShowInMenu category="GlobScope" />')
+@smproperty.input(name="Input", port_index=0)
+@smdomain.datatype(dataTypes=["vtkDataSet"], composite_data_supported=False)
+class GlobScopeDecodePoint(VTKPythonAlgorithmBase):
+    """Decodes the FIRST point of its input (a point picked on the study reader's landscape: Extract Selection)
+    into a model file with `globscope decode`, and outputs that point with the decoded model's loss beside the
+    landscape's value there. On the warped 2D surface z is the warp, so a 2D landscape uses x, y only. A refused
+    point (off the grid, untrusted without Force) gives an empty output whose field data ``message`` says why."""
+
+    def __init__(self):
+        VTKPythonAlgorithmBase.__init__(self, nInputPorts=1, nOutputPorts=1, outputType="vtkPolyData")
+        self._study, self._dim, self._out, self._force = "", 0, "", 0
+
+    def FillInputPortInformation(self, port, info):
+        info.Set(self.INPUT_REQUIRED_DATA_TYPE(), "vtkDataSet")
+        return 1
+
+    def _set(self, attr, value):
+        if getattr(self, attr) != value:
+            setattr(self, attr, value)
+            self.Modified()
+
+    @smproperty.stringvector(name="StudyDirectory", default_values="")
+    @smdomain.xml('<Documentation>The study (its directory or study.h5). Empty: the one the GlobScope Study '
+                  'Reader named in the input\'s field data (study_dir).</Documentation>')
+    def SetStudyDirectory(self, value):
+        self._set("_study", value or "")
+
+    @smproperty.xml("""<IntVectorProperty name="Dimension" command="SetDimension" number_of_elements="1"
+        default_values="0"><EnumerationDomain name="enum"><Entry value="0" text="From the landscape"/>
+        <Entry value="2" text="2D"/><Entry value="3" text="3D"/></EnumerationDomain><Documentation>Which
+        landscape the point belongs to; by default the one the input came from (its reducer, e.g. pca-2d).
+        </Documentation></IntVectorProperty>""")
+    def SetDimension(self, value):
+        self._set("_dim", int(value))
+
+    @smproperty.stringvector(name="OutputFile", default_values="")
+    @smdomain.xml('<Documentation>Model file (.safetensors or .pt). Empty: STUDY/decoded/REDUCER-at-X_Y.safetensors.'
+                  '</Documentation>')
+    def SetOutputFile(self, value):
+        self._set("_out", value or "")
+
+    @smproperty.xml("""<IntVectorProperty name="Force" command="SetForce" number_of_elements="1" default_values="0">
+        <BooleanDomain name="bool"/><Documentation>Decode an untrusted point too (beyond the hull of the
+        encoded checkpoints).</Documentation></IntVectorProperty>""")
+    def SetForce(self, value):
+        self._set("_force", int(value))
+
+    def RequestData(self, request, inInfo, outInfo):
+        data = vtkDataObject.GetData(inInfo[0], 0)
+        out = vtkDataObject.GetData(outInfo, 0)
+        try:
+            if data is None or data.GetNumberOfPoints() == 0:
+                raise ValueError("the input has no point: select one on the landscape and Extract Selection")
+            study = self._study or _field_string(data, "study_dir")
+            if not study:
+                raise ValueError("set StudyDirectory (the input does not come from the GlobScope Study Reader)")
+            study = _study_dir(study)
+            reducer = _field_string(data, "reducer")
+            dim = self._dim or (3 if reducer.endswith("-3d") else 2)
+            point = _onto_grid(study, dim, data.GetPoint(0)[:dim])
+            info = decode_point(study, point, self._out, bool(self._force))
+            pts = vtkPoints()
+            pts.SetDataTypeToDouble()
+            pts.InsertNextPoint(*(list(info["at"]) + [0.0] * (3 - len(info["at"]))))
+            out.SetPoints(pts)
+            verts = vtkCellArray()
+            verts.InsertNextCell(1, [0])
+            out.SetVerts(verts)
+            _point_array(out, "loss_decoded", info["loss"])
+            _point_array(out, "landscape_loss", info["landscape_loss"])
+            _point_array(out, "accuracy_decoded", info["accuracy"])
+            _point_array(out, "trusted", int(bool(info["trusted"])), vtkIntArray)
+            _string_field(out, "model_file", info["out"])
+            _string_field(out, "message", decoded_message(info))
+            _say(f"GlobScope Decode Point: {decoded_message(info)}")
+        except Exception as exc:  # noqa: BLE001 - a refused point is a message and an empty output, never a crash
+            out.Initialize()
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            _string_field(out, "message", message)
+            _error("GlobScope Decode Point", message)
         return 1

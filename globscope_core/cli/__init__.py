@@ -30,9 +30,11 @@ STAGES = [
     "globscope_core.cli.fit",        # fit, compare
     "globscope_core.cli.landscape",
     "globscope_core.cli.topology",
+    "globscope_core.cli.decode",
     "globscope_core.cli.align",
     "globscope_core.cli.connect",
     "globscope_core.cli.render",     # render, paraview
+    "globscope_core.cli.serve",
     "globscope_core.cli.demo",
 ]
 
@@ -83,7 +85,7 @@ AFTER_INTERRUPT = {
     "demo": ("the finished stages are kept", "continue with", None),
     "align": ("the aligned study was not written (a DEEP-ALIGN net keeps its training so far)", "rerun", None),
 }
-NOTHING_TO_CONTINUE = ("info", "paraview")
+NOTHING_TO_CONTINUE = ("info", "paraview", "serve", "decode")
 
 
 def interrupted_message(command: str, argv: list) -> str:

@@ -42,6 +42,7 @@ positive_int = _checked(int, "a positive integer", lambda v: v > 0)
 nonnegative_int = _checked(int, "0 or more", lambda v: v >= 0)
 positive_float = _checked(float, "a positive number", lambda v: v > 0)
 nonnegative_float = _checked(float, "0 or more", lambda v: v >= 0)
+finite_float = _checked(float, "a finite number", lambda v: True)
 # every --seed and --data-seed: numpy's RandomState (scikit-learn's KernelPCA, UMAP) takes seeds below 2**32, torch
 # below 2**64 (and train adds the run number); one range for all, so a seed that works for one command works for all
 SEED_LIMIT = 2**32

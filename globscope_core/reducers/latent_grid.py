@@ -92,3 +92,33 @@ def grid_points(idx: np.ndarray, dims, origin, spacing, dim: int) -> np.ndarray:
     nx, ny, _ = dims
     ijk = np.stack([idx % nx, (idx // nx) % ny, idx // (nx * ny)], 1).astype(np.float64)
     return (np.asarray(origin) + ijk * np.asarray(spacing))[:, :dim]
+
+
+def trusted_points(Z: np.ndarray, pts: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """(trusted [k] bool, extrapolation [k]) of latent points ``pts``: a point is trusted inside the hull of the
+    encoded checkpoints ``Z`` or within one grid cell of it (``spacing``: the grid's step per axis), at most 5% of
+    the hull's extent, so the cells around a final checkpoint on the hull count. ``extrapolation`` is the
+    distance outside the hull as a fraction of that extent (0 inside)."""
+    outside = hull_extrapolation(Z, pts)
+    extent = float(np.max(Z.max(0) - Z.min(0))) or 1.0
+    dim = Z.shape[1]
+    trusted = outside <= min(np.linalg.norm(np.asarray(spacing[:dim], np.float64)), 0.05 * extent)
+    return trusted, outside / extent
+
+
+def interpolate(values: np.ndarray, dims, origin, spacing, pt) -> float:
+    """Multilinear interpolation at latent point ``pt`` of a grid field ``values`` (flat, VTK order, x fastest;
+    ``dims`` (nx, ny, nz)); NaN when a corner it needs is NaN. ``pt`` must lie inside the grid."""
+    dim = len(pt)
+    shape = tuple(int(n) for n in dims[:dim])
+    f = np.asarray(values, np.float64).reshape(tuple(reversed(shape)) if dim == 3 else (shape[1], shape[0]))
+    u = (np.asarray(pt, np.float64) - np.asarray(origin[:dim])) / np.asarray(spacing[:dim])
+    i0 = np.clip(np.floor(u).astype(int), 0, np.maximum(np.array(shape) - 2, 0))
+    w = np.clip(u - i0, 0.0, 1.0)
+    total = 0.0
+    for corner in np.ndindex(*(2,) * dim):
+        c = np.minimum(i0 + np.array(corner), np.array(shape) - 1)
+        weight = float(np.prod(np.where(np.array(corner) == 1, w, 1 - w)))
+        if weight:
+            total += weight * f[tuple(reversed(c.tolist()))]
+    return float(total)

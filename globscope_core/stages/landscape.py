@@ -49,7 +49,7 @@ from ..evaluation.many_models import BatchedEvaluator, check_precision, eval_dat
 from ..networks.device import resolve_device
 from ..reducers import load_reducer
 from ..reducers.base import study_id
-from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, hull_extrapolation
+from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, trusted_points
 from ..storage import study_files
 from ..storage.locks import output_lock
 from ..storage.safe_write import atomic_write_bytes, check_utf8_path
@@ -420,10 +420,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     pts = np.concatenate([grid_points(np.arange(s, min(s + 65536, n_points)), dims, origin, spacing, dim)
                           for s in range(0, n_points, 65536)])
     trust, _ = cKDTree(Z).query(pts)
-    outside = hull_extrapolation(Z, pts)
-    extent = float(np.max(Z.max(0) - Z.min(0))) or 1.0
-    # inside, or within one grid cell (so the cells around a final checkpoint on the hull count), at most 5%
-    trusted = outside <= min(np.linalg.norm(np.asarray(spacing[:dim])), 0.05 * extent)
+    trusted, extrapolation = trusted_points(Z, pts, spacing)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_loss = np.log10(loss)
     lo = np.asarray(origin[:dim])
@@ -433,7 +430,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     field = ImageField(dims, origin, spacing,
                        {"loss": loss.astype(np.float32), "log_loss": log_loss.astype(np.float32),
                         "accuracy": acc.astype(np.float32), "trust": trust.astype(np.float32),
-                        "extrapolation": (outside / extent).astype(np.float32),
+                        "extrapolation": extrapolation.astype(np.float32),
                         "trusted": trusted.astype(np.float32)},
                        {"study": name, "study_id": config["study_id"], "reducer": reducer.name,
                         "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),

@@ -13,7 +13,9 @@ Debian's ParaView 5.11 needs, found by trying it (shared/paraview.md):
 - OpenMPI refuses root without OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM), e.g. in containers and CI;
 - TTK, when `setup.sh --with-ttk` installed it: PV_PLUGIN_PATH names its plugin directory, which every
   ParaView process (GUI, pvpython, pvbatch, pvserver and each MPI rank) loads at start-up, and its Python
-  wrappers (``topologytoolkit``) go on PYTHONPATH. GLOBSCOPE_NO_TTK=1 leaves TTK out (our own engine).
+  wrappers (``topologytoolkit``) go on PYTHONPATH. GLOBSCOPE_NO_TTK=1 leaves TTK out (our own engine);
+- GLOBSCOPE_PYTHON names this Python: the plugin's GlobScope Decode Point runs `globscope decode` with it
+  (ParaView's Python has no torch).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -130,6 +133,7 @@ def environment(base: dict | None = None) -> dict:
     # one process alone (pvbatch, the GUI) starts no MPI daemon (orted): it would outlive a stopped process group
     env.setdefault("OMPI_MCA_ess_singleton_isolated", "1")
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")  # keep the checkout clean
+    env.setdefault("GLOBSCOPE_PYTHON", sys.executable)  # the plugin's Decode Point runs our CLI (torch) with it
     return env
 
 

@@ -217,6 +217,28 @@ def save_torch(obj, path: str) -> None:
         torch.save(obj, tmp)
 
 
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file through ``atomic_file``, read back (every tensor equal) before it replaces ``path``."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    def same(tmp):
+        try:
+            back = load_file(tmp)
+            ok = back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+        except Exception as exc:
+            raise OSError(errno.EIO, f"the written file does not read back ({type(exc).__name__})") from None
+        if not ok:
+            raise OSError(errno.EIO, "the written file reads back different tensors")
+
+    with atomic_file(path, verify=same) as tmp:
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # its own error, a full disk included: one line through atomic_file
+            raise OSError(str(exc)) from None
+
+
 def save_figure(fig, path: str, **kw) -> None:
     """matplotlib's savefig through ``atomic_file`` (PNG)."""
     def png(tmp):

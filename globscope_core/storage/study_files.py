@@ -11,6 +11,7 @@ A study directory holds::
     compare-{2,3}d.png                                 `globscope fit compare`
     permutations.npz  align-barriers.png  renders/align-compare-2d.png      an aligned study
     aligners/deep-align.pt                             the learned aligner of a study
+    decoded/NAME.safetensors                           models decoded at latent points (`globscope decode`)
     renders/VIEW.png                                   `globscope render`
 
 The standard library only: ParaView's own Python (the plugin, state_files/pvstate.py and fit_view.py) imports
@@ -59,6 +60,14 @@ def reducer_file(study_dir: str, name: str) -> str:
 def reducer_files(study_dir: str, dim: int) -> list[str]:
     """The saved reducers of one latent dimension (``reducers/*-{dim}d.pt``), sorted."""
     return sorted(glob.glob(os.path.join(study_dir, REDUCERS_DIR, f"*-{dim}d.pt")))
+
+
+DECODED_DIR = "decoded"
+
+
+def decoded_file(study_dir: str, name: str) -> str:
+    """``STUDY/decoded/NAME``: where `globscope decode` and `globscope serve` put decoded models by default."""
+    return os.path.join(study_dir, DECODED_DIR, name)
 
 
 def aligner_file(study_dir: str) -> str:
