@@ -561,19 +561,6 @@ def globscope_command():
                      "or put globscope on PATH")
 
 
-def _onto_grid(study, dim, point):
-    """``point`` moved onto the landscape's box when it lies outside by float32 rounding only: VTK keeps picked
-    points in float32, and decode refuses points off the grid by more than 1e-9 of it (a pick on the edge)."""
-    info = _xml_reader(study_files.landscape_vti(study, dim), information_only=True).GetOutputInformation(0)
-    ext = np.array(info.Get(SDDP.WHOLE_EXTENT()), np.float64)[: 2 * dim]
-    origin = np.array(info.Get(vtkDataObject.ORIGIN()), np.float64)[:dim]
-    spacing = np.array(info.Get(vtkDataObject.SPACING()), np.float64)[:dim]
-    lo, hi = origin + ext[0::2] * spacing, origin + ext[1::2] * spacing
-    slack = 1e-6 * np.maximum(hi - lo, 1.0)
-    p = np.asarray(point, np.float64)
-    return np.where((p < lo) & (p >= lo - slack), lo, np.where((p > hi) & (p <= hi + slack), hi, p))
-
-
 def decode_point(study, point, out="", force=False, timeout=DECODE_TIMEOUT):
     """`globscope decode STUDY --at X,Y[,Z] --json`'s answer (a dict); a refused point or a failure raises
     ValueError with the CLI's one line."""
@@ -675,8 +662,8 @@ class GlobScopeDecodePoint(VTKPythonAlgorithmBase):
             study = _study_dir(study)
             reducer = _field_string(data, "reducer")
             dim = self._dim or (3 if reducer.endswith("-3d") else 2)
-            point = _onto_grid(study, dim, data.GetPoint(0)[:dim])
-            info = decode_point(study, point, self._out, bool(self._force))
+            # float32 coordinates of a pick on the grid's edge: decode takes them (1e-6 of the range of slack)
+            info = decode_point(study, data.GetPoint(0)[:dim], self._out, bool(self._force))
             pts = vtkPoints()
             pts.SetDataTypeToDouble()
             pts.InsertNextPoint(*(list(info["at"]) + [0.0] * (3 - len(info["at"]))))

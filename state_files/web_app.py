@@ -48,7 +48,10 @@ class Worker:
         self.proc = None
         self.lock = threading.Lock()
 
-    def _start(self):
+    def start(self):
+        """Start the process (it loads torch and the study: seconds); ``ask`` waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
         py = os.environ.get("GLOBSCOPE_PYTHON") or shutil.which("python3")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # ParaView's paths out
         self.proc = subprocess.Popen([py, "-m", "globscope_core.cli", "decode", self.study, "--dim", str(self.dim),
@@ -57,8 +60,7 @@ class Worker:
 
     def ask(self, request: dict) -> dict:
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
+            self.start()
             try:
                 self.proc.stdin.write(json.dumps(request) + "\n")
                 self.proc.stdin.flush()
@@ -100,24 +102,25 @@ class Shown:
     next switch: the browser may still send events for it, and ParaView's web layer crashes on a deleted view."""
 
     def __init__(self, study: str, name: str):
-        self.study, self.old = study, []
-        self.name, self.view = name, self._load(name)
+        self.old = []
+        self.study, self.name, self.view = study, name, self._load(study, name)
 
-    def _load(self, name: str):
-        view = pvstate.load(name, self.study)
+    @staticmethod
+    def _load(study: str, name: str):
+        view = pvstate.load(name, study)
         view.OrientationAxesVisibility = 0
         # pvpython's views have no interactor, and ParaView's web layer dereferences it on the first mouse event
         view.MakeRenderWindowInteractor(True)
         return view
 
-    def switch(self, name: str):
-        if name == self.name:
+    def switch(self, study: str, name: str):
+        if (study, name) == (self.study, self.name):
             return self.view
         for view in self.old:
             pv.Delete(view)
         _delete_sources()
         self.old = [self.view]
-        self.name, self.view = name, self._load(name)
+        self.study, self.name, self.view = study, name, self._load(study, name)
         return self.view
 
     def mark(self, at, landscape_loss: float) -> None:
@@ -169,40 +172,79 @@ def _number_list(text: str, n: int):
     return values
 
 
-def build(server, study: str, names: list, out_dir: str):
+class Served:
+    """A study the server shows: its views, decode workers (one per dimension), basins and runs."""
+
+    def __init__(self, path: str, name: str):
+        self.path, self.name = path, name
+        self.views = [v for v in study_files.available_views(path) if v in pvstate.STATES]
+        self.workers = {d: Worker(path, d) for d in sorted({DIM_OF[v] for v in self.views})}
+        self.basins = None
+
+    def load_basins(self) -> None:
+        """Asks each worker for its basins (started if need be): the first pick is then quick."""
+        self.basins = {}
+        for d, w in self.workers.items():
+            answer = w.ask({"basins": True})
+            self.basins[d] = answer.get("basins", []) if answer.get("ok") else []
+
+    def state(self) -> dict:
+        items = {d: [{"title": f"{b['node']}: log10 loss {b['scalar']:.3f}", "value": b["node"]}
+                     for b in self.basins.get(d, [])] for d in (2, 3)}
+        return {"study": self.name, "view": self.views[0], "basins2": items[2], "basins3": items[3],
+                "views": [{"title": TITLES[v], "value": v} for v in self.views],
+                "runs": runs_table(self.path, self.basins), "result": None, "message": "",
+                "basin": None, "saddle_a": None, "saddle_b": None}
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.close()
+
+
+def build(server, studies: list, out_dir: str):
     state, ctrl = server.state, server.controller
-    name = os.path.basename(study.rstrip("/"))
-    shown = Shown(study, names[0])
+    served = {s.name: s for s in studies}
+    page = {"study": studies[0]}
+    for w in studies[0].workers.values():  # they load torch and the study while ParaView loads the first view
+        w.start()
+    shown = Shown(studies[0].path, studies[0].views[0])
+    page["study"].load_basins()
     counter = itertools.count(1)
-    workers = {d: Worker(study, d) for d in sorted({DIM_OF[v] for v in names})}
-    basins = {}
-    for d, w in workers.items():  # also starts each worker now, so the first pick is quick
-        answer = w.ask({"basins": True})
-        basins[d] = answer.get("basins", []) if answer.get("ok") else []
-    state.update({
-        "view": names[0], "views": [{"title": TITLES[v], "value": v} for v in names],
-        "coords": "", "basin": None, "saddle_a": None, "saddle_b": None, "force": False, "pick": True,
-        "busy": False, "message": "", "result": None, "download": "", "runs": runs_table(study, basins),
-        "basins2": [{"title": f"{b['node']}: log10 loss {b['scalar']:.3f}", "value": b["node"]} for b in basins.get(2, [])],
-        "basins3": [{"title": f"{b['node']}: log10 loss {b['scalar']:.3f}", "value": b["node"]} for b in basins.get(3, [])],
-    })
+    state.update(dict(page["study"].state(), studies=list(served), coords="", force=False, pick=True, busy=False,
+                      download=""))
 
     def dim_now():
         return DIM_OF[state.view]
 
     @state.change("view")
     def switch(view, **_):
-        if view != shown.name:
-            state["viewId"] = shown.switch(view).GetGlobalIDAsString()  # the remote view's id: it asks for the image
+        if view in page["study"].views and (page["study"].path, view) != (shown.study, shown.name):
+            state["viewId"] = shown.switch(page["study"].path, view).GetGlobalIDAsString()  # the browser then asks
+
+    @state.change("study")
+    def switch_study(study, **_):
+        """Another of the served studies (typed or chosen); an unknown name is a message, the page stays."""
+        if study == page["study"].name:
+            return
+        if study not in served:
+            state.message = f"unknown study '{study}': this server shows {', '.join(served)}"
+            state.result = None
+            state.study = page["study"].name
+            return
+        page["study"] = served[study]
+        if page["study"].basins is None:
+            page["study"].load_basins()
+        state.update(page["study"].state())
+        state["viewId"] = shown.switch(page["study"].path, state.view).GetGlobalIDAsString()
 
     async def decode(request: dict):
         with state:
             state.busy, state.message, state.result = True, "", None
-        d = request.pop("dim")
-        request["out"] = os.path.join(out_dir, f"{name}-{d}d-{next(counter)}.safetensors")
+        d, study = request.pop("dim"), page["study"]
+        request["out"] = os.path.join(out_dir, f"{study.name}-{d}d-{next(counter)}.safetensors")
         request["force"] = bool(state.force)
         loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(None, workers[d].ask, request)
+        answer = await loop.run_in_executor(None, study.workers[d].ask, request)
         with state:
             state.busy = False
             if answer.get("ok"):
@@ -210,7 +252,7 @@ def build(server, study: str, names: list, out_dir: str):
                         "split", "eval_samples", "n_params")
                 state.result = {k: answer[k] for k in keep}
                 state.download = "decoded/" + os.path.basename(answer["out"])
-                if d == DIM_OF[shown.name]:
+                if study.path == shown.study and d == DIM_OF[shown.name]:
                     shown.mark(answer["at"], answer["landscape_loss"])
                     server.protocol_call("viewport.image.push", {"view": shown.view.GetGlobalIDAsString()})
             else:
@@ -256,9 +298,11 @@ def build(server, study: str, names: list, out_dir: str):
         await decode({"dim": 2, "at": world[:2]})
 
     with SinglePageLayout(server) as layout:
-        layout.title.set_text(f"GlobScope: {name}")
+        layout.title.set_text("GlobScope")
         with layout.toolbar:
             v3.VSpacer()
+            v3.VCombobox(v_model=("study",), items=("studies",), density="compact", hide_details=True,
+                         style="max-width: 260px", label="study", id="study-select", classes="mr-2")
             v3.VSelect(v_model=("view",), items=("views",), density="compact", hide_details=True,
                        style="max-width: 260px", label="view", id="view-select")
         with layout.content:
@@ -314,27 +358,30 @@ def build(server, study: str, names: list, out_dir: str):
                                 with html.Tr(v_for="r in runs", key="r.run"):
                                     for col in ("run", "basin2", "basin3", "loss"):
                                         html.Td(f"{{{{ r.{col} }}}}")
-    return workers
+    return studies
 
 
 def main():
     ap = argparse.ArgumentParser(description="GlobScope's browser view of a study (trame, in pvpython)")
-    ap.add_argument("study")
+    ap.add_argument("study", nargs="+")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--out", required=True, help="directory for decoded models (served as /decoded/)")
     args = ap.parse_args()
-    study = os.path.abspath(args.study)
     os.makedirs(args.out, exist_ok=True)
     server = get_server(client_type="vue3")
     server.enable_module({"serve": {"decoded": os.path.abspath(args.out)}})
-    names = [v for v in study_files.available_views(study) if v in pvstate.STATES]
-    workers = build(server, study, names, args.out)
+    paths = [os.path.abspath(p) for p in args.study]
+    names = [os.path.basename(p.rstrip("/")) for p in paths]
+    if len(set(names)) < len(names):  # two studies of one name (run1/study, run2/study): their paths tell them apart
+        names = paths
+    studies = [Served(p, n) for p, n in zip(paths, names)]
+    build(server, studies, args.out)
     try:
         server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False)
     finally:
-        for w in workers.values():
-            w.close()
+        for s in studies:
+            s.close()
 
 
 if __name__ == "__main__":

@@ -50,11 +50,20 @@ def study(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(study, tmp_path_factory):
-    """`globscope serve STUDY --port 0`: (process, url); stopped with SIGINT at the end, which must end it."""
+def other(study, tmp_path_factory):
+    """A second study for the same server: a copy of ``study`` with its 2D views only."""
+    d = str(tmp_path_factory.mktemp("other") / "other")
+    shutil.copytree(study, d, ignore=shutil.ignore_patterns("*-3d*"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(study, other, tmp_path_factory):
+    """`globscope serve STUDY OTHER --port 0`: (process, url, tunnel line); stopped with SIGINT at the end, which
+    must end it and its app."""
     out = tmp_path_factory.mktemp("decoded")
     exe = os.path.join(os.path.dirname(sys.executable), "globscope")
-    proc = subprocess.Popen([exe, "serve", study, "--port", "0", "--out", str(out)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([exe, "serve", study, other, "--port", "0", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = proc.stdout.readline()  # "serving STUDY at http://127.0.0.1:PORT/ (started in ...)"
     m = re.search(r"at (http://127\.0\.0\.1:\d+/)", first)
@@ -262,6 +271,33 @@ def test_3d_view_and_its_basins(server, browser, study):
     want = _cli_decode(study, "--at=" + ",".join(repr(v) for v in at))
     assert want["dim"] == 3
     assert float(browser.find_element("css selector", "#loss").text) == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_an_unknown_study_is_a_message_and_the_other_study_is_offered(server, browser, other):
+    from selenium.webdriver.common.keys import Keys
+
+    _, url, _ = server
+    browser.get(url)
+    _wait(browser, _drawn)
+    field = _input(browser, "#study-select")
+    browser.execute_script("arguments[0].select()", field)
+    text = _result(browser, lambda: field.send_keys("nosuch", Keys.ENTER))
+    assert "unknown study" in text and "nosuch" in text and "other" in text, text
+    assert server[0].poll() is None
+    _choose(browser, "#study-select", "other")
+    # the runs table follows the study: "other" has no 3D merge tree, so its basin 3D column is empty
+    _wait(browser, lambda d: [r.text for r in d.find_elements("css selector", "#runs tbody tr")] and all(
+        len(r.find_elements("css selector", "td")) == 4 and r.find_elements("css selector", "td")[2].text == ""
+        for r in d.find_elements("css selector", "#runs tbody tr")))
+    _input(browser, "#view-select").find_element("xpath", "./ancestor::div[contains(@class, 'v-field')][1]").click()
+    views = _wait(browser, lambda d: [e.text for e in d.find_elements("css selector", ".v-overlay .v-list-item")
+                                      if e.is_displayed()])
+    assert "3D landscape" not in views and "2D landscape" in views, views
+    browser.find_element("css selector", "body").send_keys(Keys.ESCAPE)
+    at = _cli_decode(other, "--basin", "1")["at"]
+    _decode_coords(browser, f"{at[0]!r}, {at[1]!r}")
+    assert float(browser.find_element("css selector", "#loss").text) == pytest.approx(
+        _cli_decode(other, f"--at={at[0]!r},{at[1]!r}")["loss"], rel=1e-5)
 
 
 def test_serve_refuses_bad_studies_in_one_line(tmp_path, study):

@@ -11,7 +11,7 @@ def register(sub):
                                    "that decodes the model at a point, reports its loss and offers it as a download. "
                                    "It listens on 127.0.0.1: reach it from another computer through an SSH tunnel "
                                    "(the command prints the line).")
-    p.add_argument("study", type=study_dir, help="study directory")
+    p.add_argument("study", type=study_dir, nargs="+", help="study directory (several: the page offers each)")
     p.add_argument("--port", type=nonnegative_int, default=8080, help="port (0: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--out", help="directory for decoded models (default: a new temporary directory)")

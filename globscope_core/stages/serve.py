@@ -60,13 +60,15 @@ def tunnel_hint(host: str, port: int) -> str:
     return f"open http://{machine}:{port}/ (listening on {host}: anyone who reaches this port sees the study)"
 
 
-def serve_study(study_dir: str, port: int = 8080, host: str = "127.0.0.1", out: str | None = None,
+def serve_study(studies, port: int = 8080, host: str = "127.0.0.1", out: str | None = None,
                 ready_timeout: float = 300, announce=print) -> int:
-    """Serve ``study_dir`` until interrupted (or the app stops); returns the app's exit status."""
-    study_dir = os.path.abspath(study_dir)
-    if not os.path.exists(study_files.study_h5(study_dir)):
-        raise GlobScopeError(f"{study_dir}: not a study (no {study_files.STUDY_H5})")
-    study_files.available_views(study_dir)  # a study without a landscape: one line now
+    """Serve the study directories ``studies`` (one, or a list) until interrupted; returns 0 (an app that stops
+    on its own is an error)."""
+    studies = [os.path.abspath(s) for s in ([studies] if isinstance(studies, str) else studies)]
+    for study_dir in studies:
+        if not os.path.exists(study_files.study_h5(study_dir)):
+            raise GlobScopeError(f"{study_dir}: not a study (no {study_files.STUDY_H5})")
+        study_files.available_views(study_dir)  # a study without a landscape: one line now
     pvpython = paraview_env.require("pvpython")
     trame = trame_dir()
     port = _port_free(host, port)
@@ -74,7 +76,7 @@ def serve_study(study_dir: str, port: int = 8080, host: str = "127.0.0.1", out: 
     env = paraview_env.environment()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], trame])  # after plugin/ and the package
     app = os.path.join(paraview_env.STATE_DIR, "web_app.py")
-    argv = [pvpython, app, study_dir, "--port", str(port), "--host", host, "--out", out]
+    argv = [pvpython, app, *studies, "--port", str(port), "--host", host, "--out", out]
     lines = []
     with paraview_env.started(argv, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         def drain():  # the app's output: kept for an error message, and never left to fill the pipe
@@ -89,7 +91,7 @@ def serve_study(study_dir: str, port: int = 8080, host: str = "127.0.0.1", out: 
             if time.monotonic() - t0 > ready_timeout:
                 raise GlobScopeError(f"the web view did not start within {ready_timeout:.0f} s: {_last(lines)}")
             time.sleep(0.2)
-        announce(f"serving {study_dir} at http://{host}:{port}/ (started in {time.monotonic() - t0:.1f} s; "
+        announce(f"serving {', '.join(studies)} at http://{host}:{port}/ (started in {time.monotonic() - t0:.1f} s; "
                  f"decoded models go to {out}; Ctrl-C stops it)")
         announce(tunnel_hint(host, port))
         rc = proc.wait()
