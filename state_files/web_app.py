@@ -111,6 +111,11 @@ class Shown:
         view.OrientationAxesVisibility = 0
         # pvpython's views have no interactor, and ParaView's web layer dereferences it on the first mouse event
         view.MakeRenderWindowInteractor(True)
+        # the decoded point's marker, hidden until a decode: made now, as showing a new source later moved the camera
+        d = pv.Show(pv.Sphere(registrationName=MARKER, ThetaResolution=24, PhiResolution=24), view)
+        d.ColorArrayName = ["POINTS", ""]
+        d.AmbientColor = d.DiffuseColor = [1.0, 0.45, 0.0]
+        d.Visibility = 0
         return view
 
     def switch(self, study: str, name: str):
@@ -127,11 +132,6 @@ class Shown:
         """An orange sphere at a decoded point: on the warped 2D surface at the landscape's height there, lifted
         as the runs are; in the flat top view and in 3D at the point itself."""
         marker = pv.FindSource(MARKER)
-        if marker is None:
-            marker = pv.Sphere(registrationName=MARKER, ThetaResolution=24, PhiResolution=24)
-            d = pv.Show(marker, self.view)
-            d.ColorArrayName = ["POINTS", ""]
-            d.AmbientColor = d.DiffuseColor = [1.0, 0.45, 0.0]
         b = pv.FindSource("Study").GetDataInformation().GetBounds()
         marker.Radius = 0.025 * max(b[1] - b[0], b[3] - b[2])
         z = at[2] if len(at) == 3 else 0.0
@@ -139,7 +139,7 @@ class Shown:
         if len(at) == 2 and warp is not None and landscape_loss > 0:
             z = warp.ScaleFactor * math.log10(landscape_loss) + (lift.Transform.Translate[2] if lift else 0.0)
         marker.Center = [at[0], at[1], z]
-        pv.Render(self.view)
+        pv.GetDisplayProperties(marker, self.view).Visibility = 1  # the caller pushes the new image
 
 
 def runs_table(study: str, basins: dict) -> list:
@@ -152,10 +152,10 @@ def runs_table(study: str, basins: dict) -> list:
         return []
     rows = {}
     for d in (2, 3):
-        node_of = {b["vertex"]: b["node"] for b in basins.get(d, [])}
+        node_of = {b["vertex"]: b["node"] for b in basins.get(d, [])}  # reports written before "basin" was
         for r in report.get(f"basins-{d}d", {}).get("runs", []):
             row = rows.setdefault(r["run"], {"run": r["run"], "basin2": "", "basin3": "", "loss": ""})
-            row[f"basin{d}"] = node_of.get(r.get("basin_minimum_vertex"), "")
+            row[f"basin{d}"] = r.get("basin", node_of.get(r.get("basin_minimum_vertex"), ""))
             if not row["loss"] and r.get("final_loss_on_grid") is not None:
                 row["loss"] = f"{r['final_loss_on_grid']:.4g}"
     return [rows[k] for k in sorted(rows)]
@@ -306,7 +306,8 @@ def build(server, studies: list, out_dir: str):
             v3.VSelect(v_model=("view",), items=("views",), density="compact", hide_details=True,
                        style="max-width: 260px", label="view", id="view-select")
         with layout.content:
-            with v3.VContainer(fluid=True, classes="pa-0 fill-height d-flex"):
+            # the page's height, not the panel's: a taller panel (a result, the runs) would resize the view
+            with html.Div(style="display: flex; height: calc(100vh - var(--v-layout-top) - var(--v-layout-bottom));"):
                 with html.Div(style="flex: 1 1 auto; height: 100%; position: relative;", id="view"):
                     pvw.VtkRemoteView(shown.view, ref="view", interactive_ratio=1,
                                       interactor_events=("events", ["LeftButtonPress"]),

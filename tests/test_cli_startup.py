@@ -36,7 +36,7 @@ def test_topology_and_info_do_not_import_torch(tiny_study, tmp_path):
     assert not torch_loaded, "globscope info imported torch"
 
 
-@pytest.mark.parametrize("cmd", ["render", "paraview"])
+@pytest.mark.parametrize("cmd", ["render", "paraview", "serve"])
 def test_render_and_paraview_do_not_import_torch(tmp_path, cmd):
     # a directory that is no study: the command runs its checks and stops with a one-line error
     rc, torch_loaded, p = run_cli(cmd, str(tmp_path))

@@ -174,11 +174,13 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
     f = np.asarray(field.point_arrays.get("loss", values)).ravel()  # losses, whatever the tree's scalar
     coords = lambda v: (np.asarray(res.origin) + np.array([v % nx, v // nx % ny, v // (nx * ny)]) *  # noqa: E731
                         np.asarray(res.spacing))[:dim].round(6).tolist()
+    # a basin is named by its minimum's NodeId in nodes.vtu (what ParaView shows, and `globscope decode --basin`)
+    node_of = dict(zip(res.nodes["point_arrays"]["VertexId"].tolist(), res.nodes["point_arrays"]["NodeId"].tolist()))
     per_run = []
     for r, v, s, out in zip(runs, vert, seg, outside):
         m = int(res.basin_minimum[s]) if s >= 0 else int(v)
         p = float(res.basin_persistence[s]) if s >= 0 else float("inf")
-        per_run.append({"run": int(r), "segment": int(s), "basin_minimum_vertex": m,
+        per_run.append({"run": int(r), "segment": int(s), "basin": node_of.get(m), "basin_minimum_vertex": m,
                         "basin_minimum_loss": float(f[m]), "basin_minimum_position": coords(m),
                         "basin_persistence": p if np.isfinite(p) else None,  # None: the global basin
                         "final_loss_on_grid": float(f[v]), "outside_grid": bool(out)})
@@ -189,7 +191,7 @@ def study_topology(study_dir: str, dim: int = 2, persistence: float = DEFAULT_PE
                    trusted_only=bool(trusted_only), untrusted_points_left_out=n_untrusted,
                    directory=os.path.relpath(out_dir, study_dir), seconds=round(time.perf_counter() - t0, 3),
                    n_basins_with_runs=len(basins), runs=per_run,
-                   basins=[{"minimum_vertex": m, "runs": rs} for m, rs in sorted(basins.items())])
+                   basins=[{"basin": node_of.get(m), "minimum_vertex": m, "runs": rs} for m, rs in sorted(basins.items())])
     update_report(study_dir, f"basins-{dim}d", section)
     if verbose:
         print(format_basins(section, dim))
@@ -202,7 +204,8 @@ def format_basins(section: dict, dim: int) -> str:
              f"({section.get('scalar', 'loss')} persistence <= {section['threshold']:.4g}); runs in {section['n_basins_with_runs']} basin(s)"]
     for b in section["runs"]:
         pers = "global" if b["basin_persistence"] is None else f"{b['basin_persistence']:.4g}"
-        lines.append(f"  run {b['run']:3d}: basin of vertex {b['basin_minimum_vertex']} at "
-                     f"{b['basin_minimum_position']}, min loss {b['basin_minimum_loss']:.4g}, persistence {pers}"
+        name = f"basin {b['basin']}" if b.get("basin") is not None else "the basin"
+        lines.append(f"  run {b['run']:3d}: {name} (minimum at vertex {b['basin_minimum_vertex']}, "
+                     f"{b['basin_minimum_position']}), min loss {b['basin_minimum_loss']:.4g}, persistence {pers}"
                      + ("  (final checkpoint outside the grid)" if b["outside_grid"] else ""))
     return "\n".join(lines)
