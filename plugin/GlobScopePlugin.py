@@ -561,17 +561,23 @@ def globscope_command():
                      "or put globscope on PATH")
 
 
+def cli_environment():
+    """The environment for ``globscope_command``: ParaView's PYTHONHOME out, and only the directory holding
+    globscope_core on PYTHONPATH (ParaView's own entries would shadow the virtualenv's numpy and vtk)."""
+    env = dict(os.environ)
+    env.pop("PYTHONHOME", None)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(study_files.__file__))))
+    return env
+
+
 def decode_point(study, point, out="", force=False, timeout=DECODE_TIMEOUT):
     """`globscope decode STUDY --at X,Y[,Z] --json`'s answer (a dict); a refused point or a failure raises
     ValueError with the CLI's one line."""
     argv = globscope_command() + ["decode", study, "--at=" + ",".join(repr(float(v)) for v in point), "--json"]
     argv += [f"--out={out}"] if out else []
     argv += ["--force"] if force else []
-    env = dict(os.environ)
-    env.pop("PYTHONHOME", None)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(study_files.__file__))))
     try:
-        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(argv, env=cli_environment(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ValueError(f"globscope decode gave no answer within {timeout} s") from None
     except OSError as exc:

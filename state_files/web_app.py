@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import threading
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import pvstate  # noqa: E402 - next to this file; it puts the repository on sys.path
+from GlobScopePlugin import cli_environment, globscope_command  # noqa: E402 - plugin/ is on ParaView's path
 from paraview import simple as pv  # noqa: E402
 from trame.app import get_server  # noqa: E402
 from trame.ui.vuetify3 import SinglePageLayout  # noqa: E402
@@ -52,11 +52,10 @@ class Worker:
         """Start the process (it loads torch and the study: seconds); ``ask`` waits for it."""
         if self.proc is not None and self.proc.poll() is None:
             return
-        py = os.environ.get("GLOBSCOPE_PYTHON") or shutil.which("python3")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # ParaView's paths out
-        self.proc = subprocess.Popen([py, "-m", "globscope_core.cli", "decode", self.study, "--dim", str(self.dim),
-                                      "--stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        # the plugin's way to our CLI (torch is in the virtualenv, not in ParaView's Python)
+        self.proc = subprocess.Popen(globscope_command() + ["decode", self.study, "--dim", str(self.dim), "--stdin"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=cli_environment())
 
     def ask(self, request: dict) -> dict:
         with self.lock:

@@ -22,7 +22,7 @@ from ..errors import GlobScopeError
 from ..evaluation.many_models import BatchedEvaluator, eval_data
 from ..networks.device import resolve_device
 from ..reducers import load_reducer
-from ..reducers.latent_grid import HullClamp, interpolate, trusted_points
+from ..reducers.latent_grid import HullClamp, grid_points, interpolate, trusted_points
 from ..storage import study_files, vtk_files
 from ..storage.locks import output_lock
 from ..storage.study import Study
@@ -93,9 +93,7 @@ class PointDecoder:
         return nodes, arcs
 
     def _vertex_point(self, vertex: int) -> np.ndarray:
-        nx, ny, _ = self.field.dims
-        ijk = np.array([vertex % nx, vertex // nx % ny, vertex // (nx * ny)])[: self.dim]
-        return self.lo + ijk * self.spacing
+        return grid_points(np.array([vertex]), self.field.dims, self.field.origin, self.field.spacing, self.dim)[0]
 
     def basins(self) -> list[dict]:
         """The basins of the landscape's merge tree: [{node, vertex, scalar, at}], lowest minimum first."""
