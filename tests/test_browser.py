@@ -309,3 +309,9 @@ def test_serve_refuses_bad_studies_in_one_line(tmp_path, study):
     shutil.copytree(study, empty, ignore=shutil.ignore_patterns("landscape-*", "topology-*", "trajectories-*"))
     rc, _, err = run_cli("serve", empty)
     one_line_error(rc, err, "no landscape")
+    rc, _, err = run_cli("serve", study, "--port", "70000")
+    one_line_error(rc, err, "--port", "0 to 65535")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, _, err = run_cli("serve", study, "--port", "0", "--out", blocker / "decoded")  # a folder under a file
+    one_line_error(rc, err, "not writable", "serve not started")

@@ -43,6 +43,7 @@ nonnegative_int = _checked(int, "0 or more", lambda v: v >= 0)
 positive_float = _checked(float, "a positive number", lambda v: v > 0)
 nonnegative_float = _checked(float, "0 or more", lambda v: v >= 0)
 finite_float = _checked(float, "a finite number", lambda v: True)
+port = _checked(int, "a port from 0 to 65535", lambda v: 0 <= v <= 65535)
 # every --seed and --data-seed: numpy's RandomState (scikit-learn's KernelPCA, UMAP) takes seeds below 2**32, torch
 # below 2**64 (and train adds the run number); one range for all, so a seed that works for one command works for all
 SEED_LIMIT = 2**32

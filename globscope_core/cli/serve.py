@@ -1,7 +1,7 @@
 """`globscope serve`: a browser view of a study (trame in ParaView's Python), with a point picker."""
 from __future__ import annotations
 
-from .args import nonnegative_int, study_dir
+from .args import port, study_dir
 
 
 def register(sub):
@@ -12,7 +12,7 @@ def register(sub):
                                    "It listens on 127.0.0.1: reach it from another computer through an SSH tunnel "
                                    "(the command prints the line).")
     p.add_argument("study", type=study_dir, nargs="+", help="study directory (several: the page offers each)")
-    p.add_argument("--port", type=nonnegative_int, default=8080, help="port (0: a free one)")
+    p.add_argument("--port", type=port, default=8080, help="port (0: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--out", help="directory for decoded models (default: a new temporary directory)")
     p.set_defaults(func=cmd_serve)

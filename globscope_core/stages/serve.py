@@ -72,7 +72,13 @@ def serve_study(studies, port: int = 8080, host: str = "127.0.0.1", out: str | N
     pvpython = paraview_env.require("pvpython")
     trame = trame_dir()
     port = _port_free(host, port)
-    out = os.path.abspath(out) if out else tempfile.mkdtemp(prefix="globscope-serve-")
+    if out:  # decoded models go there: a folder that cannot take them is refused now, not at the first pick
+        from ..storage.safe_write import check_writable
+
+        out = os.path.abspath(out)
+        check_writable(out, what="serve")
+    else:
+        out = tempfile.mkdtemp(prefix="globscope-serve-")
     env = paraview_env.environment()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], trame])  # after plugin/ and the package
     app = os.path.join(paraview_env.STATE_DIR, "web_app.py")
