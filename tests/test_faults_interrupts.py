@@ -56,7 +56,9 @@ def _case(stage, d, out):
     """(argv, when to interrupt, the command's text after "interrupted: ")"""
     if stage == "train":
         argv = ["train", "--dataset", "digits", "--model", "mlp", "--model-arg", "widths=[16]", "--out", out,
-                "--runs", 4, "--epochs", 3, "--eval-samples", 256]
+                "--runs", 4, "--epochs", 40, "--eval-samples", 256]
+        # 40 epochs: a run takes seconds, so the signal lands while runs 1-3 still train (at 3 epochs all four
+        # runs took 1.2 s and CI's process once ended with 0 before the signal arrived)
         return argv, lambda: os.path.exists(os.path.join(out, "study.h5")), "the finished runs are kept; continue with"
     if stage == "landscape":  # started with --fresh: continuing with it would throw the kept chunks away
         argv = ["landscape", d, "--reducer", "pca-2d", "--resolution", 17, "--chunk-points", 8, "--eval-samples", 64,

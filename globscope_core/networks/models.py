@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import GlobScopeError
+from . import language_models
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -149,6 +150,8 @@ def make_spec(name: str, input_shape, num_classes: int, **kwargs) -> dict:
         raise GlobScopeError(f"unknown model '{name}'; registered: {', '.join(registered())}, or module:callable")
     kw = {"input_shape": [int(s) for s in input_shape], "num_classes": int(num_classes)}
     kw.update(kwargs)
+    if name == "hf-causal-lm" and isinstance(kw.get("config"), str):  # a path: the study keeps the content
+        kw["config"] = language_models.read_config(kw["config"])
     return {"name": name, "kwargs": kw}
 
 
@@ -324,3 +327,9 @@ def study_model(study) -> nn.Module:
     if StateLayout.from_module(model) != study.layout:
         raise GlobScopeError(f"{study.h5_path}: the stored layout does not match model '{study.model_spec['name']}'")
     return model
+
+
+# --- language models (networks/language_models.py): token ids [N, T] -> logits [N, T, vocab] ----------------
+register("gpt")(language_models.gpt)
+register("gpt2-small")(language_models.gpt2_small)
+register("hf-causal-lm")(language_models.hf_causal_lm)

@@ -1,10 +1,12 @@
-"""Importing existing checkpoints (state_dict files or safetensors) into a study.
+"""Importing existing checkpoints (state_dict files, safetensors, Hugging Face model directories) into a study.
 
-Checkpoints are untrusted: ``.pt``/``.pth`` files are read with ``torch.load(weights_only=True)``,
-which refuses pickled code; ``.safetensors`` files hold tensors only.
+Checkpoints are untrusted: ``.pt``/``.pth``/``.bin`` files are read with ``torch.load(weights_only=True)``,
+which refuses pickled code; ``.safetensors`` files hold tensors only. A Hugging Face directory's config.json
+is read as JSON data, never as code (``trust_remote_code`` is never set).
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 import warnings
@@ -15,6 +17,7 @@ from ..errors import GlobScopeError
 from ..evaluation.one_model import evaluate_model, subset
 from ..networks import datasets, models
 from ..networks.device import resolve_device
+from ..networks.language_models import full_config, read_config
 from ..storage.safe_write import check_writable
 from ..storage.state_layout import StateLayout
 from ..storage.study import Study
@@ -25,7 +28,9 @@ _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 def check_regular_file(path: str) -> None:
     """Refuse, without opening it, what is not a regular file: reading a FIFO would wait forever for a writer,
-    a device never ends."""
+    a device never ends. A directory with a config.json is a Hugging Face model (``load_hf_directory``)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -63,6 +68,70 @@ def load_state_file(path: str) -> dict:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+# --- Hugging Face model directories ---------------------------------------------------------------------
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # each alone, or sharded with an ``.index.json``
+HF_PREFIX = "lm."  # networks.language_models.HFCausalLM keeps the Hugging Face model as ``lm``
+
+
+def hf_weight_files(directory: str) -> list[str]:
+    """The weight files of a Hugging Face model directory: one file, or every shard its index names."""
+    for name in HF_WEIGHTS:
+        index = os.path.join(directory, name + ".index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise GlobScopeError(f"{index}: not a shard index with a weight_map ({exc})") from None
+            files = [os.path.join(directory, s) for s in shards]
+            missing = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
+            if missing:
+                raise GlobScopeError(f"{index}: {len(missing)} of {len(shards)} shards are missing: "
+                                     f"{', '.join(missing[:3])}")
+            return files
+        if os.path.isfile(os.path.join(directory, name)):
+            return [os.path.join(directory, name)]
+    raise GlobScopeError(f"{directory}: Hugging Face model directory without weights (no "
+                         f"{' or '.join(HF_WEIGHTS)}, nor a sharded index)")
+
+
+# keys that name, label or tokenize, but do not change the function the weights compute
+_CONFIG_BOOKKEEPING = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "use_cache",
+                       "id2label", "label2id", "task_specific_params", "tokenizer_class", "prefix")
+
+
+def check_same_config(stored: dict, found: dict, directory: str) -> None:
+    """Refuse a Hugging Face directory whose architecture differs from the study's (bookkeeping keys aside)."""
+    stored, found = full_config(stored), full_config(found)
+    keys = sorted(k for k in (set(stored) | set(found)) - set(_CONFIG_BOOKKEEPING) if not k.endswith("_token_id"))
+    differ = [k for k in keys if stored.get(k) != found.get(k)]
+    if differ:
+        k = differ[0]
+        raise GlobScopeError(f"{os.path.join(directory, 'config.json')}: another architecture than the study's "
+                             f"({k}: {found.get(k)!r}, the study has {stored.get(k)!r}"
+                             f"{f'; {len(differ) - 1} more keys differ' if len(differ) > 1 else ''})")
+
+
+def load_hf_directory(directory: str, layout: StateLayout, base_prefix: str | None = None) -> dict:
+    """The state of a Hugging Face model directory under the names of ``layout`` (``lm.`` + Hugging Face's).
+
+    Checkpoints of a base model (``h.0.attn...`` where the causal LM says ``transformer.h.0.attn...``) are
+    matched with ``base_prefix``; entries the layout does not have (a tied output layer, old attention masks)
+    are left out.
+    """
+    raw = {}
+    for path in hf_weight_files(directory):
+        raw.update(load_state_file(path))
+    state = {}
+    for e in layout.entries:
+        key = e.name[len(HF_PREFIX):] if e.name.startswith(HF_PREFIX) else e.name
+        if key not in raw and base_prefix and key.startswith(base_prefix + "."):
+            key = key[len(base_prefix) + 1:]
+        if key in raw:
+            state[e.name] = raw[key]
+    return state
 
 
 def _load_reason(exc: Exception) -> str:
@@ -118,12 +187,20 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
         study = Study.open(study_dir)
         spec, dataset = study.model_spec, study.dataset_spec
     else:
-        if not model_name or not dataset:
+        if not dataset or not (model_name or any(os.path.isdir(p) for p in files)):
             raise GlobScopeError(f"{study_dir}: new study: give --model and --dataset")
         study = None
     ds = datasets.load_dataset(dataset)
+    hf_dirs = [p for p in files if os.path.isdir(p)]
     if study is None:
-        spec = models.make_spec(model_name, ds.input_shape, ds.num_classes, **(model_kwargs or {}))
+        model_kwargs = dict(model_kwargs or {})
+        if hf_dirs and model_name in (None, "hf-causal-lm"):  # the architecture is the directory's config.json
+            model_name = "hf-causal-lm"
+            model_kwargs.setdefault("config", read_config(hf_dirs[0]))
+        spec = models.make_spec(model_name, ds.input_shape, ds.num_classes, **model_kwargs)
+    if spec["name"] == "hf-causal-lm":
+        for path in hf_dirs:  # shapes alone would not show another activation or norm
+            check_same_config(spec["kwargs"]["config"], read_config(path), path)
     model = models.build_model(spec).to(dev)
     layout = StateLayout.from_module(model)
     if study is not None and study.layout != layout:
@@ -132,8 +209,9 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
     ev_test = subset(ds.test_x, ds.test_y, eval_samples, seed=2)
 
     rows = []  # load and check every file before writing anything
+    base_prefix = getattr(getattr(model, "lm", None), "base_model_prefix", None)
     for i, path in enumerate(files):
-        state = load_state_file(path)
+        state = load_hf_directory(path, layout, base_prefix) if os.path.isdir(path) else load_state_file(path)
         vec = flatten_checked(layout, state, path)
         layout.load_into(model, vec.to(dev))
         tl, ta = evaluate_model(model, *ev_train, device=dev)

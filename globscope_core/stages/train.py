@@ -11,13 +11,13 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import GlobScopeError
 from ..evaluation.one_model import evaluate_model, subset
 from ..networks import datasets, models
 from ..networks.device import resolve_device
+from ..networks.losses import cross_entropy
 from ..networks.optimizers import divergence_hint, make_optimizer
 from ..storage.locks import dir_lock
 from ..storage.safe_write import check_writable
@@ -223,7 +223,7 @@ def _train_run(spec, ds, cfg, dev, ev_train, ev_test, bar) -> list:
         for s in range(0, n, cfg["batch_size"]):
             idx = perm[s : s + cfg["batch_size"]]
             xb, yb = ds.train_x[idx].to(dev), ds.train_y[idx].to(dev)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = cross_entropy(model(xb), yb)
             if not torch.isfinite(loss):
                 raise GlobScopeError(f"run {cfg['index']} (seed {cfg['seed']}, {cfg['optimizer']}, lr {cfg['lr']}): "
                                      f"training loss became {loss.item()} at step {step + 1}; {hint()}. "

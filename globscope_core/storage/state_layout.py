@@ -57,7 +57,14 @@ class StateLayout:
 
     @classmethod
     def from_module(cls, model: torch.nn.Module) -> "StateLayout":
-        return cls.from_state_dict(model.state_dict())
+        """Every floating tensor of the state once: a tied weight (a language model's output layer that is its
+        token embedding) is one set of coordinates, under its first name; loading it sets both."""
+        state, seen = {}, set()
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                state[name] = t.detach()
+        return cls.from_state_dict(state)
 
     def to_json(self) -> str:
         return json.dumps([[e.name, list(e.shape), e.dtype, e.offset] for e in self.entries])
