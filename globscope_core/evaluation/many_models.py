@@ -13,7 +13,9 @@ Three paths, same numbers (tests check each against the one-model ``evaluate_mod
   * ``vmap`` (GPU default): ``torch.func.functional_call`` under ``vmap``, every model of a chunk in
     one pass, so a GPU gets enough work from small sample blocks.
 All paths use the decoded state (parameters and floating buffers), so BatchNorm uses the decoded running
-statistics in eval mode.
+statistics in eval mode; with ``bn_x`` (a fixed training subset, networks/batchnorm.py ``bn_subset``) every
+model's statistics are first recomputed on it (``BatchNormReset``: one model at a time, in train mode), whatever
+the path. A model without BatchNorm ignores ``bn_x``: same numbers, no extra work.
 
 ``precision``: ``fp32`` (default); ``bf16`` (autocast; AMX/AVX-512-BF16 CPUs and GPUs), ``tf32`` (CUDA
 matmuls and convolutions in TensorFloat-32). The loss itself is reduced in float32/float64.
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import GlobScopeError
+from ..networks.batchnorm import BN_SEED, BatchNormReset
 from ..networks.device import resolve_device
 from ..networks.models import build_model, is_mlp, mlp_forward, mlp_linear_layers
 from ..storage.state_layout import StateLayout
@@ -59,6 +62,14 @@ def eval_data(study, split: str = "test", eval_samples: int | None = None, seed:
     return subset(x, y, eval_samples, seed=seed)
 
 
+def bn_data(study, samples: int | None, seed: int = BN_SEED) -> torch.Tensor:
+    """The fixed training subset BatchNorm statistics are recomputed on (inputs only)."""
+    from ..networks.batchnorm import bn_subset
+    from ..networks.datasets import load_dataset
+
+    return bn_subset(load_dataset(study.dataset_spec).split("train")[0], samples, seed)
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise GlobScopeError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
@@ -72,12 +83,13 @@ class BatchedEvaluator:
     ``path``: one of PATHS, or None for the best on the device (see the module docstring); ``fast=False``
     keeps an MLP off its fast path. ``precision``: one of PRECISIONS. ``compile``: torch.compile the
     per-model forward (compiled on the first call; ``compile_seconds`` says how long that took; ignored on
-    the other paths, ``.compile`` says whether it applies).
+    the other paths, ``.compile`` says whether it applies). ``bn_x``: recompute every model's BatchNorm
+    statistics on these inputs before evaluating it (``.bn_reset`` holds the cost; None without BatchNorm).
     """
 
     def __init__(self, model_spec: dict, x: torch.Tensor, y: torch.Tensor, device="auto", fast: bool = True,
                  layout: StateLayout | None = None, path: str | None = None, precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, bn_x: torch.Tensor | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         check_precision(precision, self.device)
         self.precision, self.compile, self.compile_seconds = precision, bool(compile), None
@@ -89,6 +101,10 @@ class BatchedEvaluator:
         self.y = y.to(self.device, torch.long)
         if len(self.x) == 0:
             raise GlobScopeError("evaluation set is empty")
+        self.bn_reset = None
+        if bn_x is not None:
+            reset = BatchNormReset(self.model, self.layout, bn_x.to(self.device, self.x.dtype))
+            self.bn_reset = reset if reset.layers else None  # without BatchNorm: nothing to do, no copy kept
         self.layers = mlp_linear_layers(self.layout) if fast and is_mlp(self.model) else None
         if path is None:
             # vmap has no batching rule for the transformer's fused inference kernel (it would loop
@@ -225,6 +241,8 @@ class BatchedEvaluator:
 
     def _forward_for(self, rows: torch.Tensor):
         """``forward(s, e)``: logits [len(rows), e - s, classes] of samples s..e for these models."""
+        if self.bn_reset is not None:  # a copy with each model's own statistics on bn_x: the caller's rows stay
+            rows = self.bn_reset(rows)
         if self.fast:
             weights = self._mlp_weights(rows)
             return lambda s, e: mlp_forward(weights, self.xt[:, s:e], transposed=True)
@@ -281,14 +299,15 @@ def _decoded_state(layout: StateLayout, rows: torch.Tensor) -> dict:
 
 
 def evaluate_flat(study_or_model_spec, params, x, y, device="auto", fast: bool = True,
-                  max_models: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                  max_models: int = 256, bn_x: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy (float64 numpy [B]) of each flat parameter vector in ``params`` [B, P].
 
     ``study_or_model_spec``: a Study or a model spec dict. Rows are evaluated ``max_models`` at a time.
+    ``bn_x``: recompute each model's BatchNorm statistics on these inputs first (BatchedEvaluator).
     """
     spec = getattr(study_or_model_spec, "model_spec", study_or_model_spec)
     layout = getattr(study_or_model_spec, "layout", None)
-    ev = BatchedEvaluator(spec, x, y, device=device, fast=fast, layout=layout)
+    ev = BatchedEvaluator(spec, x, y, device=device, fast=fast, layout=layout, bn_x=bn_x)
     params = torch.as_tensor(params)
     out_l, out_a = [], []
     for s in range(0, params.shape[0], max_models):

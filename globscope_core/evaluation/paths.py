@@ -7,16 +7,20 @@ import torch
 from .many_models import evaluate_flat
 
 
-def evaluate_rows(study, rows, x, y, device) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and accuracy of each flat row [m, P] of ``study``'s model on (x, y), many models per forward pass."""
-    return evaluate_flat(study, torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), x, y, device=device)
+def evaluate_rows(study, rows, x, y, device, bn_x=None) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy of each flat row [m, P] of ``study``'s model on (x, y), many models per forward pass
+    (``bn_x``: each row's BatchNorm statistics recomputed on these inputs first)."""
+    return evaluate_flat(study, torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)), x, y, device=device,
+                         bn_x=bn_x)
 
 
-def interpolation_curve(study, a: np.ndarray, b: np.ndarray, alphas: np.ndarray, x, y, device="cpu") -> np.ndarray:
-    """Loss along (1 - alpha) a + alpha b (the whole flat state; BatchNorm running statistics are
-    interpolated too, which is not what a recomputed BN would give: REPAIR-style resets are not done)."""
+def interpolation_curve(study, a: np.ndarray, b: np.ndarray, alphas: np.ndarray, x, y, device="cpu",
+                        bn_x=None) -> np.ndarray:
+    """Loss along (1 - alpha) a + alpha b of the whole flat state. BatchNorm running statistics are interpolated
+    too (the models' own statistics), unless ``bn_x`` is given: then every point's statistics are recomputed on
+    it (a REPAIR-style reset; Jordan et al. 2023: most of a raw BatchNorm barrier is the variance collapse)."""
     path = (1.0 - alphas[:, None]) * a[None].astype(np.float64) + alphas[:, None] * b[None].astype(np.float64)
-    return evaluate_rows(study, path.astype(np.float32), x, y, device)[0].astype(np.float64)
+    return evaluate_rows(study, path.astype(np.float32), x, y, device, bn_x)[0].astype(np.float64)
 
 
 def barrier(values, t) -> tuple[float, float]:
