@@ -182,6 +182,27 @@ def register_spec(model_name: str):
     return deco
 
 
+@register_spec("resnet20")
+@register_spec("resnet56")
+def resnet_block_spec(layout: StateLayout) -> PermutationSpec:
+    """The CIFAR ResNets of the registry (networks/models.py ``CifarResNet``): the hidden channels of every basic
+    block (conv1's outputs, bn1, conv2's inputs) permuted freely, the residual stream left as it is. Its zero-padded
+    "option A" shortcuts embed one stage's channels at fixed places of the next stage's, which a permutation of the
+    stream would have to respect: so this is a subset of the symmetry group, exact for every network it covers."""
+    blocks = sorted({int(e.name.split(".")[1]) for e in layout.entries
+                     if e.name.startswith("blocks.") and e.name.endswith(".conv1.weight")})
+    if not blocks:
+        raise GlobScopeError("model has no residual blocks (blocks.N.conv1): nothing to permute")
+    axes, acts = {}, {}
+    for b in blocks:
+        p = f"B_{b}"
+        axes.update(conv(f"blocks.{b}.conv1", None, p))
+        axes.update(norm(f"blocks.{b}.bn1", p))
+        axes.update(conv(f"blocks.{b}.conv2", p, None))
+        acts[p] = f"blocks.{b}.bn1"  # channel axis 1; the ReLU that follows is functional
+    return PermutationSpec(axes, acts)
+
+
 def spec_for_model(model_spec: dict, layout: StateLayout, model=None) -> PermutationSpec:
     """The permutation spec of a study's model: registry spec, or the model's own ``permutation_spec()``."""
     name = model_spec["name"]

@@ -15,6 +15,9 @@ def register(sub):
     p.add_argument("--out", required=True, type=new_or_dir, help="directory of the aligned study (new)")
     p.add_argument("--alphas", type=at_least(2), default=25, help="interpolation weights for the barriers")
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="train samples for the barrier losses")
+    p.add_argument("--bn-samples", type=nonnegative_int, default=2000,
+                   help="BatchNorm networks: barriers also with every point's statistics recomputed on this many "
+                        "train samples (fixed subset; 0: only the models' own, interpolated statistics)")
     p.add_argument("--act-samples", type=positive_int, default=1024, help="train samples for activation matching")
     p.add_argument("--max-iter", type=positive_int, default=100,
                    help="weight matching: most sweeps over the permutations")
@@ -36,14 +39,24 @@ def cmd_align(args):
 
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
-                      act_samples=args.act_samples, aligner_steps=args.aligner_steps, device=args.device)
+                      act_samples=args.act_samples, aligner_steps=args.aligner_steps, device=args.device,
+                      bn_samples=args.bn_samples)
     print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)"
           + ("; done before, nothing redone" if rep.get("already_done") else ""))
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
+    bn = rep.get("batchnorm") or {}
+    if bn:
+        print("  BatchNorm: barriers with the models' own (interpolated) statistics"
+              + (f", [in brackets] with every point's recomputed on {bn['recomputed_on']} ({bn['seconds']:.1f} s)"
+                 if bn.get("samples") else " (--bn-samples 0: not recomputed)"))
     for d in rep["runs"]:
-        print(f"  run {d['run']:3d}: {d['barrier_before']:.4f} -> {d['barrier_after']:.4f}   "
+        again = f"   [{d['barrier_before_bn_recomputed']:.4f} -> {d['barrier_after_bn_recomputed']:.4f}]" \
+            if "barrier_after_bn_recomputed" in d else ""
+        print(f"  run {d['run']:3d}: {d['barrier_before']:.4f} -> {d['barrier_after']:.4f}{again}   "
               f"distance {d['distance_before']:.2f} -> {d['distance_after']:.2f}")
-    print(f"  mean: {rep['mean_barrier_before']:.4f} -> {rep['mean_barrier_after']:.4f}"
+    again = f"   [{rep['mean_barrier_before_bn_recomputed']:.4f} -> {rep['mean_barrier_after_bn_recomputed']:.4f}]" \
+        if "mean_barrier_after_bn_recomputed" in rep else ""
+    print(f"  mean: {rep['mean_barrier_before']:.4f} -> {rep['mean_barrier_after']:.4f}{again}"
           + (f"   plot: {args.out}/{rep['plot']}" if rep.get("plot") else ""))
     if args.compare_basins:
         from ..stages.align import compare_basins

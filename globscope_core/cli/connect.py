@@ -53,6 +53,9 @@ def register(sub):
     p.add_argument("--plane-resolution", type=zero_or_at_least(2), default=41,
                    help="grid points per axis of the loss in the plane through A, B and the bend (0: none)")
     p.add_argument("--plane-eval-samples", type=positive_int, default=1024, help="samples for the plane's loss")
+    p.add_argument("--bn-samples", type=positive_int, default=2000,
+                   help="BatchNorm networks: train samples (a fixed subset) every point's statistics are recomputed "
+                        "on; the report also gives the barriers with the points' own, interpolated statistics")
     p.add_argument("--no-line", action="store_true", help="do not store the straight-line points as checkpoints")
     p.add_argument("--seed", type=seed, default=0, help="seed of the curve's training")
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
@@ -66,12 +69,19 @@ def cmd_connect(args):
                 optimizer=args.optimizer, batch_size=args.batch_size, weight_decay=args.weight_decay,
                 points=args.points, eval_samples=args.eval_samples, reducers=args.reducer, refit=args.refit,
                 store_line=not args.no_line, seed=args.seed, device=args.device,
-                plane_resolution=args.plane_resolution, plane_eval_samples=args.plane_eval_samples)
+                plane_resolution=args.plane_resolution, plane_eval_samples=args.plane_eval_samples,
+                bn_samples=args.bn_samples)
     c, line = r["curve_summary"], r["line_summary"]
     print(f"{r['key']}: {r['curve']} with {r['bends']} bend(s), {r['epochs']} epochs, {r['seconds']} s")
     for split in ("train", "test"):
         print(f"  {split} loss barrier: line {line[f'{split}_loss_barrier']:.4f} "
               f"(max {line[f'{split}_loss_max']:.4f}), curve {c[f'{split}_loss_barrier']:.4f} (max {c[f'{split}_loss_max']:.4f})")
+    bn = r.get("batchnorm")
+    if bn:
+        oc, ol = bn["own_statistics"]["curve_summary"], bn["own_statistics"]["line_summary"]
+        print(f"  BatchNorm statistics recomputed at every point on {bn['recomputed_on']} ({bn['seconds']} s); "
+              f"with the points' own, interpolated statistics the train loss barrier is: line "
+              f"{ol['train_loss_barrier']:.4f}, curve {oc['train_loss_barrier']:.4f}")
     if r["barrier_ratio_train"] is not None:
         print(f"  curve/line train barrier ratio: {r['barrier_ratio_train']:.3f}")
     for dim, v in r["latent"].items():

@@ -3,7 +3,9 @@
 ``align_study`` writes a new study in which every run is permuted to a reference run -- one
 permutation per run, found at its final checkpoint and applied to all its checkpoints, so
 trajectories stay trajectories -- and measures the loss barrier of the straight line between
-each run's final model and the reference's, before and after alignment.
+each run's final model and the reference's, before and after alignment. For a BatchNorm network both with
+the models' own (interpolated) running statistics and with the statistics of every point recomputed on a
+fixed training subset (Jordan et al., REPAIR: the raw barrier is mostly the variance collapse).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..alignment.methods import make_aligner
 from ..alignment.permutation import flat_index, spec_for_model
 from ..errors import GlobScopeError
 from ..evaluation.paths import barrier, interpolation_curve
+from ..networks.batchnorm import BN_SAMPLES, BN_SEED, bn_subset, layout_has_bn
 from ..networks.models import study_model
 from ..storage import study_files
 from ..storage.locks import holding, output_lock
@@ -30,12 +33,15 @@ from ..storage.locks import holding, output_lock
 @holding(lambda a: (a["out"], "align"))
 def align_study(study_dir: str, out: str, reference: int = 0, method: str = "weight-matching",
                 alphas: int = 25, eval_samples: int | None = 2000, seed: int = 0, progress: bool = True,
-                plot: bool = True, device="auto", **options) -> dict:
+                plot: bool = True, device="auto", bn_samples: int | None = BN_SAMPLES, **options) -> dict:
     """Write ``out``: ``study_dir`` with every run permuted to run ``reference``. Returns the report.
 
     Report ("align" in out/report.json): per run the barrier of the straight line to the
     reference's final model (train split, ``eval_samples`` samples, ``alphas`` weights) before and
-    after alignment, and the L2 distance between the final models before and after.
+    after alignment, and the L2 distance between the final models before and after. For a model with BatchNorm
+    the barriers (``barrier_before``, ``barrier_after``) use the models' own, interpolated running statistics, and
+    ``barrier_before_bn_recomputed`` / ``barrier_after_bn_recomputed`` those recomputed at every point on
+    ``bn_samples`` training samples (0: not recomputed); ``batchnorm`` says on what and at what cost.
     The permutations are saved in out/permutations.npz (arrays named ``run{r}/{perm}``).
     ``device``: where activations and barrier losses are computed (weight matching itself is numpy).
     """
@@ -53,13 +59,18 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     if os.path.abspath(out) == src.dir:
         raise GlobScopeError(f"{out}: the aligned study must be a new directory, not the source study")
     spec = spec_for_model(src.model_spec, src.layout, study_model(src))
-    memory = _check_memory(src, spec, alphas, eval_samples)  # refused before any work, said when the work starts
+    if bn_samples is not None and bn_samples < 0:
+        raise GlobScopeError(f"--bn-samples must be 0 (no recomputation) or positive, not {bn_samples}")
+    bn_samples = (bn_samples or 0) if layout_has_bn(src.layout) else 0  # nothing to recompute without BatchNorm
+    memory = _check_memory(src, spec, alphas, eval_samples, bn_samples)  # refused before any work, said when the work starts
     with output_lock(src, "aligners", what=f"align --method {method}"):  # DEEP-ALIGN trains and saves its net here
         aligner = make_aligner(method, spec, src, seed=seed, device=dev, progress=progress, **options)
 
     # what decides the aligned study and its report: the same command finds its own finished work
     plan = {"aligned_from": src.h5_path, "reference": int(reference), "method": method, "seed": int(seed),
             "alphas": int(alphas), "eval_samples": eval_samples}
+    if layout_has_bn(src.layout):  # only BatchNorm networks: the plans of other aligned studies stay as they were
+        plan["bn_samples"] = int(bn_samples)
     if os.path.exists(study_files.study_h5(out)):
         dst = Study.open(out)
         mine = (dst.plan or {}).get("aligned_from") == src.h5_path
@@ -85,6 +96,8 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     print(memory, file=sys.stderr, flush=True)  # after every refusal above: an error stays one line
     ds = load_dataset(src.dataset_spec)
     x, y = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
+    bn_x = bn_subset(ds.train_x, bn_samples, BN_SEED) if bn_samples else None
+    bn_seconds = 0.0
     al = np.linspace(0.0, 1.0, int(alphas))
     ref_final = src.read_params([src.final_row(reference)])[0]
     ref_state = src.layout.unflatten(torch.from_numpy(ref_final))
@@ -113,13 +126,21 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
                 aligned = final[index]
                 before = interpolation_curve(src, final, ref_final, al, x, y, dev)
                 after = interpolation_curve(src, aligned, ref_final, al, x, y, dev)
+                recomputed = {}
+                if bn_x is not None:  # the same lines with every point's statistics recomputed
+                    t_bn = time.time()
+                    for key, start in (("before", final), ("after", aligned)):
+                        curve = interpolation_curve(src, start, ref_final, al, x, y, dev, bn_x=bn_x)
+                        recomputed[f"barrier_{key}_bn_recomputed"] = barrier(curve, al)[0]
+                        recomputed[f"loss_{key}_bn_recomputed"] = curve.tolist()
+                    bn_seconds += time.time() - t_bn
                 runs_report.append({
                     "run": r, "barrier_before": barrier(before, al)[0], "barrier_after": barrier(after, al)[0],
                     "distance_before": float(np.linalg.norm(final - ref_final)),
                     "distance_after": float(np.linalg.norm(aligned - ref_final)),
                     "units_moved": int(sum((np.asarray(q) != np.arange(len(q))).sum() for q in perms.values())),
                     "sweeps": getattr(aligner, "iterations", None),
-                    "loss_before": before.tolist(), "loss_after": after.tolist()})
+                    "loss_before": before.tolist(), "loss_after": after.tolist(), **recomputed})
             bar.update(1)
         _save_npz(study_files.permutations_npz(dst.dir), perms_out)  # before the study commits
     bar.close()
@@ -130,13 +151,21 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
               "mean_barrier_before": float(np.mean(bb)) if bb else 0.0,
               "mean_barrier_after": float(np.mean(ba)) if ba else 0.0,
               "units": {p: int(len(q)) for p, q in identity.items()}, "seconds": round(time.time() - t0, 3)}
+    if layout_has_bn(src.layout):
+        report["batchnorm"] = {"own_statistics": "interpolated running statistics (barrier_before, barrier_after)",
+                               "recomputed_on": None if bn_x is None else f"{len(bn_x)} train samples (seed {BN_SEED})",
+                               "samples": 0 if bn_x is None else int(len(bn_x)), "seconds": round(bn_seconds, 3)}
+        if bn_x is not None:
+            for key in ("before", "after"):
+                vals = [d[f"barrier_{key}_bn_recomputed"] for d in runs_report]
+                report[f"mean_barrier_{key}_bn_recomputed"] = float(np.mean(vals)) if vals else 0.0
     if plot and runs_report:
         report["plot"] = plot_barriers(report, study_files.align_barriers_png(dst.dir))
     dst.update_report("align", report)
     return report
 
 
-def _check_memory(src, spec, alphas: int, eval_samples) -> str:
+def _check_memory(src, spec, alphas: int, eval_samples, bn_samples: int = 0) -> str:
     """Refuse aligning when what it needs (resources.estimate_align) does not fit; the ``memory:`` line to say."""
     import math
 
@@ -147,7 +176,7 @@ def _check_memory(src, spec, alphas: int, eval_samples) -> str:
     units = max(spec.identity(src.layout).values(), key=len, default=())
     shape = (src.model_spec.get("kwargs") or {}).get("input_shape") or [1]
     parts = estimate_align(src.n_params, rows, int(alphas), 4 * len(units) ** 2 * 8,
-                           (eval_samples or 0) * 4 * math.prod(shape), data_bytes(src.dataset_spec),
+                           ((eval_samples or 0) + bn_samples) * 4 * math.prod(shape), data_bytes(src.dataset_spec),
                            data_libraries(src.dataset_spec))
     require(parts, f"align {src.dir}", hint="use fewer --alphas")
     return memory_line(parts)
@@ -188,8 +217,12 @@ def plot_barriers(report: dict, path: str) -> str:
         c = colors(i % 10)
         ax.plot(al, d["loss_before"], "--", color=c, alpha=0.8)
         ax.plot(al, d["loss_after"], "-", color=c, label=f"run {d['run']}")
+        if "loss_after_bn_recomputed" in d:
+            ax.plot(al, d["loss_after_bn_recomputed"], ":", color=c)
     ax.plot([], [], "k--", label=f"raw (mean barrier {report['mean_barrier_before']:.3g})")
     ax.plot([], [], "k-", label=f"aligned (mean barrier {report['mean_barrier_after']:.3g})")
+    if "mean_barrier_after_bn_recomputed" in report:
+        ax.plot([], [], "k:", label=f"aligned, BatchNorm recomputed ({report['mean_barrier_after_bn_recomputed']:.3g})")
     ax.set_xlabel(f"interpolation weight (0: run, 1: reference run {report['reference']})")
     ax.set_ylabel(f"{report['split']} loss")
     ax.set_title(f"Linear interpolation to the reference, {report['method']}")

@@ -3,7 +3,9 @@
 (latent space, plane, plot) in ``connect_views.py``.
 
 The curve and the straight line are evaluated at 61 evenly spaced t (train/test loss and accuracy;
-BatchNorm statistics recomputed at every point for models that have BatchNorm). The barrier of a
+BatchNorm statistics recomputed at every point, on a fixed subset of ``bn_samples`` training samples, for models
+that have BatchNorm: these are the stored points and the main numbers; the report's ``batchnorm`` section adds
+the barriers with the points' own, interpolated statistics, Jordan et al.'s "raw" barrier). The barrier of a
 path is that of Entezari et al.: max_t loss(t) - ((1-t) loss(0) + t loss(1)).
 
 Everything that goes into the study is written at the end, in one transaction: the 61 curve
@@ -29,7 +31,7 @@ from ..connectivity.curves import CURVES, curve_coefficients, evaluate_points, p
 from ..errors import GlobScopeError
 from ..evaluation.one_model import subset
 from ..networks import datasets
-from ..networks.batchnorm import bn_modules
+from ..networks.batchnorm import BN_SAMPLES, BN_SEED, bn_modules, bn_subset
 from ..networks.device import resolve_device
 from ..networks.models import study_model
 from ..networks.optimizers import divergence_hint
@@ -174,7 +176,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
             lr: float | None = None, optimizer: str | None = None, batch_size: int | None = None,
             weight_decay: float = 0.0, points: int = N_POINTS, eval_samples: int | None = 10000,
             reducers=None, refit: bool = False, store_line: bool = True, seed: int = 0, device: str = "auto",
-            plane_resolution: int = 41, plane_eval_samples: int | None = 1024, progress: bool = True) -> dict:
+            plane_resolution: int = 41, plane_eval_samples: int | None = 1024, progress: bool = True,
+            bn_samples: int = BN_SAMPLES) -> dict:
     """Train a curve between the final checkpoints of two runs, evaluate it, store and draw it.
 
     Returns the report section (also written to STUDY/report.json under "connect-A-B").
@@ -187,6 +190,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
         raise GlobScopeError(f"--epochs must be at least 1, not {epochs}")
     if points < 3:
         raise GlobScopeError(f"--points must be at least 3, not {points}")
+    if bn_samples < 1:
+        raise GlobScopeError(f"--bn-samples must be positive, not {bn_samples}")
     if plane_resolution and plane_resolution < 2:
         raise GlobScopeError(f"--plane-resolution must be 0 (no plane) or at least 2, not {plane_resolution}")
     study = Study.open(study_dir)
@@ -225,11 +230,19 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
     t = np.linspace(0.0, 1.0, points)
     ev_train = subset(ds.train_x, ds.train_y, eval_samples, seed=1)
     ev_test = subset(ds.test_x, ds.test_y, eval_samples, seed=2)
-    bn_x = ds.train_x if has_bn else None
+    bn_x = bn_subset(ds.train_x, bn_samples, BN_SEED) if has_bn else None
     curve_pts = curve_coefficients(curve, bends, t).numpy().astype(np.float32) @ control
     line_pts = np.outer(1 - t, wa).astype(np.float32) + np.outer(t, wb).astype(np.float32)
+    t_eval = time.time()
     curve_rows, m_curve = evaluate_points(study, model, layout, curve_pts, ev_train, ev_test, bn_x, dev, progress)
     line_rows, m_line = evaluate_points(study, model, layout, line_pts, ev_train, ev_test, bn_x, dev, progress)
+    t_eval = time.time() - t_eval
+    own = None
+    if has_bn:  # the same points with their own (interpolated) running statistics: the raw barriers
+        t_own = time.time()
+        own = {name: evaluate_points(study, model, layout, pts, ev_train, ev_test, None, dev, progress)[1]
+               for name, pts in (("curve", curve_pts), ("line", line_pts))}
+        t_own = time.time() - t_own
     for name, m in (("curve", m_curve), ("line", m_line)):
         bad = [k for k, v in m.items() if not np.isfinite(v).all()]
         if bad:
@@ -250,7 +263,8 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
 
     # everything is computed: store the points in one transaction, apart from the ensemble (paths.h5)
     base_info = dict(label="curve", connect=key, path="curve", **{k: v for k, v in config.items() if k != "runs"},
-                     ends=config["runs"], t=t.tolist(), batchnorm_recomputed=has_bn)
+                     ends=config["runs"], t=t.tolist(), batchnorm_recomputed=has_bn,
+                     **({"bn_samples": int(len(bn_x))} if has_bn else {}))
     paths = paths_store(study, create=True)
     # an earlier curve (and line) between the same runs is replaced, not kept beside: its rows are left out of
     # the new paths.h5 and its run numbers reused, so rerunning a pair never grows the file
@@ -315,6 +329,13 @@ def connect(study_dir: str, runs=(0, 1), curve: str = "bezier", bends: int = 1, 
                           "line": {k: v.tolist() for k, v in m_line.items()}},
                    latent=latent, plot=os.path.basename(study_files.connect_png(base)),
                    control_points=os.path.basename(study_files.connect_pt(base)))
+    if has_bn:
+        section["batchnorm"] = {
+            "recomputed_on": f"{len(bn_x)} train samples (seed {BN_SEED})", "samples": int(len(bn_x)),
+            # recomputing is what the evaluation with recomputed statistics costs beyond the one without
+            "seconds": round(max(0.0, t_eval - t_own), 2),
+            "own_statistics": {"curve_summary": path_summary(own["curve"], t), "line_summary": path_summary(own["line"], t),
+                               "along": {k: {m: v.tolist() for m, v in own[k].items()} for k in own}}}
     study.update_report(key, section)
     return section
 
@@ -357,6 +378,8 @@ def _recompute_landscape(study: Study, reducer_name: str, vti: str, progress: bo
     kw = {"split": fd.get("split", "test"), "progress": progress}
     if "eval_samples" in fd:
         kw["eval_samples"] = int(np.atleast_1d(fd["eval_samples"])[0])
+    if fd.get("batchnorm") == "recompute":  # the old landscape's BatchNorm setting
+        kw["bn"], kw["bn_samples"] = "recompute", int(np.atleast_1d(fd["bn_samples"])[0])
     compute_landscape(study, reducer_name, int(f.dims[0]), **kw)
     dim = 3 if f.dims[2] > 1 else 2
     if not os.path.isdir(study_files.topology_dir(study.dir, dim)):
