@@ -34,6 +34,12 @@ def register(sub):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (CNNs on the CPU: 1.2-1.3x faster, after 10-25 s of "
                         "compilation, so for large grids; needs a C++ compiler on the CPU; MLPs keep their path)")
+    p.add_argument("--bn", choices=("decoded", "recompute"), default=None,
+                   help="BatchNorm statistics of each decoded model: decoded (default: as decoded, fast) or recompute "
+                        "(re-estimated on a fixed train subset before evaluating it; costs a train-mode forward over "
+                        "--bn-samples per grid point). Default when resuming: the unfinished landscape's setting")
+    p.add_argument("--bn-samples", type=positive_int, default=None,
+                   help="train samples (fixed subset) for --bn recompute (default 2000)")
     p.add_argument("--fresh", action="store_true", help="discard unfinished results instead of resuming")
     p.add_argument("--max-chunks", type=nonnegative_int, help=argparse.SUPPRESS)  # stop early: tests of resume
     p.add_argument("--no-trajectories", action="store_true", help="do not write trajectories-Xd.vtp")
@@ -52,7 +58,8 @@ def cmd_landscape(args):
                              eval_samples=args.eval_samples or None, margin=args.margin, bounds=args.bounds,
                              device=args.device, progress=not args.no_progress, chunk_points=args.chunk_points,
                              fresh=args.fresh, max_chunks=args.max_chunks, trajectories=not args.no_trajectories,
-                             beyond_hull=args.beyond_hull, precision=args.precision, compile=args.compile)
+                             beyond_hull=args.beyond_hull, precision=args.precision, compile=args.compile,
+                             bn=args.bn, bn_samples=args.bn_samples)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if not info.get("complete"):
@@ -65,6 +72,16 @@ def cmd_landscape(args):
     print(f"{info['vti']}: {info['dims'][0]}^{len(info['bounds']) // 2} points, loss "
           f"{info['loss_min']} .. {info['loss_max']}, {info['nan_count']} NaN, "
           f"{info['eval_samples']} {info['split']} samples" + (f", {rate:.0f} points/s ({how})" if rate else ""))
+    bn = info.get("batchnorm") or {}
+    if bn.get("note"):
+        print(f"  {bn['note']}")
+    elif bn.get("setting") == "recompute":
+        share = bn.get("fraction_of_evaluation")
+        print(f"  BatchNorm statistics recomputed for every decoded model on {bn['samples']} train samples: "
+              f"{bn['seconds']:.1f} s" + (f", {share * 100:.0f}% of the evaluation time" if share is not None else ""))
+    elif bn.get("setting") == "decoded":
+        print(f"  BatchNorm: decoded running statistics ({bn['layers']} layers; --bn recompute re-estimates them "
+              "per decoded model)")
     if info["nan_count"]:
         print(f"  warning: {info['nan_count']} grid points gave a non-finite loss (kept as NaN)")
     ex, sp = info.get("extrapolated", {}), info.get("spikes", {})

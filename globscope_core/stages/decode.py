@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import GlobScopeError
-from ..evaluation.many_models import BatchedEvaluator, eval_data
+from ..evaluation.many_models import BatchedEvaluator, bn_data, eval_data
 from ..networks.device import resolve_device
 from ..reducers import load_reducer
 from ..reducers.latent_grid import HullClamp, grid_points, interpolate, trusted_points
@@ -75,6 +75,12 @@ class PointDecoder:
         x, y = eval_data(self.study, self.split, self.eval_samples, seed=0)  # the landscape's subset (eval_seed 0)
         self.device = resolve_device(device)
         self.evaluator = BatchedEvaluator(self.study.model_spec, x, y, device=self.device, layout=self.study.layout)
+        self.bn_reset = None  # a landscape made with --bn recompute: the decoded model gets its statistics the same way
+        if str(fd.get("batchnorm", "decoded")) == "recompute":
+            from ..networks.batchnorm import BN_SEED, BatchNormReset
+
+            bn_x = bn_data(self.study, int(np.ravel(fd["bn_samples"])[0]), BN_SEED)
+            self.bn_reset = BatchNormReset(self.evaluator.model, self.study.layout, bn_x)
 
     # --- which point --------------------------------------------------------------------------------
     def _topology(self) -> tuple[dict, dict]:
@@ -141,6 +147,8 @@ class PointDecoder:
         z = torch.as_tensor(at[None], dtype=torch.float32, device=self.device)
         with torch.no_grad():
             flat = self.reducer.inverse_transform_torch(z)
+            if self.bn_reset is not None:  # written with these statistics too
+                flat = self.bn_reset(flat)
             loss, acc = self.evaluator.evaluate(flat)
         land = {name: interpolate(self.field.point_arrays[name], self.field.dims, self.field.origin,
                                   self.field.spacing, pt) for name in ("loss", "accuracy")}

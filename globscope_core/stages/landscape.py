@@ -26,6 +26,13 @@ with other settings is refused (``fresh=True`` discards the partial results). Ch
 fixed by the config, so a resumed field is identical to an uninterrupted one (bitwise, at the same
 torch thread count; another thread count may change the GEMMs' last bit, ~4e-7 relative).
 
+BatchNorm (``bn``): ``decoded`` (default) evaluates each decoded model with its decoded running statistics;
+``recompute`` re-estimates them first, for every decoded model, on a fixed training subset of ``bn_samples``
+(networks/batchnorm.py; REPAIR's reset): a decoded point is a mix of checkpoints, and mixed statistics collapse
+the activations' variance. It costs a train-mode forward over that subset per grid point (report: ``batchnorm``,
+its seconds). The setting is part of the partial store's config: a rerun without ``bn`` resumes in the unfinished
+landscape's setting, a rerun with another one is refused. A model without BatchNorm ignores it (same numbers).
+
 Distributed: under ``torchrun`` (RANK / WORLD_SIZE in the environment) every process takes every
 WORLD_SIZE-th missing chunk (gloo on CPU, NCCL on GPU), writes its chunks, and rank 0 gathers them and
 writes the one field.
@@ -33,9 +40,7 @@ writes the one field.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -45,15 +50,17 @@ import numpy as np
 import torch
 
 from ..errors import GlobScopeError
-from ..evaluation.many_models import BatchedEvaluator, check_precision, eval_data
+from ..evaluation.many_models import BatchedEvaluator, bn_data, check_precision, eval_data
+from ..networks.batchnorm import BN_SAMPLES, BN_SEED, BN_SETTINGS, bn_modules, layout_has_bn
 from ..networks.device import resolve_device
 from ..reducers import load_reducer
 from ..reducers.base import study_id
 from ..reducers.latent_grid import HullClamp, find_spikes, grid_bounds, grid_points, trusted_points
 from ..storage import study_files
 from ..storage.locks import output_lock
-from ..storage.safe_write import atomic_write_bytes, check_utf8_path
+from ..storage.safe_write import check_utf8_path
 from ..storage.study import Study
+from .landscape_chunks import Dist, PartialStore
 
 PARTIAL_VERSION = 1
 MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~180 GB of field arrays at 2^31 points)
@@ -95,7 +102,7 @@ def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, re
     return {"memory_bytes": int(need_mem), "disk_bytes": int(need_disk)}
 
 
-def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution, dim) -> dict:
+def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution, dim, bn_x=None) -> dict:
     """Refuse, before evaluating, a landscape whose decoding and evaluation would not fit, and say what it
     will need (resources.py): the study, reducer and evaluation data are loaded by now (``held now``)."""
     from ..evaluation.many_models import ACTIVATION_BUDGET
@@ -107,11 +114,19 @@ def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution,
     per_model = not mlp and device.type == "cpu"  # works on its own copy of the model (and a channels-last x)
     largest_out = activation_bytes(study.model_spec)[0]
     act = 8 << 20 if mlp else min(ACTIVATION_BUDGET, 3 * len(x) * largest_out) if largest_out else ACTIVATION_BUDGET
+    bn = {}
+    if bn_x is not None:  # --bn recompute: its subset, its model copy and the chunk's copy with new statistics
+        act = max(act, 3 * 512 * largest_out)  # a train-mode forward of 512 samples, at another time than evaluation
+        bn = {"BatchNorm subset": bn_x.numel() * 4,
+              "BatchNorm reset (model copy, chunk copy)": (1 + (1 if per_model else chunk_points)) * study.n_params * 4}
     parts = estimate_landscape(study.n_params, chunk_points, n_points, x.numel() * 4, act,
                                model_copies=2 if per_model else 1)
     gpu = None
-    if device.type == "cuda":  # decoding and evaluation happen on the GPU, the field on the host
+    if device.type != "cuda":
+        parts.update(bn)
+    else:  # decoding and evaluation happen on the GPU, the field on the host
         gpu = {k: parts.pop(k) for k in ("decoded chunk [B, P]", "activations")}
+        gpu.update(bn)
         basis = getattr(reducer, "basis", None)
         gpu["reducer basis [k, P]"] = basis.rank * study.n_params * 4 if basis is not None else 0  # copied there
         parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
@@ -119,118 +134,13 @@ def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution,
                    hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)", say=True)
 
 
-# --- the resumable chunk store ------------------------------------------------------------------
-class PartialStore:
-    """``STUDY/.landscape-Xd.partial/``: config.json + one .npz per finished chunk."""
-
-    def __init__(self, directory: str):
-        self.dir = directory
-        self.config_path = os.path.join(directory, study_files.PARTIAL_CONFIG)
-
-    def chunk_path(self, k: int) -> str:
-        return os.path.join(self.dir, study_files.chunk_name(k))
-
-    def open(self, config: dict, fresh: bool) -> None:
-        if fresh and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)
-        if os.path.exists(self.config_path):
-            try:
-                with open(self.config_path) as fh:
-                    old = json.load(fh)
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old == config:
-                return
-            # other settings: refused only when chunks were computed (a failed or refused start protects nothing)
-            if glob.glob(os.path.join(self.dir, study_files.CHUNK_PATTERN)):
-                diff = sorted(k for k in set(config) | set(old or {}) if (old or {}).get(k) != config.get(k))
-                raise GlobScopeError(f"{self.dir}: an unfinished landscape with other settings is here "
-                                     f"(differs in: {', '.join(diff)}); rerun with the same settings to resume, "
-                                     "or pass --fresh to discard it")
-        os.makedirs(self.dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(self.dir, study_files.CHUNK_ANY)):
-            os.remove(stale)  # chunks without a config belong to no known run
-        atomic_write_bytes(self.config_path, json.dumps(config, indent=1).encode())
-
-    def write_chunk(self, k: int, loss: np.ndarray, acc: np.ndarray) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, loss=np.asarray(loss, np.float64), accuracy=np.asarray(acc, np.float64))
-        atomic_write_bytes(self.chunk_path(k), buf.getvalue())
-
-    def read_chunk(self, k: int, size: int):
-        """(loss, accuracy) of chunk ``k``, or None when missing or damaged (it is then recomputed)."""
-        path = self.chunk_path(k)
-        if not os.path.exists(path):
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                loss, acc = z["loss"], z["accuracy"]
-        except Exception:
-            return None
-        if loss.shape != (size,) or acc.shape != (size,):
-            return None
-        return loss, acc
-
-    def done(self, n_chunks: int, sizes) -> list[int]:
-        return [k for k in range(n_chunks) if self.read_chunk(k, sizes[k]) is not None]
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# --- distributed ----------------------------------------------------------------------------------
-class _Dist:
-    """torch.distributed when started by torchrun; a no-op single process otherwise."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.active = self.world > 1
-        self.device = device
-        self.owned = False
-        if self.active:
-            import torch.distributed as dist
-
-            if device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-                self.owned = True
-
-    def broadcast(self, obj):
-        if not self.active:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
-
-    def close(self):
-        if self.owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 # --- the stage ------------------------------------------------------------------------------------
 def compute_landscape(study, reducer_name: str, resolution: int | None = None, split: str = "test",
                       eval_samples: int | None = 1024, margin: float = 0.05, bounds=None, device="auto",
                       progress: bool = True, chunk_points: int | None = None, fresh: bool = False,
                       max_chunks: int | None = None, eval_seed: int = 0, trajectories: bool = True,
-                      beyond_hull: str = "clamp", precision: str = "fp32", compile: bool = False) -> dict:
+                      beyond_hull: str = "clamp", precision: str = "fp32", compile: bool = False,
+                      bn: str | None = None, bn_samples: int | None = None) -> dict:
     """Evaluate the loss on a latent grid and write ``STUDY/landscape-{dim}d.vti`` (+ trajectories .vtp).
 
     ``resolution`` points per axis (default 65 in 2D, 33 in 3D); ``bounds`` [lo_x, hi_x, lo_y, hi_y(, lo_z,
@@ -239,7 +149,9 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
     ``beyond_hull``: "clamp" (default) evaluates a grid point outside the hull of the encoded checkpoints at
     the hull boundary (HullClamp); "extrapolate" decodes it where it is. ``precision`` (fp32, tf32, bf16)
     and ``compile``: how the decoded models are evaluated (evaluation.many_models.BatchedEvaluator); a landscape resumes
-    only in the precision it was started in.
+    only in the precision it was started in. ``bn``: "decoded" or "recompute" (BatchNorm statistics re-estimated
+    for every decoded model on ``bn_samples`` train samples, default BN_SAMPLES); None: the setting of the
+    unfinished landscape being resumed, else "decoded".
     Returns a summary dict (also stored in report.json under ``landscape-{dim}d``), with ``complete``
     False when stopped early.
     """
@@ -263,8 +175,12 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         raise GlobScopeError(f"--eval-samples must be positive, not {eval_samples}")
     if beyond_hull not in ("clamp", "extrapolate"):
         raise GlobScopeError(f"--beyond-hull must be 'clamp' or 'extrapolate', not '{beyond_hull}'")
+    if bn is not None and bn not in BN_SETTINGS:
+        raise GlobScopeError(f"--bn must be one of {', '.join(BN_SETTINGS)}, not '{bn}'")
+    if bn_samples is not None and bn_samples <= 0:
+        raise GlobScopeError(f"--bn-samples must be positive, not {bn_samples}")
 
-    dist = _Dist(resolve_device(device))
+    dist = Dist(resolve_device(device))
     held = contextlib.ExitStack()  # rank 0's lock of this landscape's files, until they are written
     try:
         t_start = time.time()
@@ -297,7 +213,11 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         sizes = [min(chunk_points, n_points - k * chunk_points) for k in range(n_chunks)]
 
         x, y = eval_data(study, split, eval_samples, seed=eval_seed)
-        needs.update(_memory_check(study, reducer, chunk_points, n_points, x, dist.device, resolution, dim))
+        store = PartialStore(study_files.landscape_partial_dir(study.dir, dim))
+        has_bn = layout_has_bn(study.layout)
+        bn, bn_samples = _bn_setting(bn, bn_samples, store)
+        bn_x = bn_data(study, bn_samples, BN_SEED) if has_bn and bn == "recompute" else None
+        needs.update(_memory_check(study, reducer, chunk_points, n_points, x, dist.device, resolution, dim, bn_x))
         rpath = reducer_name if reducer_name.endswith(".pt") else study_files.reducer_file(study.dir, reducer_name)
         config = {"version": PARTIAL_VERSION, "study_id": study_id(study), "reducer": reducer.name,
                   "reducer_sha256": _sha256(rpath), "resolution": resolution, "dims": list(dims),
@@ -305,7 +225,8 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                   "eval_seed": int(eval_seed), "chunk_points": chunk_points, "beyond_hull": beyond_hull}
         if precision != "fp32":  # absent for fp32: partial landscapes of earlier versions still resume
             config["precision"] = precision
-        store = PartialStore(study_files.landscape_partial_dir(study.dir, dim))
+        if bn_x is not None:  # absent otherwise (decoded, or no BatchNorm: the numbers are those of earlier versions)
+            config.update(bn="recompute", bn_samples=int(len(bn_x)), bn_seed=BN_SEED)
         if dist.rank == 0:  # chunks (2 float64 per point) and the .vti (4 float32 per point), before any work
             from ..storage.safe_write import check_writable
 
@@ -333,7 +254,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
             mine = mine[: max(0, int(max_chunks))]
 
         ev = BatchedEvaluator(study.model_spec, x, y, device=dist.device, layout=study.layout,
-                              precision=precision, compile=compile)
+                              precision=precision, compile=compile, bn_x=bn_x)
         clamp = HullClamp(Z) if beyond_hull == "clamp" else (lambda p: p)
         results, t_eval = {}, time.time()
         bar = tqdm(total=n_points, initial=sum(sizes[k] for k in done), desc=f"landscape-{tag}", unit="pt",
@@ -358,19 +279,48 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         bar.close()
         t_eval = time.time() - t_eval
         computed = sum(sizes[k] for k in results)
+        bn_seconds = ev.bn_reset.seconds if ev.bn_reset is not None else 0.0  # the grid's, before the trajectories
 
-        gathered = dist.gather((results, computed, t_eval))
+        gathered = dist.gather((results, computed, t_eval, bn_seconds))
         summary = None
         if dist.rank == 0:
-            for res, _, _ in gathered:
+            for res, *_ in gathered:
                 results.update(res)
             summary = _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, config, dims,
-                              origin, spacing, ev, x, needs, gathered, t_start, trajectories, dist.world)
+                              origin, spacing, ev, x, needs, gathered, t_start, trajectories, dist.world,
+                              _bn_info(bn, ev, config))
         summary = dist.broadcast(summary)
         return summary
     finally:
         held.close()
         dist.close()
+
+
+def _bn_setting(bn, bn_samples, store: PartialStore) -> tuple[str, int]:
+    """``--bn`` and ``--bn-samples`` as given, else as the unfinished landscape being resumed has them (so a plain
+    rerun resumes it), else decoded and BN_SAMPLES. A setting that differs from the unfinished one is refused by
+    the store (PartialStore.open) in one line."""
+    old = store.unfinished_config() or {}
+    if bn is None:
+        bn = old.get("bn", "decoded")
+    if bn_samples is None:
+        bn_samples = int(old.get("bn_samples", BN_SAMPLES)) if old.get("bn") == bn else BN_SAMPLES
+    return bn, bn_samples
+
+
+def _bn_info(bn: str, ev: BatchedEvaluator, config: dict) -> dict:
+    """The report's ``batchnorm``: the setting used (``none`` for a model without BatchNorm) and, for
+    ``recompute``, on what the statistics were recomputed (the seconds are added by _finish)."""
+    layers = ev.bn_reset.layers if ev.bn_reset is not None else len(bn_modules(ev.model))
+    if not layers:
+        out = {"setting": "none", "layers": 0}
+        if bn == "recompute":
+            out["note"] = "--bn recompute: the model has no BatchNorm layers, nothing was recomputed"
+        return out
+    if "bn" not in config:
+        return {"setting": "decoded", "layers": layers}
+    return {"setting": "recompute", "layers": layers, "samples": config["bn_samples"], "seed": config["bn_seed"],
+            "split": "train"}
 
 
 def _reducer_lock(study, reducer_name: str):
@@ -381,7 +331,7 @@ def _reducer_lock(study, reducer_name: str):
 
 
 def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, config, dims, origin, spacing, ev,
-            x, needs, gathered, t_start, trajectories, world) -> dict:
+            x, needs, gathered, t_start, trajectories, world, bn_info) -> dict:
     from scipy.spatial import cKDTree
 
     from ..storage.vtk_files import ImageField, write_vti
@@ -389,8 +339,11 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
     dim = int(reducer.dim)
     tag = f"{dim}d"
     n_points = int(np.prod(dims))
-    computed = sum(c for _, c, _ in gathered)
-    eval_seconds = max(t for _, _, t in gathered)
+    computed = sum(g[1] for g in gathered)
+    eval_seconds = max(g[2] for g in gathered)
+    if bn_info["setting"] == "recompute":  # the cost, stated: seconds of this call's grid points spent recomputing
+        bn_info["seconds"] = round(max(g[3] for g in gathered), 3)
+        bn_info["fraction_of_evaluation"] = round(bn_info["seconds"] / eval_seconds, 3) if eval_seconds > 0 else None
     loss = np.full(n_points, np.nan, np.float64)
     acc = np.full(n_points, np.nan, np.float64)
     missing = []
@@ -410,7 +363,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
             "processes": world, "device": str(ev.device), "fast_path": ev.fast, "needs": needs,
             "evaluation": {"path": ev.path, "precision": ev.precision, "compile": ev.compile,
                            "compile_seconds": None if ev.compile_seconds is None else round(ev.compile_seconds, 1)},
-            "partial": store.dir}
+            "batchnorm": bn_info, "partial": store.dir}
     if missing:
         info["complete"] = False
         return info
@@ -436,7 +389,8 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
                         "split": config["split"], "eval_samples": np.int64(config["eval_samples"]),
                         "resolution": np.int64(config["resolution"]), "nan_count": np.int64(bad.sum()),
                         "beyond_hull": config.get("beyond_hull", "extrapolate"),
-                        "precision": config.get("precision", "fp32")},
+                        "precision": config.get("precision", "fp32"), "batchnorm": bn_info["setting"],
+                        **({"bn_samples": np.int64(config["bn_samples"])} if "bn" in config else {})},
                        active_scalars="loss")
     write_vti(vti, field)
     info.update(complete=True, bounds=np.stack([lo, hi], 1).reshape(-1).round(9).tolist(), nan_count=int(bad.sum()),
