@@ -97,7 +97,8 @@ class BatchedEvaluator:
         self.layout = layout or StateLayout.from_module(self.model)
         if StateLayout.from_module(self.model) != self.layout:
             raise GlobScopeError(f"model '{model_spec.get('name')}': layout does not match the parameter vectors")
-        self.x = x.to(self.device, torch.float32)
+        # token ids (language models) stay integers
+        self.x = x.to(self.device) if not x.is_floating_point() else x.to(self.device, torch.float32)
         self.y = y.to(self.device, torch.long)
         if len(self.x) == 0:
             raise GlobScopeError("evaluation set is empty")
@@ -109,7 +110,8 @@ class BatchedEvaluator:
         if path is None:
             # vmap has no batching rule for the transformer's fused inference kernel (it would loop
             # model by model anyway, with a warning), so transformers take the per-model path
-            fused = any(isinstance(m, nn.TransformerEncoderLayer) for m in self.model.modules())
+            fused = any(isinstance(m, nn.TransformerEncoderLayer) or getattr(m, "per_model_only", False)
+                        for m in self.model.modules())
             path = "mlp" if self.layers is not None else \
                 ("per-model" if self.device.type == "cpu" or compile or fused else "vmap")
         if path not in PATHS or (path == "mlp" and self.layers is None):
@@ -227,11 +229,13 @@ class BatchedEvaluator:
                 forward = self._forward_for(rows)
                 for s in range(0, len(self.x), bs):
                     yb = self.y[s : s + bs]
-                    logits = forward(s, s + bs).float()  # [group, samples, classes]
+                    # [group, predictions, classes]: a language model's sequences flattened to their tokens
+                    logits = forward(s, s + bs).float().flatten(1, -2)
+                    yb = yb.reshape(-1)
                     picked = logits.gather(2, yb.view(1, -1, 1).expand(len(rows), -1, 1)).squeeze(2)
                     loss_sum[g : g + group] += (torch.logsumexp(logits, 2) - picked).sum(1, dtype=torch.float64)
                     correct[g : g + group] += (logits.argmax(2) == yb).sum(1, dtype=torch.float64)
-        n = len(self.x)
+        n = self.y.numel()
         loss = (loss_sum / n).cpu().numpy()
         acc = (correct / n).cpu().numpy()
         bad = ~np.isfinite(loss)
