@@ -181,7 +181,8 @@ def test_connect_reports_barriers_with_own_and_recomputed_statistics(bn_study, t
 # --- landscape --bn ---------------------------------------------------------------------------------
 def test_landscape_bn_recompute_gives_each_decoded_model_its_own_statistics(bn_study, tmp_path):
     s = _copy(bn_study, tmp_path / "s")
-    dec = compute_landscape(s, "pca-2d", 3, eval_samples=64, device="cpu", progress=False, trajectories=False)
+    dec = compute_landscape(s, "pca-2d", 3, eval_samples=64, device="cpu", progress=False, trajectories=False,
+                            bn="decoded")
     loss_dec = _field(s).point_arrays["loss"].copy()
     assert dec["batchnorm"] == {"setting": "decoded", "layers": 19}
     assert _field(s).field_data["batchnorm"] == "decoded"
@@ -234,7 +235,8 @@ def test_a_resumed_landscape_keeps_its_bn_setting_and_refuses_another(bn_study, 
     s = _copy(bn_study, tmp_path / "s")
     common = ["landscape", s.dir, "--reducer", "pca-2d", "--resolution", "4", "--eval-samples", "64", "--device",
               "cpu", "--no-progress", "--no-trajectories", "--chunk-points", "4"]
-    rc, out, err = run_cli(*common, "--bn", "recompute", "--bn-samples", "300", "--max-chunks", "1")
+    # no --bn: recompute, the default for a BatchNorm network
+    rc, out, err = run_cli(*common, "--bn-samples", "300", "--max-chunks", "1")
     assert rc == 0 and "stopped after 1 of 4 chunks" in out, err
     partial = study_files.landscape_partial_dir(s.dir, 2)
     config = json.load(open(os.path.join(partial, study_files.PARTIAL_CONFIG)))
@@ -259,6 +261,13 @@ def test_a_resumed_landscape_keeps_its_bn_setting_and_refuses_another(bn_study, 
     compute_landscape(whole, "pca-2d", 4, eval_samples=64, device="cpu", progress=False, trajectories=False,
                       chunk_points=4, bn="recompute", bn_samples=300)
     np.testing.assert_allclose(resumed.point_arrays["loss"], _field(whole).point_arrays["loss"], rtol=1e-4)
+
+    # an unfinished decoded landscape (as an earlier version leaves it: no "bn" in its config) resumes decoded
+    rc, out, err = run_cli(*common, "--bn", "decoded", "--max-chunks", "1")
+    assert rc == 0 and "bn" not in json.load(open(os.path.join(partial, study_files.PARTIAL_CONFIG))), err
+    rc, out, err = run_cli(*common)
+    assert rc == 0 and "BatchNorm: decoded running statistics as they are" in out, err
+    assert _field(s).field_data["batchnorm"] == "decoded"
 
 
 def test_bn_options_are_checked(bn_study):

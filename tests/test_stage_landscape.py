@@ -368,7 +368,7 @@ def test_resnet_fit_and_landscape_match_one_model_loop(bn_study):
     rc, _, err = run_cli("fit", d, "--reducer", "pca", "--no-eval", "--device", "cpu")
     assert rc == 0, err
     rc, out, err = run_cli("landscape", d, "--reducer", "pca-2d", "--resolution", "3", "--eval-samples", "16",
-                           "--device", "cpu", "--no-progress", "--beyond-hull", "extrapolate")
+                           "--device", "cpu", "--no-progress", "--beyond-hull", "extrapolate", "--bn", "decoded")
     assert rc == 0, err
     field = read_any(os.path.join(d, "landscape-2d.vti"))
     loss = arrays_of(field)["loss"]

@@ -35,9 +35,10 @@ def register(sub):
                    help="torch.compile the model's forward (CNNs on the CPU: 1.2-1.3x faster, after 10-25 s of "
                         "compilation, so for large grids; needs a C++ compiler on the CPU; MLPs keep their path)")
     p.add_argument("--bn", choices=("decoded", "recompute"), default=None,
-                   help="BatchNorm statistics of each decoded model: decoded (default: as decoded, fast) or recompute "
-                        "(re-estimated on a fixed train subset before evaluating it; costs a train-mode forward over "
-                        "--bn-samples per grid point). Default when resuming: the unfinished landscape's setting")
+                   help="BatchNorm networks: recompute (default) re-estimates each decoded model's running statistics "
+                        "on a fixed train subset before evaluating it (a train-mode forward over --bn-samples per grid "
+                        "point: 3x the time at the default sizes); decoded evaluates the decoded statistics (faster, "
+                        "but mixed statistics collapse the activations). Resuming: the unfinished landscape's setting")
     p.add_argument("--bn-samples", type=positive_int, default=None,
                    help="train samples (fixed subset) for --bn recompute (default 2000)")
     p.add_argument("--fresh", action="store_true", help="discard unfinished results instead of resuming")
@@ -80,8 +81,8 @@ def cmd_landscape(args):
         print(f"  BatchNorm statistics recomputed for every decoded model on {bn['samples']} train samples: "
               f"{bn['seconds']:.1f} s" + (f", {share * 100:.0f}% of the evaluation time" if share is not None else ""))
     elif bn.get("setting") == "decoded":
-        print(f"  BatchNorm: decoded running statistics ({bn['layers']} layers; --bn recompute re-estimates them "
-              "per decoded model)")
+        print(f"  BatchNorm: decoded running statistics as they are ({bn['layers']} layers; --bn recompute "
+              "re-estimates them per decoded model)")
     if info["nan_count"]:
         print(f"  warning: {info['nan_count']} grid points gave a non-finite loss (kept as NaN)")
     ex, sp = info.get("extrapolated", {}), info.get("spikes", {})

@@ -378,8 +378,10 @@ def _recompute_landscape(study: Study, reducer_name: str, vti: str, progress: bo
     kw = {"split": fd.get("split", "test"), "progress": progress}
     if "eval_samples" in fd:
         kw["eval_samples"] = int(np.atleast_1d(fd["eval_samples"])[0])
-    if fd.get("batchnorm") == "recompute":  # the old landscape's BatchNorm setting
+    if fd.get("batchnorm") == "recompute":  # the old landscape's BatchNorm setting (none written: decoded)
         kw["bn"], kw["bn_samples"] = "recompute", int(np.atleast_1d(fd["bn_samples"])[0])
+    else:
+        kw["bn"] = "decoded"
     compute_landscape(study, reducer_name, int(f.dims[0]), **kw)
     dim = 3 if f.dims[2] > 1 else 2
     if not os.path.isdir(study_files.topology_dir(study.dir, dim)):

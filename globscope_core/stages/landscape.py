@@ -26,12 +26,14 @@ with other settings is refused (``fresh=True`` discards the partial results). Ch
 fixed by the config, so a resumed field is identical to an uninterrupted one (bitwise, at the same
 torch thread count; another thread count may change the GEMMs' last bit, ~4e-7 relative).
 
-BatchNorm (``bn``): ``decoded`` (default) evaluates each decoded model with its decoded running statistics;
-``recompute`` re-estimates them first, for every decoded model, on a fixed training subset of ``bn_samples``
-(networks/batchnorm.py; REPAIR's reset): a decoded point is a mix of checkpoints, and mixed statistics collapse
-the activations' variance. It costs a train-mode forward over that subset per grid point (report: ``batchnorm``,
-its seconds). The setting is part of the partial store's config: a rerun without ``bn`` resumes in the unfinished
-landscape's setting, a rerun with another one is refused. A model without BatchNorm ignores it (same numbers).
+BatchNorm (``bn``): ``recompute`` (the default) re-estimates every decoded model's running statistics on a fixed
+training subset of ``bn_samples`` (networks/batchnorm.py; REPAIR's reset) before evaluating it: a decoded point is
+a mix of checkpoints, and mixed statistics collapse the activations' variance (on a ResNet-20 study the decoded
+statistics put the runs' own final points 1-2 decades too high: bench/results/batchnorm.md). It costs a
+train-mode forward over that subset per grid point (report: ``batchnorm``, its seconds). ``decoded`` evaluates
+the decoded statistics as they are (faster; what earlier versions did). The setting is part of the partial
+store's config: a rerun without ``bn`` resumes in the unfinished landscape's setting (``decoded`` for one started
+by an earlier version), a rerun with another one is refused. A model without BatchNorm ignores it (same numbers).
 
 Distributed: under ``torchrun`` (RANK / WORLD_SIZE in the environment) every process takes every
 WORLD_SIZE-th missing chunk (gloo on CPU, NCCL on GPU), writes its chunks, and rank 0 gathers them and
@@ -63,6 +65,7 @@ from ..storage.study import Study
 from .landscape_chunks import Dist, PartialStore
 
 PARTIAL_VERSION = 1
+BN_DEFAULT = "recompute"  # for BatchNorm networks; see the module docstring and bench/results/batchnorm.md
 MAX_GRID_POINTS = 2**31 - 1  # far above any grid whose field fits in memory (~180 GB of field arrays at 2^31 points)
 
 
@@ -149,9 +152,9 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
     ``beyond_hull``: "clamp" (default) evaluates a grid point outside the hull of the encoded checkpoints at
     the hull boundary (HullClamp); "extrapolate" decodes it where it is. ``precision`` (fp32, tf32, bf16)
     and ``compile``: how the decoded models are evaluated (evaluation.many_models.BatchedEvaluator); a landscape resumes
-    only in the precision it was started in. ``bn``: "decoded" or "recompute" (BatchNorm statistics re-estimated
-    for every decoded model on ``bn_samples`` train samples, default BN_SAMPLES); None: the setting of the
-    unfinished landscape being resumed, else "decoded".
+    only in the precision it was started in. ``bn``: "recompute" (BatchNorm statistics re-estimated for every
+    decoded model on ``bn_samples`` train samples, default BN_SAMPLES) or "decoded"; None: the setting of the
+    unfinished landscape being resumed, else BN_DEFAULT.
     Returns a summary dict (also stored in report.json under ``landscape-{dim}d``), with ``complete``
     False when stopped early.
     """
@@ -298,11 +301,12 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
 
 def _bn_setting(bn, bn_samples, store: PartialStore) -> tuple[str, int]:
     """``--bn`` and ``--bn-samples`` as given, else as the unfinished landscape being resumed has them (so a plain
-    rerun resumes it), else decoded and BN_SAMPLES. A setting that differs from the unfinished one is refused by
-    the store (PartialStore.open) in one line."""
-    old = store.unfinished_config() or {}
+    rerun resumes it; one without ``bn`` in its config was decoded), else BN_DEFAULT and BN_SAMPLES. A setting that
+    differs from the unfinished one is refused by the store (PartialStore.open) in one line."""
+    unfinished = store.unfinished_config()
+    old = unfinished or {}
     if bn is None:
-        bn = old.get("bn", "decoded")
+        bn = old.get("bn", "decoded") if unfinished is not None else BN_DEFAULT
     if bn_samples is None:
         bn_samples = int(old.get("bn_samples", BN_SAMPLES)) if old.get("bn") == bn else BN_SAMPLES
     return bn, bn_samples
