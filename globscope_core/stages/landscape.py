@@ -29,7 +29,7 @@ torch thread count; another thread count may change the GEMMs' last bit, ~4e-7 r
 BatchNorm (``bn``): ``recompute`` (the default) re-estimates every decoded model's running statistics on a fixed
 training subset of ``bn_samples`` (networks/batchnorm.py; REPAIR's reset) before evaluating it: a decoded point is
 a mix of checkpoints, and mixed statistics collapse the activations' variance (on a ResNet-20 study the decoded
-statistics put the runs' own final points 1-2 decades too high: bench/results/batchnorm.md). It costs a
+statistics put the loss at the runs' own final points 6-24x too high: bench/results/batchnorm.md). It costs a
 train-mode forward over that subset per grid point (report: ``batchnorm``, its seconds). ``decoded`` evaluates
 the decoded statistics as they are (faster; what earlier versions did). The setting is part of the partial
 store's config: a rerun without ``bn`` resumes in the unfinished landscape's setting (``decoded`` for one started
