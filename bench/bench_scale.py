@@ -121,14 +121,16 @@ def run_stage(stage, cfg, study_dir, data_dir, device, max_chunks=None):
         out.update(n_params=s.n_params, n_checkpoints=s.n_checkpoints, steps_per_run=steps,
                    final_train_loss=float(np.mean([s.metrics["train_loss"][r] for r in s.final_rows().values()])))
     elif stage == "fit":
-        from globscope_core.reducers.budget import default_max_rank, estimate_fit
+        from globscope_core.reducers.budget import basis_plan, estimate_fit
         from globscope_core.stages.fit import fit_study
         from globscope_core.storage.study import Study
 
         s = Study.open(study_dir)
-        est = estimate_fit(s.n_params, s.n_checkpoints, max_rank=default_max_rank(s.n_params))
+        plan = basis_plan(s.n_params, s.n_checkpoints)
+        est = estimate_fit(s.n_params, s.n_checkpoints, streamed=plan.streamed, panel_bytes=plan.panel_bytes)
         r, info = fit_study(study_dir, "ae", 2, evaluate=False, progress=False, device=device)
         out.update(basis_rank=info.get("basis_rank"), basis_explained=info.get("basis_explained"),
+                   basis_mode=info.get("basis_mode"),
                    estimate_bytes=int(sum(est.values())), train_mse_std=info.get("train_mse_std"),
                    basis_seconds=info.get("basis_seconds"), reducer_seconds=info.get("reducer_seconds"))
     elif stage == "error":

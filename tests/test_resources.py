@@ -28,11 +28,12 @@ def test_sizes_and_limits(monkeypatch):
     assert 9.4e9 < parts["basis V [k, P]"] < 9.5e9
     with pytest.raises(GlobScopeError, match=r"fit x: needs about (9|10)\.\d\d GiB of memory \(basis V \[k, P\] 8\.79"):
         resources.require(parts, "fit x")
-    # a truncated basis is what makes it fit
-    k = budget.default_max_rank(4_718_118)
-    assert 100 < k and k * 4_718_118 * 4 <= 2 << 30
-    small = budget.estimate_fit(4_718_118, 500, max_rank=k)
-    assert sum(small.values()) < 4.5e9  # the target
+    # the exact basis streamed from the checkpoints is what makes it fit (a truncated one would too)
+    plan = budget.basis_plan(4_718_118, 500)
+    assert plan.streamed and "more than GLOBSCOPE_BASIS_BYTES (2.00 GiB)" in plan.why, plan.why
+    streamed = budget.estimate_fit(4_718_118, 500, streamed=True)
+    assert "basis V [k, P]" not in streamed and sum(streamed.values()) < 4.5e9  # the target
+    assert sum(budget.estimate_fit(4_718_118, 500, max_rank=113).values()) < 4.5e9
     assert resources.require({"a": 1 << 20}, "ok")["host_bytes"] == 1 << 20
 
 

@@ -25,7 +25,12 @@ def register(sub):
     p.add_argument("--no-eval", action="store_true", help="skip the metrics (fit and save only)")
     _add_holdout_arg(p)
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-rank", type=positive_int, help="basis directions kept (default: as many as fit in 2 GiB)")
+    p.add_argument("--max-rank", type=positive_int,
+                   help="keep only the K leading basis directions (default: every direction of the span, exact)")
+    p.add_argument("--basis", choices=("auto", "memory", "streamed"), default="auto",
+                   help="hold the basis V [k, P] in memory, or stream it from the checkpoints (exact too; every "
+                        "decode reads the study); auto: in memory when it fits in GLOBSCOPE_BASIS_BYTES (2 GiB) "
+                        "and the memory there")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("compare", help="fit every reducer and compare them (table, report.json, PNG)")
@@ -37,7 +42,8 @@ def register(sub):
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="samples for the decoded models' loss")
     _add_holdout_arg(p)
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-rank", type=positive_int, help="basis directions kept (default: as many as fit in 2 GiB)")
+    p.add_argument("--max-rank", type=positive_int,
+                   help="keep only the K leading basis directions (default: every direction of the span, exact)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -71,10 +77,15 @@ def cmd_fit(args):
     cfg = _ae_config(args) if args.reducer == "ae" else ({"seed": args.seed} if args.seed is not None else {})
     if args.max_rank:
         cfg["max_rank"] = args.max_rank
+    if args.basis != "auto":
+        cfg["basis"] = args.basis
     r, info = fit_study(args.study, args.reducer, args.dim, evaluate=not args.no_eval,
                         eval_samples=args.eval_samples, device=args.device, holdout=_holdout(args), **cfg)
     print(f"{reducer_file(args.study, r.name)}: fitted in {info['fit_seconds']:.1f} s, "
           f"peak memory {info['peak_rss_mb']:.0f} MB")
+    if info.get("basis_explained", 1.0) < 1.0 - 1e-9:  # only a truncated basis (--max-rank) leaves variance out
+        print(f"  basis: {info['basis_rank']} directions (--max-rank) leave out "
+              f"{100 * (1 - info['basis_explained']):.3g}% of the standardized variance: the floor of every error below")
     if "reconstruction" in info:
         rec, fs, st = info["reconstruction"], info["function"], info["structure"]
         print(f"  reconstruction MSE: raw {rec['mse_raw']:.3e}, standardized {rec['mse_std']:.3e}")

@@ -39,10 +39,12 @@ def fit_reducer(study, kind: str, dim: int, save: bool = True, progress: bool = 
 def _check_memory(r, study, config) -> None:
     """Refuse, before any work, a fit that would not fit in memory (resources.py)."""
     from ..resources import require
-    from .budget import default_max_rank, estimate_fit
+    from .budget import basis_plan, estimate_fit
 
-    rank = config.get("max_rank") or default_max_rank(study.n_params)
-    require(estimate_fit(study.n_params, study.n_checkpoints, config.get("block_rows"), rank, kind=r.kind),
+    rank = config.get("max_rank")
+    plan = basis_plan(study.n_params, study.n_checkpoints, rank, config.get("basis"), r.kind)
+    require(estimate_fit(study.n_params, study.n_checkpoints, config.get("block_rows"), rank, kind=r.kind,
+                         streamed=plan.streamed, panel_bytes=plan.panel_bytes),
             f"fit {r.name} on {getattr(study, 'h5_path', 'the checkpoints')} ({study.n_checkpoints} checkpoints x "
             f"{study.n_params:,} parameters)", hint="keep fewer basis directions (--max-rank K)")
 

@@ -112,7 +112,7 @@ class AutoencoderReducer(SpanReducer):
     min_checkpoints = 4
 
     def __init__(self, dim=2, **config):
-        unknown = set(config) - set(DEFAULTS) - {"block_rows", "max_rank"}
+        unknown = set(config) - set(DEFAULTS) - {"block_rows", "max_rank", "basis"}
         if unknown:
             raise GlobScopeError(f"ae: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
         super().__init__(dim, **{**DEFAULTS, **config})

@@ -21,7 +21,7 @@ import torch
 from ..errors import GlobScopeError
 from ..storage.study import Study
 from ..storage.study_files import reducer_file
-from .budget import default_max_rank, work_rows
+from .budget import basis_plan, work_rows
 
 REDUCER_KINDS: dict[str, type] = {}
 
@@ -171,20 +171,37 @@ class SpanReducer(Reducer):
 
         t0 = time.perf_counter()
         self.basis = SpanBasis()
-        block_rows = self.config.get("block_rows")
+        block_rows, max_rank, floor = self.config.get("block_rows"), self.config.get("max_rank"), _variance_mask(X)
+        n = X.n_checkpoints if hasattr(X, "n_checkpoints") else len(X)
+        plan = basis_plan(_n_params(X), n, max_rank, self.config.get("basis"), self.kind, floor is not None)
         C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress,
-                           max_rank=self.config.get("max_rank") or default_max_rank(_n_params(X)),
-                           device=resolve_device(self.config.get("device", "cpu")), floor_mask=_variance_mask(X))
+                           max_rank=max_rank, device=resolve_device(self.config.get("device", "cpu")),
+                           floor_mask=floor, streamed=plan.streamed, panel_bytes=plan.panel_bytes)
         t1 = time.perf_counter()
         self._fit_coords(C, progress=progress)
         self.embedding_ = np.asarray(self._encode(C), dtype=np.float64)
-        self.fit_info = {"basis_rank": self.basis.rank, "basis_explained": float(self.basis.explained.sum()), "basis_seconds": t1 - t0,
+        # the variance a truncated basis (--max-rank) leaves out is the floor of every reconstruction error
+        self.fit_info = {"basis_rank": self.basis.rank, "basis_explained": float(self.basis.explained.sum()),
+                         "basis_mode": plan.mode, "basis_why": plan.why, "basis_seconds": t1 - t0,
                          "reducer_seconds": time.perf_counter() - t1, **getattr(self, "fit_info", {})}
         self.coords_ = C  # kept in memory for metrics; not saved
         return self
 
+    def fitted_latent(self, study):
+        """The latent points of ``study``'s rows when the basis is streamed from exactly these rows: the fit's own
+        (its coordinates C = U L^1/2, which encoding reproduces to float32 rounding), instead of reading the study
+        once more per block to encode it. None otherwise (the basis held in memory encodes at little cost)."""
+        b = self.basis
+        if b.streamed and b.source is not None and getattr(b.source, "h5_path", None) == getattr(study, "h5_path", 0) \
+                and len(self.embedding_) == study.n_checkpoints:
+            return self.embedding_
+        return None
+
     def transform(self, X) -> np.ndarray:
         if hasattr(X, "iter_params"):  # a Study: stream it
+            known = self.fitted_latent(X)
+            if known is not None:
+                return np.array(known, dtype=np.float64)
             return np.concatenate([self._encode(self.basis.to_coords(B))
                                    for _, B in X.iter_params(work_rows(X.n_params))], 0)
         return np.asarray(self._encode(self.basis.to_coords(X)), dtype=np.float64)
@@ -251,4 +268,13 @@ def load_reducer(study: Study, name: str) -> Reducer:
     r = Reducer.load(path)
     if r.study_id and r.study_id != study_id(study):
         raise GlobScopeError(f"{path}: fitted on a different study (or this study changed since); refit it")
+    basis = getattr(r, "basis", None)
+    if basis is not None and basis.streamed:  # decodes from the checkpoints it was fitted on
+        source = study
+        if basis.W.shape[1] != study.n_checkpoints:  # connect's refit: the ensemble and the stored paths
+            from ..storage.study import RowUnion, paths_store
+
+            paths = paths_store(study, create=False)
+            source = RowUnion(study, paths) if paths is not None else study
+        basis.attach(source)
     return r

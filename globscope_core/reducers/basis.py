@@ -13,7 +13,13 @@ parameter space, so reducers can be trained and scored on c alone.
 Passes over the study (each reads blocks of rows; memory stays ~ block + O(P + N^2 + k P)):
   1. mean and scale (sums of x and x^2 in float64, shifted by the first row for accuracy),
   2. Gram matrix G = S S^T, block pair by block pair (one block is held, the others stream past),
-  3. V = L^-1/2 U^T S with G = U L U^T, accumulated block by block.
+  3. V = W S with W = L^-1/2 U^T and G = U L U^T, accumulated block by block.
+
+Streamed (``streamed=True``, when V [k, P] does not fit in memory: budget.py ``basis_plan``): pass 3 is skipped
+and V is never formed. V = W S, so decoding is ``(c W) S`` and encoding ``(s S^T) W^T``: one pass over the
+checkpoints themselves (the source the basis was fitted on, re-attached when a saved reducer is loaded) per
+call, holding a row block and the [n, P] result, never [k, P]. Both equal the in-memory path up to float32
+rounding (the reducer's coordinates C and everything fitted on them are the same numbers).
 """
 from __future__ import annotations
 
@@ -58,22 +64,45 @@ def default_block_rows(n_params: int, budget_bytes: int = 64 << 20) -> int:
 
 
 class SpanBasis:
-    """mean, scale [P] and an orthonormal basis V [k, P] of the standardized checkpoints."""
+    """mean, scale [P] and an orthonormal basis V [k, P] of the standardized checkpoints; streamed: V = W S
+    with W [k, N] and the N checkpoints S read from ``source`` whenever V is needed."""
 
-    def __init__(self, mean=None, scale=None, V=None, lower=None):
-        self.mean, self.scale, self.V, self.lower = mean, scale, V, lower
+    def __init__(self, mean=None, scale=None, V=None, lower=None, W=None):
+        self.mean, self.scale, self.V, self.lower, self.W = mean, scale, V, lower, W
+        self.source = None  # streamed: the checkpoints V is made of (attach)
+
+    @property
+    def streamed(self) -> bool:
+        return self.V is None and self.W is not None
 
     @property
     def rank(self) -> int:
-        return self.V.shape[0]
+        return (self.W if self.streamed else self.V).shape[0]
 
     @property
     def n_params(self) -> int:
-        return self.V.shape[1]
+        return len(self.mean)
+
+    def attach(self, source) -> None:
+        """The checkpoints a streamed basis was fitted on (a saved reducer is loaded without them)."""
+        src = as_source(source)
+        if (src.n_checkpoints, src.n_params) != (self.W.shape[1], self.n_params):
+            raise GlobScopeError(f"{describe(src)}: {src.n_checkpoints} checkpoints x {src.n_params:,} parameters, the "
+                                 f"streamed basis was fitted on {self.W.shape[1]} x {self.n_params:,}; refit it")
+        self.source = src
+
+    def _rows(self):
+        """The basis' checkpoints, standardized, block by block: (positions, S [b, P] float32)."""
+        if self.source is None:
+            raise GlobScopeError("this reducer's basis is streamed from its study's checkpoints: load it with its "
+                                 "study (reducers.load_reducer)")
+        for idx, B in self.source.iter_params(default_block_rows(self.n_params)):
+            yield idx, self.standardize(B)
 
     # --- fitting --------------------------------------------------------------------------
     def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False,
-            max_rank: int | None = None, device=None, floor_mask=None):
+            max_rank: int | None = None, device=None, floor_mask=None, streamed: bool = False,
+            panel_bytes: int | None = None):
         """Returns the coordinates C [N, k] (float64) of every checkpoint, in row order.
 
         ``max_rank`` keeps only the leading directions (a truncated basis: k x P memory instead of
@@ -82,7 +111,9 @@ class SpanBasis:
         ``floor_mask`` [P] bool: coordinates (BatchNorm variances) whose decoded value is kept at or
         above the smallest value any checkpoint had there. A decoder between or beyond checkpoints can
         give a negative variance, and a variance near 0 blows the activations up layer after layer
-        (a ResNet-56 landscape was 76% NaN without this floor)."""
+        (a ResNet-56 landscape was 76% NaN without this floor). ``streamed``: keep W and the source instead of
+        V (module docstring). ``panel_bytes``: the Gram pass's panel on the host (budget.basis_plan fits it to
+        the memory there)."""
         src = as_source(source)
         name = describe(src)
         N, P = src.n_checkpoints, src.n_params
@@ -130,7 +161,9 @@ class SpanBasis:
         # (gram.py: the study is read ~N/panel times, products in float64)
         from .gram import gram_matrix
 
-        G = gram_matrix(src, self.standardize, progress=progress, desc="basis 2/3 Gram", device=device)
+        on_gpu = getattr(device, "type", None) == "cuda"  # the GPU path sizes its panel to the GPU's memory
+        G = gram_matrix(src, self.standardize, panel_bytes=None if on_gpu else panel_bytes, progress=progress,
+                        desc="basis 2/3 Gram", device=device)
 
         evals, U = np.linalg.eigh(G)
         order = np.argsort(evals)[::-1]
@@ -142,6 +175,10 @@ class SpanBasis:
             evals, U = evals[: max(int(max_rank), 1)], U[:, : max(int(max_rank), 1)]
         k = len(evals)
         W = (U / np.sqrt(evals)).T.astype(np.float32)  # [k, N]: V = W @ S
+        self.explained = evals / total_var  # fraction of the standardized variance per direction
+        if streamed:
+            self.V, self.W, self.source = None, W, src
+            return U * np.sqrt(evals)
 
         # pass 3: the basis itself, V += W[:, rows] @ S[rows], in column slices: a whole [k, P]
         # product would be a second V in memory (2 GB for a 4.7e6-parameter CNN)
@@ -151,13 +188,14 @@ class SpanBasis:
             S = self.standardize(B)
             for c in range(0, P, cols):
                 V[:, c : c + cols] += W[:, idx] @ S[:, c : c + cols]
-        self.V = V
-        self.explained = evals / total_var  # fraction of the standardized variance per direction
+        self.V, self.W = V, None
         return U * np.sqrt(evals)  # C = S V^T = U L^1/2
 
     # --- mapping -------------------------------------------------------------------------
     def standardize(self, X) -> np.ndarray:
-        return (np.asarray(X, dtype=np.float32) - self.mean) / self.scale
+        S = np.subtract(X, self.mean, dtype=np.float32)
+        S /= self.scale  # in place: one temporary of the block, not two (the memory estimate counts one)
+        return S
 
     def to_coords(self, X) -> np.ndarray:
         """Flattened checkpoints [n, P] -> basis coordinates [n, k] (float64)."""
@@ -168,13 +206,28 @@ class SpanBasis:
             raise GlobScopeError(f"checkpoints have shape {X.shape}, the reducer expects (n, {self.n_params})")
         if not np.isfinite(X).all():
             raise GlobScopeError("checkpoints to transform contain NaN or Inf")
-        return (self.standardize(X) @ self.V.T).astype(np.float64)
+        if not self.streamed:
+            return (self.standardize(X) @ self.V.T).astype(np.float64)
+        s = self.standardize(X)
+        g = np.zeros((len(s), self.W.shape[1]), np.float64)  # s S^T: products with every basis checkpoint
+        for idx, S in self._rows():
+            g[:, idx] = s @ S.T
+        return g @ self.W.T.astype(np.float64)
 
     def from_coords_torch(self, c: torch.Tensor) -> torch.Tensor:
         """Basis coordinates [n, k] -> flattened checkpoints [n, P] (float32, on c's device)."""
         dev = c.device
-        V = self._cached("V", dev)
-        x = c.to(torch.float32) @ V
+        if self.streamed:  # (c W) S, the checkpoints streamed past once
+            a = c.to(torch.float32) @ self._cached("W", dev)
+            x = None if a.requires_grad else torch.zeros((len(a), self.n_params), device=dev)
+            for idx, S in self._rows():
+                a_b, S_b = a[:, torch.as_tensor(idx, device=dev)], torch.from_numpy(S).to(dev)
+                if x is None or x.requires_grad:  # out of place, for autograd
+                    x = a_b @ S_b if x is None else x + a_b @ S_b
+                else:  # in place: no second [n, P]
+                    x.addmm_(a_b, S_b)
+        else:
+            x = c.to(torch.float32) @ self._cached("V", dev)
         if x.requires_grad:  # out of place, for autograd
             x = x * self._cached("scale", dev) + self._cached("mean", dev)
             return x if self.lower is None else torch.maximum(x, self._cached("lower", dev))
@@ -191,14 +244,19 @@ class SpanBasis:
 
     # --- persistence ---------------------------------------------------------------------
     def state(self) -> dict:
-        st = {"basis_mean": torch.from_numpy(self.mean), "basis_scale": torch.from_numpy(self.scale),
-              "basis_V": torch.from_numpy(self.V)}
+        st = {"basis_mean": torch.from_numpy(self.mean), "basis_scale": torch.from_numpy(self.scale)}
+        if self.streamed:
+            st["basis_W"] = torch.from_numpy(self.W)
+        else:
+            st["basis_V"] = torch.from_numpy(self.V)
         if self.lower is not None:
             st["basis_lower"] = torch.from_numpy(self.lower)
         return st
 
     @classmethod
     def from_state(cls, state: dict) -> "SpanBasis":
-        lower = state.get("basis_lower")
-        return cls(state["basis_mean"].numpy(), state["basis_scale"].numpy(), state["basis_V"].numpy(),
-                   None if lower is None else lower.numpy())
+        lower, V, W = state.get("basis_lower"), state.get("basis_V"), state.get("basis_W")
+        if V is None and W is None:
+            raise KeyError("basis_V")
+        return cls(state["basis_mean"].numpy(), state["basis_scale"].numpy(), None if V is None else V.numpy(),
+                   None if lower is None else lower.numpy(), None if W is None else W.numpy())

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from ..resources import F32, F64, held_now, largest, libraries, parse_size
-from .gram import BLOCK_BYTES, PANEL_BYTES, rows_for
+from ..resources import F32, F64, format_bytes, held_now, host_memory, largest, libraries, parse_size
+from .gram import BLOCK_BYTES, PANEL_BYTES, rows_for, tiled_rows
 
 # rows of the checkpoint matrix that the metrics and the held-out scoring handle at a time: their float64
 # differences take ~8x the block, so a block of whole rows must stay small (256 rows of a 1.7e7-parameter
@@ -16,17 +17,67 @@ def work_rows(n_params: int) -> int:
     return int(max(1, WORK_BLOCK_BYTES // (F32 * max(1, n_params))))
 
 
+# checkpoints decoded per pass over the study when the basis is streamed (the metrics): each pass reads every row
+DECODE_BYTES = 1 << 30
+
+
+def decode_rows(n_params: int, n_rows: int) -> int:
+    return rows_for(DECODE_BYTES, n_params, n_rows)
+
+
 def basis_rank(n_checkpoints: int, max_rank: int | None) -> int:
     return min(n_checkpoints, max_rank) if max_rank else n_checkpoints
 
 
-def default_max_rank(n_params: int) -> int:
-    """Rows of the span basis kept by default: as many as fit in BASIS_BYTES (``GLOBSCOPE_BASIS_BYTES``).
+BASIS_MODES = ("auto", "memory", "streamed")
 
-    Small models keep the exact basis (rank up to 4000 for the paper's MLP); the 4.7e6-parameter CNN keeps
-    its leading 113 directions (2 GiB instead of 9.4 GB for 500 checkpoints), the 1e7 ViT 54."""
+
+@dataclass(frozen=True)
+class BasisPlan:
+    mode: str  # "memory" or "streamed"
+    why: str
+    panel_bytes: int  # the Gram pass's panel (gram.py), fitted to the memory there
+
+    @property
+    def streamed(self) -> bool:
+        return self.mode == "streamed"
+
+
+def basis_plan(n_params: int, n_checkpoints: int, max_rank: int | None = None, mode: str | None = "auto",
+               kind: str = "ae", floor: bool = False) -> BasisPlan:
+    """How a span basis of every direction (or ``max_rank``) of the checkpoints is built and held.
+
+    The basis V [k, P] is held in memory when it is at most ``GLOBSCOPE_BASIS_BYTES`` (2 GiB by default) and the
+    fit with it fits in memory (resources.host_memory); otherwise it is streamed from the checkpoints (basis.py):
+    exact all the same, every decode and encode a pass over the study instead of a product with V. The Gram
+    panel is PANEL_BYTES (at least 8 rows of a large model) where that fits, else what the memory leaves it:
+    a smaller panel reads the study more often, it does not change G."""
+    N, P = n_checkpoints, n_params
+    need = basis_rank(N, max_rank) * P * F32
+    have, source = host_memory()
+
+    def total(streamed: bool, panel: int | None = None) -> int:
+        return int(sum(estimate_fit(P, N, max_rank=max_rank, kind=kind, floor=floor, streamed=streamed,
+                                    panel_bytes=panel).values()))
+
+    mode = mode or "auto"
     budget = parse_size(os.environ.get("GLOBSCOPE_BASIS_BYTES", "2G"))
-    return int(max(8, budget // (F32 * max(1, n_params))))
+    if mode != "auto":
+        why = f"--basis {mode}"
+    elif need > budget:
+        mode, why = "streamed", f"V [k, P] would be {format_bytes(need)}, more than GLOBSCOPE_BASIS_BYTES ({format_bytes(budget)})"
+    elif total(False) > have:
+        mode, why = "streamed", (f"a fit holding V [k, P] ({format_bytes(need)}) would need {format_bytes(total(False))}, "
+                                 f"more than the {format_bytes(have)} there ({source})")
+    else:
+        mode, why = "memory", f"V [k, P] is {format_bytes(need)}"
+    row = P * F64
+    room = have - total(mode == "streamed", row) + row  # what the panel may take beyond one row
+    usual = tiled_rows(max(PANEL_BYTES, 8 * row), P, N, F64) * row  # whole tiles (gram.py)
+    panel = tiled_rows(int(max(row, min(usual, room))), P, N, F64) * row
+    if panel < usual:
+        why += f"; Gram panel {format_bytes(panel)} to fit in {format_bytes(have)} ({source})"
+    return BasisPlan(mode, why, panel)
 
 
 # what each kind loads and builds on the [N, k] coordinates beyond the basis: libraries (resources.LIBRARY_BYTES),
@@ -37,34 +88,51 @@ KIND_PAIR_BYTES = {"ae": 48, "pca": 0, "kpca": 48, "umap": 24}
 
 
 def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_rank: int | None = None,
-                 floor: bool = False) -> list[dict]:
+                 floor: bool = False, streamed: bool = False, panel_bytes: int | None = None) -> list[dict]:
     """The phases of ``SpanBasis.fit`` on ``n_rows`` rows, one after the other (bytes of their large arrays).
 
     Pass 1 keeps float64 sums, squares and a shift of P and makes mean, spread and median copies of them at its
     end; the Gram pass holds a float64 panel of rows (PANEL_BYTES), a float64 stream block and a block read and
     standardized (numpy reuses the temporary); the basis pass holds V [k, P], a row block standardized and a
-    column slice of the product. Pages that are never written (a stream buffer when one panel holds every row)
-    cost nothing and are not counted."""
+    column slice of the product (streamed: no basis pass). Pages that are never written (a stream buffer when one
+    panel holds every row) cost nothing and are not counted."""
     N, P = n_rows, n_params
     k = basis_rank(N, max_rank)
     vec = P * F32 * (3 if floor else 2)  # mean, scale (and the floor of BatchNorm variances)
     bb = min(N, block_rows or rows_for(64 << 20, P, N))
     Bb = bb * P * F32
-    pr, br = rows_for(PANEL_BYTES, P, N, 8), rows_for(BLOCK_BYTES, P, N)
+    pr, br = tiled_rows(panel_bytes or PANEL_BYTES, P, N, 8), tiled_rows(BLOCK_BYTES, P, N)
     stream = min(br, N - pr) if N > pr else 0
     cols = max(1, (64 << 20) // (4 * k))
-    return [
+    phases = [
         {"mean and spread pass: float64 vectors [P]": 17 * P * F32, "row block and its float64 copies": 5.25 * Bb},
         {"mean, scale [P]": vec, "Gram panel (float64)": min(pr, N) * P * F64,
          "Gram stream block": stream * P * F64 + min(br, N) * P * 2 * F32, "Gram matrix [N, N]": 4 * N * N * F64},
-        {"mean, scale [P]": vec, "basis V [k, P]": k * P * F32, "row block standardized": 3 * Bb,
-         "column slice": min(64 << 20, k * P * F32) + (bb * cols * F32 if cols < P else 0)},
     ]
+    if not streamed:
+        phases.append({"mean, scale [P]": vec, "basis V [k, P]": k * P * F32, "row block standardized": 3 * Bb,
+                       "column slice": min(64 << 20, k * P * F32) + (bb * cols * F32 if cols < P else 0)})
+    return phases
+
+
+def basis_held(n_params: int, n_rows: int, max_rank: int | None = None, floor: bool = False,
+               streamed: bool = False) -> dict:
+    """What a fitted basis keeps: mean, scale (and floor) [P] and V [k, P]; streamed, W [k, N] and the row block
+    being read with its standardized copy while it decodes or encodes."""
+    k, P = basis_rank(n_rows, max_rank), n_params
+    held = {"mean, scale [P]": P * F32 * (3 if floor else 2)}
+    if streamed:
+        held.update({"basis coefficients W [k, N]": k * n_rows * F32,
+                     "streamed row block and its standardized copy": 2 * min(n_rows, rows_for(64 << 20, P, n_rows)) * P * F32})
+    else:
+        held["basis V [k, P]"] = k * P * F32
+    return held
 
 
 def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = None, max_rank: int | None = None,
                  kind: str = "ae", floor: bool = False, evaluate: dict | None = None, holdout_rows: int = 0,
-                 data_libraries: tuple = (), held: dict | None = None) -> dict:
+                 data_libraries: tuple = (), held: dict | None = None, streamed: bool = False,
+                 panel_bytes: int | None = None) -> dict:
     """The peak of fitting a span reducer (reducers/__init__.py ``fit_reducer``; with ``evaluate`` and
     ``holdout_rows`` what ``globscope fit`` does around it, stages/fit.py).
 
@@ -72,7 +140,8 @@ def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = Non
     the evaluation subset, "activations": bytes of one evaluation forward}`` when the fitted reducer is scored
     (reconstruction, decoded losses, structure) and, with ``holdout_rows`` > 0, first fitted on that many rows
     and scored on the rest; ``data_libraries``: what loading the data set imports (the scorer does it first).
-    ``held``: the part already resident (resources.held_now(), the default).
+    ``held``: the part already resident (resources.held_now(), the default). ``streamed``: the basis is streamed
+    from the checkpoints (``basis_plan``), V is never held; ``panel_bytes``: the Gram panel (``basis_plan``).
     Returns ``{part: bytes}`` of the largest phase, ``held now`` and the libraries included."""
 
     N, P = n_checkpoints, n_params
@@ -80,14 +149,16 @@ def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = Non
 
     def fitting(n):  # the basis passes, then the kind on the coordinates (V, mean and scale kept)
         kn = basis_rank(n, max_rank)
-        fitted = {"mean, scale [P]": P * F32 * (3 if floor else 2), "basis V [k, P]": kn * P * F32}
+        fitted = basis_held(P, n, max_rank, floor, streamed)
         coords = {f"{kind} on the coordinates [N, k], [N, N]": KIND_PAIR_BYTES.get(kind, 0) * n * n + 3 * n * kn * F64}
-        return basis_phases(P, n, block_rows, max_rank, floor) + [{**fitted, **coords}], fitted
+        return basis_phases(P, n, block_rows, max_rank, floor, streamed, panel_bytes) + [{**fitted, **coords}], fitted
 
     phases, fitted = fitting(N)
     ev = evaluate or {}
     scored = bool(evaluate and holdout_rows)
     scorer = {"held-out scorer: model and data": ev.get("model", 0) + ev.get("eval", 0)} if scored else {}
+    if evaluate and streamed:  # the metrics decode a group of checkpoints per pass over the study
+        fitted = {**fitted, "checkpoints decoded per pass": decode_rows(P, N) * P * F32}
     if evaluate:  # reconstruction blocks, then every checkpoint and its decoded copy evaluated (own model, data)
         phases.append({**fitted, "metrics blocks (float64)": 6 * work})  # numpy reuses the temporaries of d**2
         # the data set loaded again; with the scorer's copy held, only the part that loading adds on top

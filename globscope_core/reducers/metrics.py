@@ -19,15 +19,32 @@ import numpy as np
 import torch
 
 from ..networks.models import study_model
-from .budget import work_rows
+from .budget import decode_rows, work_rows
+
+
+def _decoded_blocks(reducer, study, block_rows):
+    """(rows, X, decode(encode(X))) block by block. A streamed basis reads the whole study for every decode, so it
+    decodes ``decode_rows`` checkpoints per pass (budget.py) and hands them out in the usual small blocks."""
+    block_rows = block_rows or work_rows(study.n_params)
+    known = reducer.fitted_latent(study) if hasattr(reducer, "fitted_latent") else None
+    if known is None:
+        for idx, X in study.iter_params(block_rows):
+            yield idx, X, reducer.inverse_transform(reducer.transform(X))
+        return
+    group = decode_rows(study.n_params, study.n_checkpoints)
+    for g in range(0, study.n_checkpoints, group):
+        rows = np.arange(g, min(study.n_checkpoints, g + group))
+        decoded = reducer.inverse_transform(known[rows])  # one pass over the study for the whole group
+        for s in range(0, len(rows), block_rows):
+            idx = rows[s : s + block_rows]
+            yield idx, study.read_params(idx), decoded[idx - g]
 
 
 def reconstruction(reducer, study, block_rows=None) -> dict:
     sum_raw = sum_std = 0.0
     worst_raw = worst_std = 0.0
     n = 0
-    for _, X in study.iter_params(block_rows or work_rows(study.n_params)):
-        Xr = reducer.inverse_transform(reducer.transform(X))
+    for _, X, Xr in _decoded_blocks(reducer, study, block_rows):
         d = (Xr.astype(np.float64) - X)
         raw = (d**2).mean(1)
         std = ((d / reducer.basis.scale) ** 2).mean(1)
@@ -49,8 +66,7 @@ def function_space(reducer, study, split="test", eval_samples=2000, device="cpu"
     x, y = x.to(dev), y.to(dev)
     model = study_model(study).to(dev)
     orig, dec = [], []
-    for _, X in study.iter_params(block_rows or work_rows(study.n_params)):
-        Xr = reducer.inverse_transform(reducer.transform(X))
+    for _, X, Xr in _decoded_blocks(reducer, study, block_rows):
         for a, b in zip(X, Xr):
             study.layout.load_into(model, torch.from_numpy(a).to(dev))
             orig.append(evaluate_model(model, x, y, device=dev))

@@ -7,6 +7,7 @@ Python API:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -127,9 +128,9 @@ def check_fit_memory(study, kinds, dim, config, evaluate, holdout, eval_samples,
     import math
 
     from ..networks.models import is_mlp
-    from ..reducers.budget import default_max_rank, estimate_fit
+    from ..reducers.budget import basis_plan, estimate_fit
     from ..reducers.holdout import holdout_split
-    from ..resources import held_now, largest, libraries, require
+    from ..resources import held_now, largest, libraries, memory_line, require
     from .memory_plan import activation_bytes, data_bytes, data_libraries, retained_bytes
 
     P, N = study.n_params, study.n_checkpoints
@@ -143,28 +144,35 @@ def check_fit_memory(study, kinds, dim, config, evaluate, holdout, eval_samples,
     floor = any(e.name.endswith("running_var") for e in study.layout.entries)
     rows_out = len(holdout_split(study)[1]) if evaluate and holdout else 0
     held = held_now()
-    parts = largest(*[estimate_fit(P, N, config.get("block_rows"), config.get("max_rank") or default_max_rank(P),
-                                   kind=k, floor=floor, evaluate=ev, holdout_rows=rows_out,
-                                   data_libraries=data_libraries(study.dataset_spec), held=held) for k in kinds])
+    rank = config.get("max_rank")
+    plans = {k: basis_plan(P, N, rank, config.get("basis"), k, floor) for k in kinds}
+    parts = largest(*[estimate_fit(P, N, config.get("block_rows"), rank, kind=k, floor=floor, evaluate=ev,
+                                   holdout_rows=rows_out, data_libraries=data_libraries(study.dataset_spec), held=held,
+                                   streamed=plans[k].streamed, panel_bytes=plans[k].panel_bytes) for k in kinds])
     if what == "compare":  # its plot
         parts.update(libraries("matplotlib"))
     if str(device).startswith("cuda"):
         parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
     names = ", ".join(f"{k}-{dim}d" for k in kinds)
-    return require(parts, f"{what} {names} on {study.h5_path} ({N} checkpoints x {P:,} parameters)",
-                   hint="keep fewer basis directions (--max-rank K)" + (", or --no-holdout" if rows_out else ""),
-                   say=True)
+    out = require(parts, f"{what} {names} on {study.h5_path} ({N} checkpoints x {P:,} parameters)",
+                  hint="keep fewer basis directions (--max-rank K)" + (", or --no-holdout" if rows_out else ""))
+    for plan in dict.fromkeys(plans.values()):  # which path the basis takes, and why, before the estimate
+        k = f"{rank} directions (--max-rank)" if rank else "every direction of the checkpoints' span"
+        print(f"basis: {k}, {'streamed from the checkpoints' if plan.streamed else 'in memory'}: {plan.why}",
+              file=sys.stderr, flush=True)
+    print(memory_line(parts), file=sys.stderr, flush=True)
+    return out
 
 
 def _check_ae_size(study, dim, config) -> None:
     """An autoencoder too large for memory (--width, --depth) is refused before the basis is built, not after."""
     from ..reducers.ae import DEFAULTS, auto_width, network_bytes
-    from ..reducers.budget import basis_rank, default_max_rank
+    from ..reducers.budget import basis_rank
     from ..resources import BASE_BYTES, require
 
     depth, width = int(config.get("depth") or DEFAULTS["depth"]), config.get("width") or DEFAULTS["width"]
     w = auto_width(study.n_checkpoints, depth) if width == "auto" else int(width)
-    k = max(dim, basis_rank(study.n_checkpoints, config.get("max_rank") or default_max_rank(study.n_params)))
+    k = max(dim, basis_rank(study.n_checkpoints, config.get("max_rank")))
     name = f"--width {w}" if width != "auto" else f"width {w} (auto)"
     require({"base": BASE_BYTES, f"autoencoder ({name}, --depth {depth}, {k} inputs)": network_bytes(k, dim, w, depth)},
             f"fit ae-{dim}d on {study.h5_path}", hint="use a smaller --width or --depth")

@@ -124,14 +124,20 @@ def _memory_check(study, reducer, chunk_points, n_points, x, device, resolution,
               "BatchNorm reset (model copy, chunk copy)": (1 + (1 if per_model else chunk_points)) * study.n_params * 4}
     parts = estimate_landscape(study.n_params, chunk_points, n_points, x.numel() * 4, act,
                                model_copies=2 if per_model else 1)
+    basis = getattr(reducer, "basis", None)
+    if basis is not None and basis.streamed:  # every chunk decoded from the checkpoints: a row block read at a time
+        from ..reducers.budget import basis_held
+
+        parts.update({k: v for k, v in basis_held(study.n_params, basis.W.shape[1], streamed=True).items()
+                      if k.startswith("streamed")})  # the rest of the basis is loaded: held now
     gpu = None
     if device.type != "cuda":
         parts.update(bn)
     else:  # decoding and evaluation happen on the GPU, the field on the host
         gpu = {k: parts.pop(k) for k in ("decoded chunk [B, P]", "activations")}
         gpu.update(bn)
-        basis = getattr(reducer, "basis", None)
-        gpu["reducer basis [k, P]"] = basis.rank * study.n_params * 4 if basis is not None else 0  # copied there
+        if basis is not None and not basis.streamed:
+            gpu["reducer basis [k, P]"] = basis.rank * study.n_params * 4  # copied there
         parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
     return require(parts, f"landscape {study.dir} at resolution {resolution} in {dim}D", device, gpu,
                    hint="lower --chunk-points, or refit the reducer with fewer basis directions (--max-rank)", say=True)
