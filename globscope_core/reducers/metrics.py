@@ -38,6 +38,7 @@ def _decoded_blocks(reducer, study, block_rows):
         for s in range(0, len(rows), block_rows):
             idx = rows[s : s + block_rows]
             yield idx, study.read_params(idx), decoded[idx - g]
+        del decoded  # before the next group is decoded: never two groups at once
 
 
 def reconstruction(reducer, study, block_rows=None) -> dict:

@@ -213,6 +213,15 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
                                  f"landscape may have ({MAX_GRID_POINTS:,}): lower it")
         if chunk_points is not None and int(chunk_points) < 1:
             raise GlobScopeError(f"--chunk-points must be a positive integer, not {chunk_points}")
+        store = PartialStore(study_files.landscape_partial_dir(study.dir, dim))
+        if chunk_points is None:
+            chunk_points = (store.unfinished_config() or {}).get("chunk_points")  # a rerun resumes in its chunks
+        if chunk_points is None and getattr(getattr(reducer, "basis", None), "streamed", False):
+            from ..reducers.budget import decode_rows
+
+            # each chunk is a pass over the study: as many points as a quarter of the memory holds (8 of a
+            # 1.24e8-parameter model under a 16 GB limit), as rank 0 counts them (every torchrun process cuts alike)
+            chunk_points = dist.broadcast(min(256, decode_rows(study.n_params, 256, share=4)))
         if chunk_points is None:
             # one chunk = one batch of decoded models: about 256 MiB of parameters, at most 256 models
             chunk_points = int(max(1, min(256, (256 << 20) // (4 * study.n_params))))
@@ -222,7 +231,6 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         sizes = [min(chunk_points, n_points - k * chunk_points) for k in range(n_chunks)]
 
         x, y = eval_data(study, split, eval_samples, seed=eval_seed)
-        store = PartialStore(study_files.landscape_partial_dir(study.dir, dim))
         has_bn = layout_has_bn(study.layout)
         bn, bn_samples = _bn_setting(bn, bn_samples, store)
         bn_x = bn_data(study, bn_samples, BN_SEED) if has_bn and bn == "recompute" else None
