@@ -197,3 +197,19 @@ def test_a_hugging_face_model_trains_from_a_local_config(tmp_path):
     study = Study.open(str(s))
     assert isinstance(study.model_spec["kwargs"]["config"], dict)  # the study keeps the config, not the path
     assert study.metrics["test_loss"][study.final_row(0)] < math.log(300) - 1  # it learned
+
+
+def test_a_users_text_data_set_keeps_its_token_ids(tmp_path, monkeypatch):
+    """`--dataset module:callable` returning token ids: they stay integers (they became floats, which no
+    embedding takes), images stay float32."""
+    (tmp_path / "mytext.py").write_text(
+        "import numpy as np\n"
+        "def load():\n"
+        "    x = np.arange(64).reshape(8, 8) % 50\n"
+        "    return x, (x + 1) % 50, x[:2], (x[:2] + 1) % 50, 50\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ds = datasets.load_dataset(datasets.make_spec("mytext:load"))
+    assert ds.train_x.dtype == torch.int64 and ds.input_shape == (8,) and ds.num_classes == 50
+    model = models.build_model(models.make_spec("gpt", ds.input_shape, ds.num_classes, layers=1, width=8, heads=2))
+    loss, acc = evaluate_model(model, ds.test_x, ds.test_y)
+    assert math.isfinite(loss) and 0 <= acc <= 1

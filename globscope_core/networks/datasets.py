@@ -264,4 +264,8 @@ def _user(name: str, path: str | None) -> Dataset:
     except Exception:
         raise GlobScopeError(f"dataset '{name}' must return (train_x, train_y, test_x, test_y[, num_classes])") from None
     nc = int(out[4]) if len(out) > 4 else int(max(ty.max(), vy.max())) + 1
-    return Dataset(name, tx.float(), ty.long(), vx.float(), vy.long(), nc)
+
+    def inputs(t):  # token ids (a language model's inputs) stay integers
+        return t.float() if t.is_floating_point() or t.dtype == torch.bool else t.long()
+
+    return Dataset(name, inputs(tx), ty.long(), inputs(vx), vy.long(), nc)

@@ -1,0 +1,100 @@
+"""Benchmark: the whole pipeline on a transformer language model of 1e8 parameters, on this machine (issue 20).
+
+    .venv/bin/python bench/bench_lm.py [--work /work/gs-lm] [--size gpt2-small|tiny] [--limit 12G] [--out bench/results]
+
+GPT-2 small (124,439,808 parameters: GPT-2's vocabulary and context, `--model gpt2-small --model-arg vocab=50257
+--model-arg context=1024`) on pydoc-text, 4 runs x 10 checkpoints, then fit ae-2d, a 17x17 landscape, topology
+and render, each stage a command in its own process under ``GLOBSCOPE_MEMORY_LIMIT`` (12G: half of this 24 GB
+machine). For each stage: wall time, peak resident memory (``ru_maxrss`` of the stage's process) and bytes read
+from disk (``ru_inblock``; what the page cache served is not counted). ``--size tiny`` runs the same pipeline on a
+2-layer GPT in a minute, to check the script.
+
+Training by epochs would take 393 steps per epoch at batch 8, so the runs train on a fixed part of pydoc-text's
+training split (``TRAIN_SEQUENCES``, through ``bench/lm_data.py``; the test split is whole) with a checkpoint every
+few steps. Finished stages are kept in the JSON and skipped on a rerun; training and the landscape resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from machine import write_json  # noqa: E402
+
+SIZES = {
+    "gpt2-small": dict(model=["--model", "gpt2-small", "--model-arg", "vocab=50257", "--model-arg", "context=1024"],
+                       batch=4, every=3, epochs=1, train_sequences=108, eval_samples=4, resolution=17,
+                       landscape_eval=2),
+    "tiny": dict(model=["--model", "gpt", "--model-arg", "layers=2", "--model-arg", "width=64", "--model-arg",
+                        "heads=2"], batch=4, every=3, epochs=1, train_sequences=108, eval_samples=16, resolution=9,
+                 landscape_eval=8),
+}
+RUNS = 4
+WRAPPER = ("import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:]); "
+           "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+           "print('BENCH', time.time() - t, u.ru_maxrss * 1024, u.ru_inblock * 512, file=sys.stderr); "
+           "sys.exit(r.returncode)")
+
+
+def stage(name, args, env):
+    """Run ``globscope ARGS`` in its own process; (seconds, peak bytes, bytes read from disk, last lines)."""
+    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "globscope_core.cli", *map(str, args)]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: globscope {' '.join(map(str, args))}", flush=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    bench = [ln for ln in lines if ln.startswith("BENCH ")]
+    if r.returncode != 0 or not bench:
+        raise SystemExit(f"{name} failed (exit {r.returncode}):\n" + "\n".join(lines[-20:]))
+    seconds, peak, read = (float(v) for v in bench[-1].split()[1:])
+    tail = [ln for ln in (r.stdout.strip().splitlines() + lines) if not ln.startswith("BENCH ") and "it/s" not in ln
+            and "pt/s" not in ln and "step/s" not in ln and "row/s" not in ln][-12:]
+    return {"seconds": round(seconds, 1), "peak_bytes": int(peak), "read_bytes": int(read), "output": tail}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/work/gs-lm")
+    ap.add_argument("--size", choices=sorted(SIZES), default="gpt2-small")
+    ap.add_argument("--limit", default="12G", help="GLOBSCOPE_MEMORY_LIMIT of every stage")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = ap.parse_args()
+    cfg = SIZES[a.size]
+    study = os.path.join(a.work, a.size)
+    os.makedirs(a.work, exist_ok=True)
+    env = {**os.environ, "GLOBSCOPE_MEMORY_LIMIT": a.limit, "PYTHONPATH": HERE + os.pathsep
+           + os.environ.get("PYTHONPATH", ""), "LM_TRAIN_SEQUENCES": str(cfg["train_sequences"])}
+    path = os.path.join(a.out, f"lm-{a.size}.json")
+    done = json.load(open(path)).get("stages", {}) if os.path.exists(path) else {}
+    train = ["train", "--dataset", "lm_data:pydoc_part", *cfg["model"], "--runs", RUNS, "--epochs", cfg["epochs"],
+             "--batch-size", cfg["batch"], "--every", cfg["every"], "--lr", 0.01, "--eval-samples",
+             cfg["eval_samples"], "--out", study]
+    plan = [
+        ("train", train + (["--resume"] if os.path.exists(os.path.join(study, "study.h5")) else [])),
+        ("fit", ["fit", study, "--reducer", "ae", "--dim", 2, "--eval-samples", cfg["eval_samples"]]),
+        ("landscape", ["landscape", study, "--reducer", "ae-2d", "--resolution", cfg["resolution"],
+                       "--eval-samples", cfg["landscape_eval"]]),
+        ("topology", ["topology", study]),
+        ("render", ["render", study]),
+    ]
+    for name, args in plan:
+        if name in done:
+            continue
+        done[name] = stage(name, args, env)
+        info = json.load(open(os.path.join(study, "report.json"))) if os.path.exists(
+            os.path.join(study, "report.json")) else {}
+        doc = {"size": a.size, "config": cfg, "runs": RUNS, "memory_limit": a.limit, "study": study,
+               "stages": done, "report": {k: info.get(k) for k in ("fit-ae-2d", "landscape-2d") if k in info}}
+        write_json(path, doc, default=str)
+        d = done[name]
+        print(f"  {d['seconds']:.0f} s, peak {d['peak_bytes'] / 2**30:.2f} GiB, read {d['read_bytes'] / 2**30:.2f} GiB",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
