@@ -222,12 +222,41 @@ def load_aligner_file(path: str) -> dict:
     """{"config": dict, "model": state dict, "step": int, ["optimizer"]} -- no pickled code is run."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file, or pickled objects weights_only refuses: its first line names why
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GlobScopeError(f"{path}: cannot read the deep-align aligner: {first}") from None
+    try:
+        if not isinstance(blob, dict) or not {"config", "model", "step"} <= set(blob):
+            raise ValueError("no config, weights and step")
         blob["config"] = json.loads(blob["config"])
-        if blob["config"].get("format") != FORMAT:
-            raise ValueError("not a deep-align aligner")
+        if not isinstance(blob["config"], dict) or blob["config"].get("format") != FORMAT:
+            raise ValueError(f"its format is not {FORMAT}")
+        if not all(torch.is_tensor(v) for v in blob["model"].values()):
+            raise ValueError("its weights are not tensors")
         return blob
-    except Exception as exc:  # a damaged or foreign file: one line naming it
-        raise GlobScopeError(f"{path}: cannot read the deep-align aligner: {exc}") from None
+    except Exception as exc:  # a torch file of something else (a reducer, a state dict): one line naming it
+        raise GlobScopeError(f"{path}: not a deep-align aligner ({exc})") from None
+
+
+def layer_signature(layout, layers) -> list:
+    """[[name, shape], ...] of the MLP's weights and biases: what an aligner trained on it expects."""
+    shapes = {e.name: list(e.shape) for e in layout.entries}
+    return [[n, shapes[n]] for pair in layers for n in pair]
+
+
+def check_aligner_fits(path: str, config: dict, model_name: str, dims: list, signature: list) -> None:
+    """One line when the aligner of ``path`` was trained for another architecture or state layout."""
+    if config.get("version") != VERSION:
+        raise GlobScopeError(f"{path}: deep-align aligner of format version {config.get('version')}, "
+                             f"this GlobScope reads version {VERSION}")
+    mine = f"'{model_name}' {'-'.join(map(str, dims))}"
+    theirs = f"'{config.get('model')}' {'-'.join(map(str, config.get('dims') or []))}"
+    if config.get("model") != model_name or list(config.get("dims") or []) != list(dims):
+        raise GlobScopeError(f"{path}: the aligner was trained for model {theirs}, this study's model is {mine}")
+    stored = (config.get("trained_on") or {}).get("layers")
+    if stored is not None and stored != signature:  # same widths, other parameter names or shapes
+        raise GlobScopeError(f"{path}: the aligner was trained for another state layout of model {theirs} "
+                             "(other parameter names or shapes)")
 
 
 def build_net(config: dict) -> DeepAlignNet:
@@ -242,6 +271,7 @@ class DeepAlign(Aligner):
     """
 
     name = "deep-align"
+    provenance: dict | None = None  # where the net was trained, set by deep_align_train.make_deep_align
 
     def __init__(self, spec, net: DeepAlignNet, layers: list, config: dict, refine=None, device="cpu"):
         super().__init__(spec)

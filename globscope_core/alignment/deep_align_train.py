@@ -22,14 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import GlobScopeError
 from ..networks.models import mlp_forward
 from ..storage.study_files import aligner_file
 from .deep_align import (
     DeepAlign,
     arch_config,
     build_net,
+    check_aligner_fits,
     compatible,
     layer_dims,
+    layer_signature,
     load_aligner_file,
     mlp_layers,
     permute_weights,
@@ -167,7 +170,7 @@ def _train(study, path, steps, seed, device, progress, resume_from, **overrides)
         start = int(resume_from["step"])
         seconds = float(resume_from["config"].get("train_seconds", 0.0))
         cfg = {**cfg, **{k: resume_from["config"]["train"][k] for k in DEFAULTS if k != "steps"}}
-    config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir}
+    config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir, "trained_on": trained_on(study, layers)}
     sampler = PairSampler(study, layers, cfg, device)
     x_all, y_all = eval_data(study, "train", None)
     x_all, y_all = x_all.to(device), y_all.to(device)
@@ -202,6 +205,27 @@ def _train(study, path, steps, seed, device, progress, resume_from, **overrides)
     return net, config
 
 
+def trained_on(study, layers) -> dict:
+    """What an aligner file says about its training ensemble: another study checks it fits (check_aligner_fits)."""
+    return {"study": study.dir, "model_spec": study.model_spec, "layers": layer_signature(study.layout, layers),
+            "runs": len(study.runs), "run_seeds": [r.get("seed") for r in study.runs]}
+
+
+def load_trained_aligner(study, path: str, device="cpu"):
+    """The aligner of ``path`` as it is (no training), for this study's MLP: (net, config, step); else one line."""
+    layers = mlp_layers(study.model_spec, study.layout)
+    blob = load_aligner_file(path)
+    check_aligner_fits(path, blob["config"], study.model_spec["name"], layer_dims(study.layout, layers),
+                       layer_signature(study.layout, layers))
+    net = build_net(blob["config"])
+    try:
+        net.load_state_dict(blob["model"])
+    except RuntimeError as exc:  # right config, wrong tensors: a damaged file
+        first = str(exc).strip().splitlines()[0]
+        raise GlobScopeError(f"{path}: the aligner's weights do not fit its config: {first}") from None
+    return net.to(torch.device(device)).eval(), blob["config"], int(blob["step"])
+
+
 def ensure_aligner(study, path: str, steps: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
                    **overrides):
     """The saved aligner when it fits this study's MLP and has trained ``steps`` steps; resumed or trained otherwise."""
@@ -225,10 +249,31 @@ def ensure_aligner(study, path: str, steps: int | None = None, seed: int = 0, de
 
 
 def make_deep_align(spec, study, refine: bool = False, seed: int = 0, device="cpu", aligner_path=None,
-                    aligner_steps: int | None = None, progress: bool = True, max_iter: int = 100, **_):
-    """Factory for methods.ALIGNERS: the study's saved aligner when compatible and trained far enough, else train."""
+                    aligner_steps: int | None = None, progress: bool = True, max_iter: int = 100, aligner=None, **_):
+    """Factory for methods.ALIGNERS: the study's saved aligner when compatible and trained far enough, else train.
+
+    ``aligner``: a file of an aligner trained elsewhere (another study of the same MLP), used as it is.
+    The Aligner's ``provenance`` says where it was trained, how far, and how long training took here.
+    """
     layers = mlp_layers(study.model_spec, study.layout)
-    net, config = ensure_aligner(study, path=aligner_path or aligner_file(study.dir), steps=aligner_steps, seed=seed,
-                                 device=device, progress=progress)
+    if aligner is not None:
+        path = os.path.abspath(aligner)
+        net, config, step = load_trained_aligner(study, path, device=device)
+        here = 0.0
+    else:
+        path = os.path.abspath(aligner_path or aligner_file(study.dir))
+        before = os.path.getmtime(path) if os.path.exists(path) else None
+        t0 = time.time()
+        net, config = ensure_aligner(study, path=path, steps=aligner_steps, seed=seed, device=device,
+                                     progress=progress)
+        trained = not os.path.exists(path) or os.path.getmtime(path) != before
+        here, step = (time.time() - t0 if trained else 0.0), int(config["train"]["steps"])
+    source = config.get("study")
+    provenance = {"file": path, "given": aligner is not None, "trained_on": source,
+                  "in_ensemble": source is not None and os.path.abspath(source) == os.path.abspath(study.dir),
+                  "steps": step, "train_seconds": config.get("train_seconds"), "train_seconds_here": round(here, 2),
+                  "trained_on_seeds": (config.get("trained_on") or {}).get("run_seeds")}
     wm = WeightMatching(spec, max_iter=max_iter, seed=seed) if refine else None
-    return DeepAlign(spec, net, layers, config, refine=wm, device=device)
+    out = DeepAlign(spec, net, layers, config, refine=wm, device=device)
+    out.provenance = provenance
+    return out

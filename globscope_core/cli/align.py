@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..stages.fit import KINDS
-from .args import at_least, device, new_or_dir, nonnegative_int, positive_int, seed, study_dir
+from .args import at_least, device, existing_file, new_or_dir, nonnegative_int, positive_int, seed, study_dir
 
 
 def register(sub):
@@ -24,6 +24,9 @@ def register(sub):
     p.add_argument("--aligner-steps", type=positive_int, default=None,
                    help="deep-align: training steps of the aligner saved in STUDY/aligners/ (default 300; "
                         "a saved one with fewer steps resumes)")
+    p.add_argument("--aligner", type=existing_file("aligner file"), default=None,
+                   help="deep-align: use this trained aligner (e.g. OTHER/aligners/deep-align.pt of a study of "
+                        "the same MLP) as it is, without training")
     p.add_argument("--seed", type=seed, default=0, help="seed of the matching's random order")
     p.add_argument("--compare-basins", action="store_true",
                    help="also run fit, landscape and topology on both studies and compare their basins")
@@ -35,15 +38,26 @@ def register(sub):
 
 
 def cmd_align(args):
+    from ..errors import GlobScopeError
     from ..stages.align import align_study
 
+    if args.aligner is not None and not args.method.startswith("deep-align"):
+        raise GlobScopeError(f"{args.aligner}: --aligner is for --method deep-align or deep-align+wm, "
+                             f"not {args.method}")
+    if args.aligner is not None and args.aligner_steps is not None:
+        raise GlobScopeError(f"{args.aligner}: --aligner is used as it is; --aligner-steps would train it")
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,
                       eval_samples=args.eval_samples, seed=args.seed, max_iter=args.max_iter,
                       act_samples=args.act_samples, aligner_steps=args.aligner_steps, device=args.device,
-                      bn_samples=args.bn_samples)
+                      bn_samples=args.bn_samples, **({"aligner": args.aligner} if args.aligner else {}))
     print(f"{args.out}: runs aligned to run {rep['reference']} by {rep['method']} ({rep['seconds']:.1f} s)"
           + ("; done before, nothing redone" if rep.get("already_done") else ""))
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
+    al = rep.get("aligner")
+    if al:
+        where = "this study" if al["in_ensemble"] else f"{al['trained_on']} (runs of seeds {al['trained_on_seeds']})"
+        print(f"  aligner {al['file']}: trained on {where}, {al['steps']} steps; "
+              f"training here {al['train_seconds_here']:.1f} s; {rep['seconds_per_pair']:.3f} s per pair")
     bn = rep.get("batchnorm") or {}
     if bn:
         print("  BatchNorm: barriers with the models' own (interpolated) statistics"

@@ -71,12 +71,17 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
             "alphas": int(alphas), "eval_samples": eval_samples}
     if layout_has_bn(src.layout):  # only BatchNorm networks: the plans of other aligned studies stay as they were
         plan["bn_samples"] = int(bn_samples)
+    if options.get("aligner") is not None:  # only an aligner trained elsewhere: other plans stay as they were
+        plan["aligner"] = os.path.abspath(options["aligner"])
     if os.path.exists(study_files.study_h5(out)):
         dst = Study.open(out)
         mine = (dst.plan or {}).get("aligned_from") == src.h5_path
         done = dst.read_report().get("align") if mine and dst.runs else None
         if done is not None:  # finished before (perhaps killed on its way out): the same command is done
-            differ = [f"--{k.replace('_', '-')} {dst.plan.get(k)}" for k in plan if dst.plan.get(k) != plan[k]]
+            differ = [f"--{k.replace('_', '-')} {dst.plan.get(k)}" for k in plan if dst.plan.get(k) != plan[k]
+                      and k != "aligner"]
+            if dst.plan.get("aligner") != plan.get("aligner"):  # absent from both: no aligner of another study
+                differ.append(f"--aligner {dst.plan['aligner']}" if dst.plan.get("aligner") else "no --aligner")
             if differ:
                 raise GlobScopeError(f"{dst.h5_path}: already aligned with {', '.join(differ)} "
                                      "(use another --out)")
@@ -111,7 +116,9 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
             if r == reference:
                 perms = identity
             else:
+                t_find = time.perf_counter()
                 perms = aligner.find(ref_state, src.layout.unflatten(torch.from_numpy(final)))
+                find_seconds = time.perf_counter() - t_find
             index = flat_index(spec, src.layout, perms)
             new_run = w.add_run(**{**src.runs[r], "aligned_to": reference, "align_method": method})
             rows = src.run_rows(r, label=None)
@@ -139,7 +146,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
                     "distance_before": float(np.linalg.norm(final - ref_final)),
                     "distance_after": float(np.linalg.norm(aligned - ref_final)),
                     "units_moved": int(sum((np.asarray(q) != np.arange(len(q))).sum() for q in perms.values())),
-                    "sweeps": getattr(aligner, "iterations", None),
+                    "sweeps": getattr(aligner, "iterations", None), "seconds": round(find_seconds, 4),
                     "loss_before": before.tolist(), "loss_after": after.tolist(), **recomputed})
             bar.update(1)
         _save_npz(study_files.permutations_npz(dst.dir), perms_out)  # before the study commits
@@ -150,7 +157,10 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
               "eval_samples": int(len(x)), "alphas": al.tolist(), "runs": runs_report,
               "mean_barrier_before": float(np.mean(bb)) if bb else 0.0,
               "mean_barrier_after": float(np.mean(ba)) if ba else 0.0,
-              "units": {p: int(len(q)) for p, q in identity.items()}, "seconds": round(time.time() - t0, 3)}
+              "units": {p: int(len(q)) for p, q in identity.items()}, "seconds": round(time.time() - t0, 3),
+              "seconds_per_pair": round(float(np.mean([d["seconds"] for d in runs_report])), 4) if bb else 0.0}
+    if getattr(aligner, "provenance", None) is not None:  # a learned aligner: where and how long it was trained
+        report["aligner"] = aligner.provenance
     if layout_has_bn(src.layout):
         report["batchnorm"] = {"own_statistics": "interpolated running statistics (barrier_before, barrier_after)",
                                "recomputed_on": None if bn_x is None else f"{len(bn_x)} train samples (seed {BN_SEED})",
