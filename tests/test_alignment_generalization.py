@@ -109,15 +109,19 @@ def test_refusals_are_one_line(study_copy, aligner_a, tmp_path, capsys):
     save_aligner(str(tmp_path / "layout.pt"), config, net)
     refused(tmp_path / "layout.pt", "another state layout")
 
+    blob = torch.load(aligner_a, weights_only=True)  # a weight changed under an intact archive
+    next(iter(blob["model"].values())).view(-1)[0] += 1.0
+    torch.save(blob, tmp_path / "flipped.pt")
+    refused(tmp_path / "flipped.pt", "damaged deep-align aligner (checksum mismatch)")
     data = open(aligner_a, "rb").read()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    refused(tmp_path / "cut.pt", "cannot read the deep-align aligner")
+    refused(tmp_path / "cut.pt", "cannot read the deep-align aligner: not a torch file")
     torch.save(study_model(study_copy).state_dict(), tmp_path / "state.pt")  # a model, not an aligner
     refused(tmp_path / "state.pt", "not a deep-align aligner")
     torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")  # objects weights_only does not load
-    refused(tmp_path / "pickled.pt", "cannot read the deep-align aligner")
+    refused(tmp_path / "pickled.pt", "pickled objects that a weights-only load refuses")
     (tmp_path / "text.pt").write_text("hello\n")
-    refused(tmp_path / "text.pt", "cannot read the deep-align aligner")
+    refused(tmp_path / "text.pt", "not a torch file")
 
     refused(aligner_a, "--aligner is for --method deep-align", method="weight-matching")
     refused(aligner_a, "--aligner-steps would train it", extra=("--aligner-steps", "10"))

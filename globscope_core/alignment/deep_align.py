@@ -212,22 +212,55 @@ def save_aligner(path: str, config: dict, net: nn.Module, optimizer=None, step: 
     blob = {"config": json.dumps(config), "model": net.state_dict(), "step": int(step)}
     if optimizer is not None:
         blob["optimizer"] = optimizer.state_dict()
+    blob["checksum"] = blob_checksum(blob)  # torch's zip reader does not check its CRCs
     buf = io.BytesIO()
     torch.save(blob, buf)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
 
 
+def blob_checksum(blob: dict) -> str:
+    """BLAKE2 of everything an aligner file holds but the checksum itself (files older than it have none)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(key, v):
+        h.update(str(key).encode())
+        if isinstance(v, dict):
+            for k in sorted(v, key=str):
+                add(k, v[k])
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                add(i, x)
+        elif torch.is_tensor(v):
+            h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(repr(v).encode())
+
+    add("blob", {k: v for k, v in blob.items() if k != "checksum"})
+    return h.hexdigest()
+
+
 def load_aligner_file(path: str) -> dict:
     """{"config": dict, "model": state dict, "step": int, ["optimizer"]} -- no pickled code is run."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; cut short, its directory at the end is lost
+        raise GlobScopeError(f"{path}: cannot read the deep-align aligner: not a torch file (damaged, cut short, "
+                             "or another kind of file)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file, or pickled objects weights_only refuses: its first line names why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise GlobScopeError(f"{path}: cannot read the deep-align aligner: {first}") from None
+    except Exception as exc:  # a damaged archive, or pickled objects weights_only refuses
+        why = ("it holds pickled objects that a weights-only load refuses, or is damaged"
+               if "Weights only load failed" in str(exc) else (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        raise GlobScopeError(f"{path}: cannot read the deep-align aligner: {why}") from None
+    if not isinstance(blob, dict) or not {"config", "model", "step"} <= set(blob):
+        raise GlobScopeError(f"{path}: not a deep-align aligner (no config, weights and step)")
+    if "checksum" in blob and blob["checksum"] != blob_checksum(blob):
+        raise GlobScopeError(f"{path}: damaged deep-align aligner (checksum mismatch)")
     try:
-        if not isinstance(blob, dict) or not {"config", "model", "step"} <= set(blob):
-            raise ValueError("no config, weights and step")
         blob["config"] = json.loads(blob["config"])
         if not isinstance(blob["config"], dict) or blob["config"].get("format") != FORMAT:
             raise ValueError(f"its format is not {FORMAT}")

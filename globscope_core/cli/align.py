@@ -55,7 +55,8 @@ def cmd_align(args):
     print(f"  barrier of the straight line to the reference ({rep['split']} loss, {rep['eval_samples']} samples):")
     al = rep.get("aligner")
     if al:
-        where = "this study" if al["in_ensemble"] else f"{al['trained_on']} (runs of seeds {al['trained_on_seeds']})"
+        seeds = f" (runs of seeds {al['trained_on_seeds']})" if al.get("trained_on_seeds") else ""
+        where = "this study" if al["in_ensemble"] else f"{al['trained_on']}{seeds}"
         print(f"  aligner {al['file']}: trained on {where}, {al['steps']} steps; "
               f"training here {al['train_seconds_here']:.1f} s; {rep['seconds_per_pair']:.3f} s per pair")
     bn = rep.get("batchnorm") or {}
