@@ -28,9 +28,6 @@ def basis_rank(n_checkpoints: int, max_rank: int | None) -> int:
     return min(n_checkpoints, max_rank) if max_rank else n_checkpoints
 
 
-BASIS_MODES = ("auto", "memory", "streamed")
-
-
 @dataclass(frozen=True)
 class BasisPlan:
     mode: str  # "memory" or "streamed"
@@ -64,10 +61,12 @@ def basis_plan(n_params: int, n_checkpoints: int, max_rank: int | None = None, m
     if mode != "auto":
         why = f"--basis {mode}"
     elif need > budget:
-        mode, why = "streamed", f"V [k, P] would be {format_bytes(need)}, more than GLOBSCOPE_BASIS_BYTES ({format_bytes(budget)})"
+        mode = "streamed"
+        why = f"V [k, P] would be {format_bytes(need)}, more than GLOBSCOPE_BASIS_BYTES ({format_bytes(budget)})"
     elif total(False) > have:
-        mode, why = "streamed", (f"a fit holding V [k, P] ({format_bytes(need)}) would need {format_bytes(total(False))}, "
-                                 f"more than the {format_bytes(have)} there ({source})")
+        mode = "streamed"
+        why = (f"a fit holding V [k, P] ({format_bytes(need)}) would need {format_bytes(total(False))}, more than the "
+               f"{format_bytes(have)} there ({source})")
     else:
         mode, why = "memory", f"V [k, P] is {format_bytes(need)}"
     row = P * F64
@@ -121,8 +120,9 @@ def basis_held(n_params: int, n_rows: int, max_rank: int | None = None, floor: b
     k, P = basis_rank(n_rows, max_rank), n_params
     held = {"mean, scale [P]": P * F32 * (3 if floor else 2)}
     if streamed:
+        block = min(n_rows, rows_for(64 << 20, P, n_rows)) * P * F32
         held.update({"basis coefficients W [k, N]": k * n_rows * F32,
-                     "streamed row block and its standardized copy": 2 * min(n_rows, rows_for(64 << 20, P, n_rows)) * P * F32})
+                     "streamed row block and its standardized copy": 2 * block})
     else:
         held["basis V [k, P]"] = k * P * F32
     return held

@@ -14,6 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 PANEL_BYTES = 1 << 30  # rows held (float64) while the others stream past
+BLOCK_BYTES = 128 << 20  # rows streamed at a time (float32, plus a float64 copy); 512 MiB: +2 GB peak, -14% time
+GPU_PANEL_FRACTION = 0.5  # of the GPU's free memory, for the panel on a GPU (capped at the whole matrix)
 # G is computed in tiles of rows at fixed row boundaries, each by the same product of the same rows, so it is the
 # same to the last bit whatever the panel and block sizes (the memory there): the fitted coordinates, and an
 # autoencoder trained on them (whose training amplifies a 1e-13 change of G to 1% of its latent points), do not
@@ -23,8 +25,6 @@ TILE, TILE_BYTES = 16, 256 << 20
 
 def tile_rows(n_params: int) -> int:
     return int(max(1, min(TILE, TILE_BYTES // (8 * max(1, n_params)))))
-BLOCK_BYTES = 128 << 20  # rows streamed at a time (float32, plus a float64 copy); 512 MiB: +2 GB peak, -14% time
-GPU_PANEL_FRACTION = 0.5  # of the GPU's free memory, for the panel on a GPU (capped at the whole matrix)
 
 
 def rows_for(n_bytes: int, n_params: int, at_most: int, itemsize: int = 4) -> int:
@@ -40,7 +40,7 @@ def tiled_rows(n_bytes: int, n_params: int, at_most: int, itemsize: int = 4) -> 
 def _self_product(a: np.ndarray, cols: int = 1 << 16) -> np.ndarray:
     """a @ a.T for a diagonal tile, in column slices with a copy of each: numpy computes ``a @ a.T`` of one array
     with syrk (another order of the sums than the gemm of an off-diagonal tile), and a copy of the whole tile would
-    be TILE rows of P in float64 (13 GB for a 1e8-parameter model)."""
+    be up to TILE_BYTES more (a whole row of a large model)."""
     g = np.zeros((len(a), len(a)))
     for c in range(0, a.shape[1], cols):
         g += a[:, c : c + cols] @ a[:, c : c + cols].copy().T
