@@ -79,8 +79,13 @@ def test_the_plan_says_which_path_runs_and_why(monkeypatch):
     monkeypatch.setenv("GLOBSCOPE_MEMORY_LIMIT", "2G")  # below V (2.24 GiB)
     tight = basis_plan(10_000_000, 60)
     assert tight.streamed and "would need" in tight.why and "more than the 2.00 GiB there (GLOBSCOPE_MEMORY_LIMIT)" \
-        in tight.why and "Gram panel" in tight.why
-    assert tight.panel_bytes < gram.PANEL_BYTES and tight.panel_bytes % (8 * 10_000_000) == 0
+        in tight.why
+    # tighter still: the Gram panel takes what is left (whole rows), and the plan says so
+    monkeypatch.setenv("GLOBSCOPE_MEMORY_LIMIT", "1.6G")
+    tighter = basis_plan(10_000_000, 60)
+    assert tighter.streamed and "; Gram panel " in tighter.why and "to fit in 1.60 GiB (GLOBSCOPE_MEMORY_LIMIT)" \
+        in tighter.why, tighter.why
+    assert tighter.panel_bytes < tight.panel_bytes and tighter.panel_bytes % (8 * 10_000_000) == 0
     assert basis_plan(10_000, 20, mode="streamed").why == "--basis streamed"
 
 
