@@ -69,6 +69,9 @@ def test_a_streamed_basis_is_the_in_memory_basis_without_v():
 
 
 def test_the_plan_says_which_path_runs_and_why(monkeypatch):
+    from globscope_core.reducers import budget
+
+    monkeypatch.setattr(budget, "held_now", lambda: {"held now": 400 << 20})  # not this test process's size
     monkeypatch.delenv("GLOBSCOPE_MEMORY_LIMIT", raising=False)
     small = basis_plan(10_000, 20)
     assert small.mode == "memory" and small.why == "V [k, P] is 0.8 MiB"
@@ -80,12 +83,12 @@ def test_the_plan_says_which_path_runs_and_why(monkeypatch):
     tight = basis_plan(10_000_000, 60)
     assert tight.streamed and "would need" in tight.why and "more than the 2.00 GiB there (GLOBSCOPE_MEMORY_LIMIT)" \
         in tight.why
-    # tighter still: the Gram panel takes what is left (whole rows), and the plan says so
+    # the Gram panel takes what is left (whole rows, at least one tile), and the plan says so
+    assert "; Gram panel 687 MiB to fit in 2.00 GiB (GLOBSCOPE_MEMORY_LIMIT)" in tight.why, tight.why
     monkeypatch.setenv("GLOBSCOPE_MEMORY_LIMIT", "1.6G")
     tighter = basis_plan(10_000_000, 60)
-    assert tighter.streamed and "; Gram panel " in tighter.why and "to fit in 1.60 GiB (GLOBSCOPE_MEMORY_LIMIT)" \
-        in tighter.why, tighter.why
-    assert tighter.panel_bytes < tight.panel_bytes and tighter.panel_bytes % (8 * 10_000_000) == 0
+    assert tighter.streamed and tighter.why.endswith("; Gram panel 229 MiB to fit in 1.60 GiB (GLOBSCOPE_MEMORY_LIMIT)")
+    assert tighter.panel_bytes == gram.tile_rows(10_000_000) * 8 * 10_000_000 < tight.panel_bytes
     assert basis_plan(10_000, 20, mode="streamed").why == "--basis streamed"
 
 
