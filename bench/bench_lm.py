@@ -52,8 +52,7 @@ def stage(name, args, env):
     if r.returncode != 0 or not bench:
         raise SystemExit(f"{name} failed (exit {r.returncode}):\n" + "\n".join(lines[-20:]))
     seconds, peak, read = (float(v) for v in bench[-1].split()[1:])
-    tail = [ln for ln in (r.stdout.strip().splitlines() + lines) if not ln.startswith("BENCH ") and "it/s" not in ln
-            and "pt/s" not in ln and "step/s" not in ln and "row/s" not in ln][-12:]
+    tail = [ln for ln in (r.stdout.strip().splitlines() + lines) if not ln.startswith("BENCH ") and "%|" not in ln][-12:]
     return {"seconds": round(seconds, 1), "peak_bytes": int(peak), "read_bytes": int(read), "output": tail}
 
 
