@@ -213,3 +213,20 @@ def test_a_users_text_data_set_keeps_its_token_ids(tmp_path, monkeypatch):
     model = models.build_model(models.make_spec("gpt", ds.input_shape, ds.num_classes, layers=1, width=8, heads=2))
     loss, acc = evaluate_model(model, ds.test_x, ds.test_y)
     assert math.isfinite(loss) and 0 <= acc <= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "pydoc-text", "--model", "mlp"],
+     "model 'mlp' reads images or features, but data set 'pydoc-text' is token ids: use a language model"),
+    (["--dataset", "digits", "--model", "gpt2-small"],
+     "model 'gpt2-small' is a language model, but data set 'digits' is not text"),
+    (["--dataset", "pydoc-text", "--model", "gpt", "--model-arg", "context=16"],
+     "context 16 is shorter than the data's sequences (128 tokens)"),
+])
+def test_a_model_that_cannot_read_the_data_is_refused_before_training(tmp_path, args, message):
+    """The mlp on pydoc-text was an internal error from inside its first step (Long and Float), a short context
+    a refusal only once training had begun."""
+    r = _cli("train", *args, "--out", tmp_path / "s", "--runs", 1, "--epochs", 1, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert "step/s" not in r.stderr and not (tmp_path / "s" / "study.h5").exists()

@@ -86,7 +86,10 @@ def gpt(input_shape, num_classes, layers=4, width=256, heads=4, mlp=None, contex
     vocab = int(vocab) if vocab is not None else int(num_classes)
     if vocab < int(num_classes):
         raise ValueError(f"vocab {vocab} is smaller than the data set's {num_classes} tokens")
-    return GPT(vocab, _context(input_shape, context), int(layers), int(width), int(heads),
+    ctx = _context(input_shape, context)
+    if ctx < int(input_shape[0]):
+        raise ValueError(f"context {ctx} is shorter than the data's sequences ({input_shape[0]} tokens)")
+    return GPT(vocab, ctx, int(layers), int(width), int(heads),
                int(mlp) if mlp is not None else 4 * int(width))
 
 

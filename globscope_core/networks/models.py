@@ -333,3 +333,18 @@ def study_model(study) -> nn.Module:
 register("gpt")(language_models.gpt)
 register("gpt2-small")(language_models.gpt2_small)
 register("hf-causal-lm")(language_models.hf_causal_lm)
+LANGUAGE_MODELS = ("gpt", "gpt2-small", "hf-causal-lm")
+
+
+def check_inputs(name: str, dataset) -> None:
+    """Refuse, before any work, a registry model that cannot read the data set's inputs: token ids go to the
+    language models only, images and features to the others (a user's ``module:callable`` is not checked)."""
+    if name not in _REGISTRY:
+        return
+    tokens = not dataset.train_x.is_floating_point()
+    if tokens and name not in LANGUAGE_MODELS:
+        raise GlobScopeError(f"model '{name}' reads images or features, but data set '{dataset.name}' is token ids: "
+                             f"use a language model ({', '.join(LANGUAGE_MODELS)})")
+    if not tokens and name in LANGUAGE_MODELS:
+        raise GlobScopeError(f"model '{name}' is a language model, but data set '{dataset.name}' is not text: "
+                             "use a text data set such as pydoc-text")

@@ -197,6 +197,7 @@ def import_checkpoints(study_dir: str, files: list[str], model_name: str | None 
         if hf_dirs and model_name in (None, "hf-causal-lm"):  # the architecture is the directory's config.json
             model_name = "hf-causal-lm"
             model_kwargs.setdefault("config", read_config(hf_dirs[0]))
+        models.check_inputs(model_name, ds)
         spec = models.make_spec(model_name, ds.input_shape, ds.num_classes, **model_kwargs)
     if spec["name"] == "hf-causal-lm":
         for path in hf_dirs:  # shapes alone would not show another activation or norm

@@ -99,6 +99,7 @@ def train_study(out: str, dataset: dict, model_name: str, model_kwargs: dict | N
     """
     dev = resolve_device(device)
     ds = datasets.load_dataset(dataset)
+    models.check_inputs(model_name, ds)
     spec = models.make_spec(model_name, ds.input_shape, ds.num_classes, **(model_kwargs or {}))
     probe = models.build_model(spec)
     layout = StateLayout.from_module(probe)
