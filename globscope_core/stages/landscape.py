@@ -214,8 +214,9 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         if chunk_points is not None and int(chunk_points) < 1:
             raise GlobScopeError(f"--chunk-points must be a positive integer, not {chunk_points}")
         store = PartialStore(study_files.landscape_partial_dir(study.dir, dim))
+        unfinished = store.unfinished_config()  # a plain rerun resumes in its settings (chunks, --bn)
         if chunk_points is None:
-            chunk_points = (store.unfinished_config() or {}).get("chunk_points")  # a rerun resumes in its chunks
+            chunk_points = (unfinished or {}).get("chunk_points")
         if chunk_points is None and getattr(getattr(reducer, "basis", None), "streamed", False):
             from ..reducers.budget import decode_rows
 
@@ -232,7 +233,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
 
         x, y = eval_data(study, split, eval_samples, seed=eval_seed)
         has_bn = layout_has_bn(study.layout)
-        bn, bn_samples = _bn_setting(bn, bn_samples, store)
+        bn, bn_samples = _bn_setting(bn, bn_samples, unfinished)
         bn_x = bn_data(study, bn_samples, BN_SEED) if has_bn and bn == "recompute" else None
         needs.update(_memory_check(study, reducer, chunk_points, n_points, x, dist.device, resolution, dim, bn_x))
         rpath = reducer_name if reducer_name.endswith(".pt") else study_files.reducer_file(study.dir, reducer_name)
@@ -313,11 +314,10 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
         dist.close()
 
 
-def _bn_setting(bn, bn_samples, store: PartialStore) -> tuple[str, int]:
+def _bn_setting(bn, bn_samples, unfinished: dict | None) -> tuple[str, int]:
     """``--bn`` and ``--bn-samples`` as given, else as the unfinished landscape being resumed has them (so a plain
     rerun resumes it; one without ``bn`` in its config was decoded), else BN_DEFAULT and BN_SAMPLES. A setting that
     differs from the unfinished one is refused by the store (PartialStore.open) in one line."""
-    unfinished = store.unfinished_config()
     old = unfinished or {}
     if bn is None:
         bn = old.get("bn", "decoded") if unfinished is not None else BN_DEFAULT
