@@ -123,6 +123,37 @@ def test_an_interrupt_names_the_command_that_continues(stage, sig, ready, tmp_pa
         assert "connect-0-1" in Study.open(d).read_report()
 
 
+DROPPED = """
+import signal, sys, time
+from globscope_core.cli import stop_signals
+
+class Finalized:
+    def __del__(self):  # where h5py's weak-reference callbacks once received CI's Ctrl-C
+        raise {exc}
+
+with stop_signals():
+    try:
+        Finalized()  # Python drops what its finalizer raised
+        time.sleep(10)
+        print("ran on")
+    except KeyboardInterrupt as exc:
+        print("interrupted", getattr(exc, "signum", signal.SIGINT))
+"""
+
+
+@pytest.mark.parametrize("exc,signum", [("KeyboardInterrupt", signal.SIGINT),
+                                        ("__import__('globscope_core.errors').errors.Terminated(15)", signal.SIGTERM)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_dropped_in_a_finalizer_is_raised_again(exc, signum):
+    """CI: a Ctrl-C that landed in a weak-reference callback during train's commit was dropped by Python with a
+    traceback, and train ran to its end (exit 0)."""
+    r = subprocess.run([sys.executable, "-c", DROPPED.format(exc=exc)], env=ENV, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["interrupted", str(int(signum))]
+    assert "Traceback" not in r.stderr and "ignored" not in r.stderr, r.stderr
+
+
 # --- symbolic links ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["study.h5", "report.json", "reducers/pca-2d.pt"])
 def test_a_symlinked_file_stays_a_link_and_its_target_is_written(name, ready, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import re
@@ -77,6 +78,29 @@ def _on_sigterm(signum, frame):
     raise Terminated(signum)
 
 
+_lost: list = []  # a stop signal that Python dropped, raised again at the next SIGALRM
+
+
+def _resend_lost_interrupt(hook, unraisable=sys.__unraisablehook__) -> None:
+    """Python drops an exception raised in a finalizer (h5py's weak-reference callbacks, a __del__) with a
+    traceback: a Ctrl-C or SIGTERM that lands there was lost and the command ran on (CI saw it in train).
+    Note it, quietly, and raise it again from a timer's signal a few milliseconds later (raised here, it
+    would be dropped again; if that one lands in a finalizer too, it comes back here)."""
+    exc = hook.exc_value
+    if not isinstance(exc, KeyboardInterrupt):
+        return unraisable(hook)
+    _lost.append(getattr(exc, "signum", signal.SIGINT))
+    signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)  # repeats until the handler ran
+
+
+def _raise_lost(signum, frame):
+    if _lost:
+        lost = _lost.pop()
+        _lost.clear()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise KeyboardInterrupt if lost == signal.SIGINT else Terminated(lost)
+
+
 # what an interrupted command keeps, and the command that continues it: (what is kept, how, an option it needs)
 AFTER_INTERRUPT = {
     "train": ("the finished runs are kept", "continue with", "--resume"),
@@ -113,20 +137,37 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """While the command runs: SIGTERM is raised like Ctrl-C (as Terminated), and a stop signal that Python
+    dropped in a finalizer is raised again (``_resend_lost_interrupt``). Main thread only; elsewhere, nothing
+    changes."""
+    try:
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+                    signal.SIGALRM: signal.signal(signal.SIGALRM, _raise_lost)}
+    except ValueError:
+        yield
+        return
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_resend_lost_interrupt, unraisable=unraisable)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.unraisablehook = unraisable
+        _lost.clear()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None) -> int:
     """The command line; SIGTERM is handled like Ctrl-C while it runs (exit status 143 instead of 130)."""
-    previous = None
-    with contextlib.suppress(ValueError):  # only the main thread can set a handler: elsewhere, left as it is
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        with stop_signals():
+            return _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt as exc:  # before a command started (while parsing, importing)
         print("globscope: interrupted", file=sys.stderr)
         return _interrupt_status(exc)
-    finally:
-        if previous is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list) -> int:
