@@ -11,7 +11,9 @@ from disk (``ru_inblock``; what the page cache served is not counted). ``--size 
 
 Training by epochs would take 393 steps per epoch at batch 8, so the runs train on a fixed part of pydoc-text's
 training split (``TRAIN_SEQUENCES``, through ``bench/lm_data.py``; the test split is whole) with a checkpoint every
-few steps. Finished stages are kept in the JSON and skipped on a rerun; training and the landscape resume.
+few steps. Every chunk of the landscape is a pass over the study (20 GB), so it decodes 12 points per pass
+(``--chunk-points 12``, 6 GB, which the memory check accepts under 12G) instead of the default quarter of the
+memory (6 points): half the passes. Finished stages are kept in the JSON and skipped on a rerun; training and the landscape resume.
 """
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ from machine import write_json  # noqa: E402
 SIZES = {
     "gpt2-small": dict(model=["--model", "gpt2-small", "--model-arg", "vocab=50257", "--model-arg", "context=1024"],
                        batch=4, every=3, epochs=1, train_sequences=108, eval_samples=4, resolution=17,
-                       landscape_eval=2),
+                       landscape_eval=2, chunk_points=12),
     "tiny": dict(model=["--model", "gpt", "--model-arg", "layers=2", "--model-arg", "width=64", "--model-arg",
                         "heads=2"], batch=4, every=3, epochs=1, train_sequences=108, eval_samples=16, resolution=9,
-                 landscape_eval=8),
+                 landscape_eval=8, chunk_points=None),
 }
 RUNS = 4
 WRAPPER = ("import resource, subprocess, sys, time; t = time.time(); r = subprocess.run(sys.argv[1:]); "
@@ -77,7 +79,8 @@ def main():
         ("train", train + (["--resume"] if os.path.exists(os.path.join(study, "study.h5")) else [])),
         ("fit", ["fit", study, "--reducer", "ae", "--dim", 2, "--eval-samples", cfg["eval_samples"]]),
         ("landscape", ["landscape", study, "--reducer", "ae-2d", "--resolution", cfg["resolution"],
-                       "--eval-samples", cfg["landscape_eval"]]),
+                       "--eval-samples", cfg["landscape_eval"]]
+         + (["--chunk-points", cfg["chunk_points"]] if cfg["chunk_points"] else [])),
         ("topology", ["topology", study]),
         ("render", ["render", study]),
     ]
