@@ -130,6 +130,7 @@ def test_fit_and_landscape_stream_under_a_memory_limit_and_match_the_in_memory_p
     assert "basis: every direction of the checkpoints' span, streamed from the checkpoints: a fit holding V [k, P] " \
            "(448 MiB) would need" in err and "more than the 1.20 GiB there (GLOBSCOPE_MEMORY_LIMIT)" in err
     assert peak < limit, peak
+    print("FITPEAK", peak)
     rc, err, peak = _run("landscape", st, "--reducer", "ae-2d", "--resolution", 7, "--eval-samples", 64, env=tight)
     assert rc == 0 and peak < limit, (peak, err[-2000:])
     assert "streamed row block" in err  # the estimate counts what streaming holds

@@ -31,6 +31,7 @@ from ..errors import GlobScopeError
 
 # eigenvalues of the Gram matrix below this fraction of the largest are float32 noise, not span
 RANK_RTOL = 1e-10
+SLICE = 1 << 16  # columns per step of the first pass (a float64 buffer of a few MB per block row)
 
 
 def describe(source) -> str:
@@ -63,6 +64,21 @@ def default_block_rows(n_params: int, budget_bytes: int = 64 << 20) -> int:
     return max(1, budget_bytes // max(1, 4 * n_params))
 
 
+class _Reused:
+    """One float32 buffer for a stream of blocks, each consumed before the next: a fresh block is fresh memory
+    every time (0.5 GB per row at 1.2e8 parameters), and its page faults cost more than the arithmetic."""
+
+    def __init__(self):
+        self.buf = None
+
+    def __call__(self, shape) -> np.ndarray:
+        n = int(np.prod(shape))
+        if self.buf is None or self.buf.size < n:
+            self.buf = None  # the old one freed first
+            self.buf = np.empty(n, np.float32)
+        return self.buf[:n].reshape(shape)
+
+
 class SpanBasis:
     """mean, scale [P] and an orthonormal basis V [k, P] of the standardized checkpoints; streamed: V = W S
     with W [k, N] and the N checkpoints S read from ``source`` whenever V is needed."""
@@ -91,13 +107,15 @@ class SpanBasis:
                                  f"streamed basis was fitted on {self.W.shape[1]} x {self.n_params:,}; refit it")
         self.source = src
 
-    def _rows(self):
-        """The basis' checkpoints, standardized, block by block: (positions, S [b, P] float32)."""
+    def _rows(self, reuse: bool = True):
+        """The basis' checkpoints, standardized, block by block: (positions, S [b, P] float32); ``reuse``: every
+        S is the same buffer, overwritten by the next block (not for autograd, which keeps S)."""
         if self.source is None:
             raise GlobScopeError("this reducer's basis is streamed from its study's checkpoints: load it with its "
                                  "study (reducers.load_reducer)")
+        into = _Reused() if reuse else None
         for idx, B in self.source.iter_params(default_block_rows(self.n_params)):
-            yield idx, self.standardize(B)
+            yield idx, self.standardize(B, None if into is None else into(B.shape))
 
     # --- fitting --------------------------------------------------------------------------
     def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False,
@@ -134,10 +152,15 @@ class SpanBasis:
                 shift = B[0].astype(np.float64)
                 total, sq = np.zeros(P), np.zeros(P)
                 lowest = np.full(P, np.inf, np.float32)
-            np.minimum(lowest, B.min(0), out=lowest)
-            D = B.astype(np.float64) - shift
-            total += D.sum(0)
-            sq += np.einsum("ij,ij->j", D, D)
+            # in column slices through one small buffer: a float64 copy of the whole block is fresh memory for every
+            # block (a GB per row at 1.2e8 parameters), and its page faults made this pass 10x slower than the reading
+            D = np.empty((len(B), min(P, SLICE)))
+            for c in range(0, P, SLICE):
+                sl = slice(c, c + SLICE)
+                d = np.subtract(B[:, sl], shift[sl], out=D[:, : len(shift[sl])], dtype=np.float64)
+                total[sl] += d.sum(0)
+                sq[sl] += np.einsum("ij,ij->j", d, d)
+                np.minimum(lowest[sl], B[:, sl].min(0), out=lowest[sl])
         mean_d = total / N
         var = np.maximum(sq / N - mean_d**2, 0.0)
         mean = (shift + mean_d).astype(np.float32)
@@ -155,7 +178,7 @@ class SpanBasis:
             self.lower = np.where(floor_mask, lowest, -np.inf).astype(np.float32)
         # the sums and spreads are 10 float64/float32 vectors of P: 1.3 GB for 1.7e7 parameters, which
         # would otherwise stay alive next to the Gram panel and the basis
-        del shift, total, sq, lowest, mean_d, var, std, D, B, bad
+        del shift, total, sq, lowest, mean_d, var, std, D, d, B, bad
 
         # pass 2: Gram matrix of the standardized rows, a held panel against streamed blocks
         # (gram.py: the study is read ~N/panel times, products in float64)
@@ -182,18 +205,19 @@ class SpanBasis:
 
         # pass 3: the basis itself, V += W[:, rows] @ S[rows], in column slices: a whole [k, P]
         # product would be a second V in memory (2 GB for a 4.7e6-parameter CNN)
+        into = _Reused()
         V = np.zeros((k, P), np.float32)
         cols = max(1, (64 << 20) // (4 * k))
         for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 3/3 span", disable=not progress):
-            S = self.standardize(B)
+            S = self.standardize(B, into(B.shape))
             for c in range(0, P, cols):
                 V[:, c : c + cols] += W[:, idx] @ S[:, c : c + cols]
         self.V, self.W = V, None
         return U * np.sqrt(evals)  # C = S V^T = U L^1/2
 
     # --- mapping -------------------------------------------------------------------------
-    def standardize(self, X) -> np.ndarray:
-        S = np.subtract(X, self.mean, dtype=np.float32)
+    def standardize(self, X, out: np.ndarray | None = None) -> np.ndarray:
+        S = np.subtract(X, self.mean, out=out, dtype=np.float32)
         S /= self.scale  # in place: one temporary of the block, not two (the memory estimate counts one)
         return S
 
@@ -220,7 +244,7 @@ class SpanBasis:
         if self.streamed:  # (c W) S, the checkpoints streamed past once
             a = c.to(torch.float32) @ self._cached("W", dev)
             x = None if a.requires_grad else torch.zeros((len(a), self.n_params), device=dev)
-            for idx, S in self._rows():
+            for idx, S in self._rows(reuse=not a.requires_grad):
                 a_b, S_b = a[:, torch.as_tensor(idx, device=dev)], torch.from_numpy(S).to(dev)
                 if x is None or x.requires_grad:  # out of place, for autograd
                     x = a_b @ S_b if x is None else x + a_b @ S_b
