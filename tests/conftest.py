@@ -6,6 +6,7 @@ import glob
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -18,6 +19,13 @@ from globscope_core.stages.train import train_study
 from globscope_core.storage.study import Study
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for a child that is sent SIGINT or SIGHUP: a test run started in the background of a
+    script (or under nohup) passes them on ignored, and Python then never raises KeyboardInterrupt."""
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
 
 
 def make_study(path, runs=3, epochs=6, widths=(32,), every=None, seed=0, **kw) -> Study:

@@ -21,7 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import make_ready_study, one_line_error, run_cli
+from conftest import default_signals, make_ready_study, one_line_error, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "data", "serve-landscape-2d.png")
@@ -64,7 +64,7 @@ def server(study, other, tmp_path_factory):
     out = tmp_path_factory.mktemp("decoded")
     exe = os.path.join(os.path.dirname(sys.executable), "globscope")
     proc = subprocess.Popen([exe, "serve", study, other, "--port", "0", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_signals)
     first = proc.stdout.readline()  # "serving STUDY at http://127.0.0.1:PORT/ (started in ...)"
     m = re.search(r"at (http://127\.0\.0\.1:\d+/)", first)
     assert m, (first, proc.stderr.read() if proc.poll() is not None else "")

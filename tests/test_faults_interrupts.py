@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_ready_study
+from conftest import default_signals, make_ready_study
 
 from globscope_core.storage.study import Study
 
@@ -36,7 +36,7 @@ def _copy(ready, dst) -> str:
 
 def _spawn(argv):
     return subprocess.Popen([*CLI, *map(str, argv)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_signals)
 
 
 def _until(cond, proc, what, timeout=240):

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import fill, tmpfs
+from conftest import default_signals, fill, tmpfs
 
 from globscope_core.stages import paraview_env
 
@@ -54,7 +54,8 @@ def _render(*argv, **kw):
     """`globscope render ...` as a process of its own (``python -m``: PYTHONPATH picks the code under test)."""
     env = dict(os.environ, **kw.pop("env", {}))
     return subprocess.Popen([sys.executable, "-m", "globscope_core.cli", "render", *map(str, argv)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_signals, **kw)
 
 
 def _no_display():
@@ -301,7 +302,8 @@ def test_gui_window_fills_the_screen_with_the_landscape_selected(study, tmp_path
     with paraview_env.XServer((1600, 1000)) as xenv:
         env = dict(os.environ, GLOBSCOPE_SCREENSHOT=str(shot), **xenv)
         proc = subprocess.Popen([sys.executable, "-m", "globscope_core.cli", "paraview", study], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=default_signals)
         seen = {}
         try:
             deadline = time.time() + 200
