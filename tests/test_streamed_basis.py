@@ -146,3 +146,28 @@ def test_fit_and_landscape_stream_under_a_memory_limit_and_match_the_in_memory_p
     assert set(a) - set(b) == {"basis_V"} and set(b) - set(a) == {"basis_W"}
     assert all(torch.equal(a[k], b[k]) for k in set(a) & set(b))  # the same reducer, bit for bit
     np.testing.assert_allclose(_field(st / "landscape-2d.vti"), _field(mem / "landscape-2d.vti"), rtol=1e-5)
+
+
+def test_held_out_scoring_of_a_streamed_basis_reads_the_study_once_per_group(study_copy, monkeypatch):
+    """Issue 20.4 at 1e8: the held-out rows were encoded and decoded one work block (one row at 1.2e8 parameters)
+    at a time, two passes over the 20 GB study per held-out row. A group of rows now shares a pass, and the scores
+    are those of the in-memory basis (to float32 rounding)."""
+    from globscope_core.reducers import holdout
+
+    scorer = holdout.HeldOutScorer(study_copy, eval_samples=200)
+    n_held = len(scorer.held_rows)
+    assert n_held >= 3
+    scores, passes = {}, {}
+    for mode in ("memory", "streamed"):
+        r = holdout.fit_held_out(study_copy, "pca", 2, basis=mode)
+        assert r.basis.streamed == (mode == "streamed")
+        calls = []
+        if r.basis.streamed:
+            source = r.basis.source
+            real = source.iter_params
+            monkeypatch.setattr(source, "iter_params", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+            monkeypatch.setattr(holdout, "held_out_group", lambda p, n: 2)  # 2 rows per pass: several groups
+        scores[mode], passes[mode] = scorer.score_reducer(r), len(calls)
+    assert passes["streamed"] == 2 * -(-n_held // 2)  # an encode and a decode per group, not per row
+    for k in ("mse_raw", "mse_std", "loss_gap_mean", "loss_gap_max"):
+        np.testing.assert_allclose(scores["streamed"][k], scores["memory"][k], rtol=1e-3, atol=1e-12)

@@ -24,6 +24,12 @@ def decode_rows(n_params: int, n_rows: int, share: int = 4) -> int:
     return rows_for(host_memory()[0] // share, n_params, n_rows)
 
 
+def held_out_group(n_params: int, n_held: int) -> int:
+    """Held-out rows encoded and decoded per pass over the study when the basis is streamed: the rows and their
+    decoded copies together take what one group of decoded checkpoints takes in the metrics (``decode_rows``)."""
+    return max(1, decode_rows(n_params, 2 * n_held) // 2)
+
+
 def basis_rank(n_checkpoints: int, max_rank: int | None) -> int:
     return min(n_checkpoints, max_rank) if max_rank else n_checkpoints
 
@@ -158,18 +164,20 @@ def estimate_fit(n_params: int, n_checkpoints: int, block_rows: int | None = Non
     scorer = {"held-out scorer: model and data": ev.get("model", 0) + ev.get("eval", 0)} if scored else {}
     if evaluate and streamed:  # the metrics decode a group of checkpoints per pass over the study
         fitted = {**fitted, "checkpoints decoded per pass": decode_rows(P, N) * P * F32}
-    if evaluate:  # reconstruction blocks, then every checkpoint and its decoded copy evaluated (own model, data)
-        phases.append({**fitted, "metrics blocks (float64)": 6 * work})  # numpy reuses the temporaries of d**2
+    if evaluate:  # one decoding for reconstruction and the decoded losses (metrics.py): its own model and data
         # the data set loaded again; with the scorer's copy held, only the part that loading adds on top
         reload = max(0, ev.get("data", 0) - (ev.get("eval", 0) if scored else 0))
-        phases.append({**fitted, **libraries(*data_libraries), "metrics blocks": 4 * work,
-                       "data set while it loads": reload,
-                       "model for the decoded losses": ev.get("model", 0),
+        model = {"model for the decoded losses": ev.get("model", 0)}
+        phases.append({**fitted, **libraries(*data_libraries), **model, "data set while it loads": reload})
+        phases.append({**fitted, **libraries(*data_libraries), **model, "evaluation subset": ev.get("eval", 0),
+                       "metrics blocks (float64)": 6 * work,  # numpy reuses the temporaries of d**2
                        "evaluation activations": ev.get("activations", 0)})
     if scored:  # the held-out scorer (a model, its data) lives through the whole stage
         held_phases, held_fit = fitting(max(1, N - holdout_rows))
         held_fit = {f"held-out {k}": v for k, v in held_fit.items()}
         held_blocks = 10 * min(holdout_rows, work_rows(P)) * P * F32  # the held-out rows' blocks, scored
+        if streamed:  # a group of held-out rows and their decoded copies per pass over the study (holdout.py)
+            held_fit["held-out rows and decoded copies per pass"] = 2 * held_out_group(P, holdout_rows) * P * F32
         held_phases.append({**held_fit, "held-out blocks (float64)": held_blocks})
         phases = [{**scorer, **p} for p in phases + held_phases]
     if evaluate:  # last, the structure metrics: scikit-learn and scipy on [N, N] distances

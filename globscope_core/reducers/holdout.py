@@ -23,7 +23,7 @@ import hashlib
 import numpy as np
 import torch
 
-from .budget import work_rows
+from .budget import held_out_group, work_rows
 
 PROTOCOL = ("in each run (step order), checkpoints at positions 3, 7, 11, ... (every 4th) are held out, never "
             "the first two nor the last; the reducer (basis included) is fitted on the rest with its usual seed, "
@@ -101,27 +101,37 @@ class HeldOutScorer:
                          "held_out": int(len(self.held_rows)), "fitted": int(len(self.fit_rows)),
                          "split": split, "eval_samples": int(len(x)), "eval_seed": 0}
         self.orig_loss = np.concatenate([self.ev.evaluate(torch.from_numpy(B))[0]
-                                         for B in self._blocks(self.held_rows)]) if len(self.held_rows) else None
+                                         for _, B in self._blocks(self.held_rows)]) if len(self.held_rows) else None
 
-    def _blocks(self, rows):
-        for s in range(0, len(rows), self.block_rows):
-            yield self.study.read_params(rows[s : s + self.block_rows])
+    def _blocks(self, rows, block_rows=None):
+        """(positions in ``rows``, the rows) ``block_rows`` at a time."""
+        block_rows = block_rows or self.block_rows
+        for s in range(0, len(rows), block_rows):
+            yield slice(s, s + block_rows), self.study.read_params(rows[s : s + block_rows])
 
-    def score(self, decode_block, scale) -> dict:
-        """``decode_block(k, X_held_block) -> decoded [b, P]`` for each block; ``scale`` [P] standardizes."""
+    def score(self, decode, scale, group_rows=None) -> dict:
+        """``decode(positions, X_held) -> decoded [b, P]`` for ``group_rows`` held-out rows at a time (default: a
+        work block; a streamed basis reads the whole study per decode, so it takes as many rows as it can);
+        ``scale`` [P] standardizes."""
         raw = std = 0.0
         dec_loss = []
-        for k, B in enumerate(self._blocks(self.held_rows)):
-            D = np.asarray(decode_block(k, B), np.float32)
-            d = D.astype(np.float64) - B
-            raw += (d**2).mean(1).sum()
-            std += ((d / scale) ** 2).mean(1).sum()
-            dec_loss.append(self.ev.evaluate(torch.from_numpy(np.ascontiguousarray(D)))[0])
+        for sl, G in self._blocks(self.held_rows, group_rows):
+            D = np.asarray(decode(sl, G), np.float32)
+            for s in range(0, len(G), self.block_rows):  # float64 differences a work block at a time
+                d = D[s : s + self.block_rows].astype(np.float64) - G[s : s + self.block_rows]
+                raw += (d**2).mean(1).sum()
+                std += ((d / scale) ** 2).mean(1).sum()
+                del d
+                dec_loss.append(self.ev.evaluate(torch.from_numpy(np.ascontiguousarray(D[s : s + self.block_rows])))[0])
+            del D, G  # before the next group is read: one group and its decoded copy at a time
         n = len(self.held_rows)
         return {"mse_raw": raw / n, "mse_std": std / n, **_gaps(self.orig_loss, np.concatenate(dec_loss))}
 
     def score_reducer(self, reducer) -> dict:
-        return self.score(lambda k, B: reducer.inverse_transform(reducer.transform(B)), reducer.basis.scale)
+        group = None
+        if getattr(getattr(reducer, "basis", None), "streamed", False):
+            group = held_out_group(self.study.n_params, len(self.held_rows))
+        return self.score(lambda sl, X: reducer.inverse_transform(reducer.transform(X)), reducer.basis.scale, group)
 
     def score_two_neighbour(self, scale) -> dict:
         # compare asks once per reducer; with the same standardization the reference is the same: read it once
@@ -133,8 +143,7 @@ class HeldOutScorer:
     def _score_two_neighbour(self, scale) -> dict:
         nb = self.neighbours
 
-        def mean_of_neighbours(k, B):
-            sl = slice(k * self.block_rows, k * self.block_rows + len(B))
+        def mean_of_neighbours(sl, X):
             return 0.5 * (self.study.read_params(nb[sl, 0]).astype(np.float64) + self.study.read_params(nb[sl, 1]))
 
         return self.score(mean_of_neighbours, scale)

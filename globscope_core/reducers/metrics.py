@@ -41,44 +41,74 @@ def _decoded_blocks(reducer, study, block_rows):
         del decoded  # before the next group is decoded: never two groups at once
 
 
-def reconstruction(reducer, study, block_rows=None) -> dict:
-    sum_raw = sum_std = 0.0
-    worst_raw = worst_std = 0.0
-    n = 0
-    for _, X, Xr in _decoded_blocks(reducer, study, block_rows):
+class _Reconstruction:
+    def __init__(self, reducer, study, **_):
+        self.scale = reducer.basis.scale
+        self.sum_raw = self.sum_std = self.worst_raw = self.worst_std = 0.0
+        self.n = 0
+
+    def add(self, X, Xr):
         d = (Xr.astype(np.float64) - X)
         raw = (d**2).mean(1)
-        std = ((d / reducer.basis.scale) ** 2).mean(1)
-        sum_raw += raw.sum()
-        sum_std += std.sum()
-        worst_raw, worst_std = max(worst_raw, raw.max()), max(worst_std, std.max())
-        n += len(X)
-    return {"mse_raw": sum_raw / n, "mse_std": sum_std / n, "max_mse_raw": worst_raw, "max_mse_std": worst_std}
+        std = ((d / self.scale) ** 2).mean(1)
+        self.sum_raw += raw.sum()
+        self.sum_std += std.sum()
+        self.worst_raw, self.worst_std = max(self.worst_raw, raw.max()), max(self.worst_std, std.max())
+        self.n += len(X)
+
+    def result(self) -> dict:
+        return {"mse_raw": self.sum_raw / self.n, "mse_std": self.sum_std / self.n, "max_mse_raw": self.worst_raw,
+                "max_mse_std": self.worst_std}
+
+
+class _FunctionSpace:
+    """Loss/accuracy of every original and decoded checkpoint on the same fixed evaluation subset."""
+
+    def __init__(self, reducer, study, split="test", eval_samples=2000, device="cpu"):
+        from ..evaluation.one_model import subset
+        from ..networks.datasets import load_dataset
+        from ..networks.device import resolve_device
+
+        self.dev = resolve_device(device)
+        x, y = subset(*load_dataset(study.dataset_spec).split(split), eval_samples)
+        self.x, self.y, self.split = x.to(self.dev), y.to(self.dev), split
+        self.model, self.layout = study_model(study).to(self.dev), study.layout
+        self.orig, self.dec = [], []
+
+    def add(self, X, Xr):
+        from ..evaluation.one_model import evaluate_model
+
+        for a, b in zip(X, Xr):
+            for w, out in ((a, self.orig), (np.ascontiguousarray(b), self.dec)):
+                self.layout.load_into(self.model, torch.from_numpy(w).to(self.dev))
+                out.append(evaluate_model(self.model, self.x, self.y, device=self.dev))
+
+    def result(self) -> dict:
+        orig, dec = np.array(self.orig), np.array(self.dec)
+        rel = np.abs(dec[:, 0] - orig[:, 0]) / np.maximum(orig[:, 0], 1e-12)
+        return {"split": self.split, "eval_samples": int(len(self.x)), "loss_gap_mean": float(rel.mean()),
+                "loss_gap_median": float(np.median(rel)), "loss_gap_max": float(rel.max()),
+                "within_1pct": float((rel <= 0.01).mean()), "acc_gap_max": float(np.abs(dec[:, 1] - orig[:, 1]).max()),
+                "loss_original": orig[:, 0].tolist(), "loss_decoded": dec[:, 0].tolist()}
+
+
+def _scored(reducer, study, scores, block_rows=None, **kw) -> list:
+    """Every score of ``scores`` (the classes above) from one decoding of the study: with a streamed basis that is
+    a pass over the study per group of checkpoints, so the scores share it."""
+    accs = [cls(reducer, study, **kw) for cls in scores]
+    for _, X, Xr in _decoded_blocks(reducer, study, block_rows):
+        for acc in accs:
+            acc.add(X, Xr)
+    return [acc.result() for acc in accs]
+
+
+def reconstruction(reducer, study, block_rows=None) -> dict:
+    return _scored(reducer, study, [_Reconstruction], block_rows)[0]
 
 
 def function_space(reducer, study, split="test", eval_samples=2000, device="cpu", block_rows=None) -> dict:
-    """Loss/accuracy of every original and decoded checkpoint on the same fixed evaluation subset."""
-    from ..evaluation.one_model import evaluate_model, subset
-    from ..networks.datasets import load_dataset
-    from ..networks.device import resolve_device
-
-    dev = resolve_device(device)
-    x, y = subset(*load_dataset(study.dataset_spec).split(split), eval_samples)
-    x, y = x.to(dev), y.to(dev)
-    model = study_model(study).to(dev)
-    orig, dec = [], []
-    for _, X, Xr in _decoded_blocks(reducer, study, block_rows):
-        for a, b in zip(X, Xr):
-            study.layout.load_into(model, torch.from_numpy(a).to(dev))
-            orig.append(evaluate_model(model, x, y, device=dev))
-            study.layout.load_into(model, torch.from_numpy(np.ascontiguousarray(b)).to(dev))
-            dec.append(evaluate_model(model, x, y, device=dev))
-    orig, dec = np.array(orig), np.array(dec)
-    rel = np.abs(dec[:, 0] - orig[:, 0]) / np.maximum(orig[:, 0], 1e-12)
-    return {"split": split, "eval_samples": int(len(x)), "loss_gap_mean": float(rel.mean()),
-            "loss_gap_median": float(np.median(rel)), "loss_gap_max": float(rel.max()), "within_1pct": float((rel <= 0.01).mean()),
-            "acc_gap_max": float(np.abs(dec[:, 1] - orig[:, 1]).max()),
-            "loss_original": orig[:, 0].tolist(), "loss_decoded": dec[:, 0].tolist()}
+    return _scored(reducer, study, [_FunctionSpace], block_rows, split=split, eval_samples=eval_samples,
+                   device=device)[0]
 
 
 def continuity(X, Z, n_neighbors=5) -> float:
@@ -120,10 +150,13 @@ def finals_apart(study, Z):
 
 def evaluate_reducer(reducer, study, function=True, split="test", eval_samples=2000, device="cpu") -> dict:
     """Every metric of a reducer just fitted on ``study`` (uses its in-memory coordinates)."""
-    out = {"reconstruction": reconstruction(reducer, study)}
-    if function:
-        fs = function_space(reducer, study, split=split, eval_samples=eval_samples, device=device)
-        out["function"] = {k: v for k, v in fs.items() if k not in ("loss_original", "loss_decoded")}
+    if function:  # one decoding for both
+        rec, fs = _scored(reducer, study, [_Reconstruction, _FunctionSpace], split=split, eval_samples=eval_samples,
+                          device=device)
+        out = {"reconstruction": rec,
+               "function": {k: v for k, v in fs.items() if k not in ("loss_original", "loss_decoded")}}
+    else:
+        out = {"reconstruction": reconstruction(reducer, study)}
     C = getattr(reducer, "coords_", None)
     if C is None:
         C = np.concatenate([reducer.basis.to_coords(B) for _, B in study.iter_params()])
