@@ -83,12 +83,21 @@ def test_the_plan_says_which_path_runs_and_why(monkeypatch):
     tight = basis_plan(10_000_000, 60)
     assert tight.streamed and "would need" in tight.why and "more than the 2.00 GiB there (GLOBSCOPE_MEMORY_LIMIT)" \
         in tight.why
-    # the Gram panel takes what is left (whole rows, at least one tile), and the plan says so
-    assert "; Gram panel 687 MiB to fit in 2.00 GiB (GLOBSCOPE_MEMORY_LIMIT)" in tight.why, tight.why
+    assert tight.panel_bytes == gram.tiled_rows(gram.PANEL_BYTES, 10_000_000, 60, 8) * 8 * 10_000_000  # room for it
+    # below that the Gram panel takes the room its own phase leaves (whole tiles, at least one), and the plan says so:
+    # the largest such panel, whose fit fits where one more tile would not
     monkeypatch.setenv("GLOBSCOPE_MEMORY_LIMIT", "1.6G")
     tighter = basis_plan(10_000_000, 60)
-    assert tighter.streamed and tighter.why.endswith("; Gram panel 229 MiB to fit in 1.60 GiB (GLOBSCOPE_MEMORY_LIMIT)")
-    assert tighter.panel_bytes == gram.tile_rows(10_000_000) * 8 * 10_000_000 < tight.panel_bytes
+    assert tighter.streamed and tighter.why.endswith("; Gram panel 458 MiB to fit in 1.60 GiB (GLOBSCOPE_MEMORY_LIMIT)")
+    row, tile = 8 * 10_000_000, gram.tile_rows(10_000_000) * 8 * 10_000_000
+
+    def need(panel):
+        return sum(budget.estimate_fit(10_000_000, 60, streamed=True, panel_bytes=panel).values())
+
+    assert need(tighter.panel_bytes) <= 1.6 * 2**30 < need(tighter.panel_bytes + tile)
+    assert tighter.panel_bytes % tile == 0 and tighter.panel_bytes < tight.panel_bytes and row < tile
+    monkeypatch.setenv("GLOBSCOPE_MEMORY_LIMIT", "1.1G")  # not even one tile's room: one tile, the least there is
+    assert basis_plan(10_000_000, 60).panel_bytes == tile
     assert basis_plan(10_000, 20, mode="streamed").why == "--basis streamed"
 
 

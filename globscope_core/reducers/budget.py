@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 from ..resources import F32, F64, format_bytes, held_now, host_memory, largest, libraries, parse_size
-from .gram import BLOCK_BYTES, PANEL_BYTES, rows_for, tiled_rows
+from .gram import BLOCK_BYTES, PANEL_BYTES, rows_for, tile_rows, tiled_rows
 
 # rows of the checkpoint matrix that the metrics and the held-out scoring handle at a time: their float64
 # differences take ~8x the block, so a block of whole rows must stay small (256 rows of a 1.7e7-parameter
@@ -76,9 +76,20 @@ def basis_plan(n_params: int, n_checkpoints: int, max_rank: int | None = None, m
     else:
         mode, why = "memory", f"V [k, P] is {format_bytes(need)}"
     row = P * F64
-    room = have - total(mode == "streamed", row) + row  # what the panel may take beyond one row
-    usual = tiled_rows(max(PANEL_BYTES, 8 * row), P, N, F64) * row  # whole tiles (gram.py)
-    panel = tiled_rows(int(max(row, min(usual, room))), P, N, F64) * row
+    usual = tiled_rows(max(PANEL_BYTES, 8 * row), P, N, F64)  # rows, whole tiles (gram.py)
+    # the largest panel (whole tiles) under which the fit still fits: only the Gram phase grows with it, so the
+    # room is what that phase leaves, not what the fit's largest phase leaves (the first pass's float64 sums:
+    # at 1.2e8 parameters that left 2 rows of 40 and the study was read 10 times more than with 7)
+    t = tile_rows(P)
+    lo, hi = 1, max(1, -(-usual // t))  # tiles; a panel of one tile is the least the pass can do
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(mode == "streamed", min(mid * t, N) * row) <= have:
+            lo = mid
+        else:
+            hi = mid - 1
+    panel = min(lo * t, usual) * row
+    usual *= row
     if panel < usual:
         why += f"; Gram panel {format_bytes(panel)} to fit in {format_bytes(have)} ({source})"
     return BasisPlan(mode, why, panel)
