@@ -180,3 +180,23 @@ def test_held_out_scoring_of_a_streamed_basis_reads_the_study_once_per_group(stu
     assert passes["streamed"] == 2 * -(-n_held // 2)  # an encode and a decode per group, not per row
     for k in ("mse_raw", "mse_std", "loss_gap_mean", "loss_gap_max"):
         np.testing.assert_allclose(scores["streamed"][k], scores["memory"][k], rtol=1e-3, atol=1e-12)
+
+
+def test_the_fit_takes_the_path_its_stage_printed(study_copy, monkeypatch, capsys):
+    """The basis plan was decided three times (the stage's estimate, fit_reducer's check, the fit), each from the
+    memory held at that moment, so the path taken could differ from the one printed. It is decided once now."""
+    from globscope_core.reducers import base, budget, fit_reducer
+    from globscope_core.stages.fit import fit_study
+
+    plans = []
+    real = budget.basis_plan
+    for module in (budget, base):  # base imported it by name
+        monkeypatch.setattr(module, "basis_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    monkeypatch.setenv("GLOBSCOPE_BASIS_BYTES", "1K")  # streamed: V is over it
+    r, info = fit_study(study_copy.dir, "pca", 2, holdout=False, eval_samples=64, progress=False)
+    assert len(plans) == 1 and plans[0].streamed and info["basis_mode"] == "streamed" and r.basis.streamed
+    assert "streamed from the checkpoints" in capsys.readouterr().err
+    # a plan handed down is followed, whatever the memory would say now
+    monkeypatch.delenv("GLOBSCOPE_BASIS_BYTES")
+    r = fit_reducer(study_copy, "pca", 2, save=False, plan=plans[0])
+    assert r.basis.streamed and r.fit_info["basis_mode"] == "streamed" and len(plans) == 1

@@ -163,7 +163,9 @@ class SpanReducer(Reducer):
 
     min_checkpoints = 3
 
-    def fit(self, X, progress: bool = False):
+    def fit(self, X, progress: bool = False, plan=None):
+        """``plan``: how the basis is built and held (budget.BasisPlan), as the caller decided and printed it;
+        None: decided here."""
         import time
 
         from ..networks.device import resolve_device
@@ -173,7 +175,7 @@ class SpanReducer(Reducer):
         self.basis = SpanBasis()
         block_rows, max_rank, floor = self.config.get("block_rows"), self.config.get("max_rank"), _variance_mask(X)
         n = X.n_checkpoints if hasattr(X, "n_checkpoints") else len(X)
-        plan = basis_plan(_n_params(X), n, max_rank, self.config.get("basis"), self.kind, floor is not None)
+        plan = plan or basis_plan(_n_params(X), n, max_rank, self.config.get("basis"), self.kind, floor is not None)
         C = self.basis.fit(X, min_checkpoints=self.min_checkpoints, block_rows=block_rows, progress=progress,
                            max_rank=max_rank, device=resolve_device(self.config.get("device", "cpu")),
                            floor_mask=floor, streamed=plan.streamed, panel_bytes=plan.panel_bytes)

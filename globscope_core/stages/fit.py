@@ -51,7 +51,7 @@ def _check_dim(dim):
 # the reducer file and its report section: a second fit of the same reducer waits, and then replaces both
 @holding(lambda a: (a["study_dir"], f"fit-{a['kind']}-{a['dim']}d") if a["save"] else None)
 def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_samples=2000, device="auto",
-              holdout=None, save=True, scorer=None, say_memory=True, **config):
+              holdout=None, save=True, scorer=None, say_memory=True, plan=None, **config):
     """Fit, save STUDY/reducers/<kind>-<dim>d.pt and add its numbers to report.json ("fit-<name>").
 
     ``holdout`` (with ``evaluate``): first fit on the held-out split's fitted rows and score the held-out
@@ -76,8 +76,8 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
     holdout, skipped = _holdout_plan(study, holdout) if evaluate else (False, None)
     if skipped:
         held = {"skipped": skipped}
-    if say_memory:
-        check_fit_memory(study, [kind], dim, config, evaluate, holdout, eval_samples, device)
+    if say_memory:  # the basis then takes the path printed here (``plan``: compare checked and printed it)
+        plan = check_fit_memory(study, [kind], dim, config, evaluate, holdout, eval_samples, device)[kind]
     if holdout:
         from ..reducers.holdout import HeldOutScorer, fit_held_out
 
@@ -89,7 +89,7 @@ def fit_study(study_dir, kind="ae", dim=2, evaluate=True, progress=True, eval_sa
         del rh
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        r = fit_reducer(study, kind, dim, save=save, progress=progress, **config)
+        r = fit_reducer(study, kind, dim, save=save, progress=progress, plan=plan, **config)
         fit_s = time.perf_counter() - t0
     info = {"reducer": r.name, "fit_seconds": fit_s, "peak_rss_mb": mem.peak / 2**20,
             "rss_increase_mb": (mem.peak - mem.start) / 2**20, "n_checkpoints": study.n_checkpoints,
@@ -124,7 +124,8 @@ def _holdout_plan(study, holdout) -> tuple[bool, str | None]:
 
 def check_fit_memory(study, kinds, dim, config, evaluate, holdout, eval_samples, device, what="fit") -> dict:
     """Refuse a fit (or compare's fits) that would not fit in memory, and print what it will need: the basis
-    passes, the kind on the coordinates, the metrics and the held-out scorer (reducers/budget.py)."""
+    passes, the kind on the coordinates, the metrics and the held-out scorer (reducers/budget.py). Returns the
+    basis plan of each kind: the path printed is the path the fits take."""
     import math
 
     from ..networks.models import is_mlp
@@ -154,14 +155,14 @@ def check_fit_memory(study, kinds, dim, config, evaluate, holdout, eval_samples,
     if str(device).startswith("cuda"):
         parts["CUDA libraries (host)"] = 1 << 30  # cuBLAS/cuDNN: ~1 GB of host memory once loaded
     names = ", ".join(f"{k}-{dim}d" for k in kinds)
-    out = require(parts, f"{what} {names} on {study.h5_path} ({N} checkpoints x {P:,} parameters)",
-                  hint="keep fewer basis directions (--max-rank K)" + (", or --no-holdout" if rows_out else ""))
+    require(parts, f"{what} {names} on {study.h5_path} ({N} checkpoints x {P:,} parameters)",
+            hint="keep fewer basis directions (--max-rank K)" + (", or --no-holdout" if rows_out else ""))
     for plan in dict.fromkeys(plans.values()):  # which path the basis takes, and why, before the estimate
         k = f"{rank} directions (--max-rank)" if rank else "every direction of the checkpoints' span"
         print(f"basis: {k}, {'streamed from the checkpoints' if plan.streamed else 'in memory'}: {plan.why}",
               file=sys.stderr, flush=True)
     print(memory_line(parts), file=sys.stderr, flush=True)
-    return out
+    return plans
 
 
 def _check_ae_size(study, dim, config) -> None:
@@ -215,8 +216,8 @@ def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=200
         _check_ae_size(study, dim, dict(ae_config, max_rank=max_rank))
     scorer = None
     holdout, skipped = _holdout_plan(study, holdout)
-    check_fit_memory(study, kinds, dim, {**ae_config, "max_rank": max_rank}, True, holdout, eval_samples, device,
-                     what="compare")
+    plans = check_fit_memory(study, kinds, dim, {**ae_config, "max_rank": max_rank}, True, holdout, eval_samples,
+                             device, what="compare")
     if holdout:
         from ..reducers.holdout import HeldOutScorer
 
@@ -226,7 +227,7 @@ def compare_study(study_dir, dim=2, kinds=KINDS, progress=True, eval_samples=200
         extra = {"max_rank": max_rank} if max_rank else {}
         # [1]: the reducer is not kept alive into the next fit (two bases in memory at once)
         info = fit_study(study_dir, kind, dim, progress=progress, eval_samples=eval_samples, device=device,
-                         holdout=holdout, save=False, scorer=scorer, say_memory=False, **extra,
+                         holdout=holdout, save=False, scorer=scorer, say_memory=False, plan=plans[kind], **extra,
                          **(ae_config if kind == "ae" else {}))[1]
         if skipped:
             info["held_out"] = {"skipped": skipped}
