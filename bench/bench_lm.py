@@ -13,7 +13,8 @@ Training by epochs would take 393 steps per epoch at batch 8, so the runs train 
 training split (``TRAIN_SEQUENCES``, through ``bench/lm_data.py``; the test split is whole) with a checkpoint every
 few steps. Every chunk of the landscape is a pass over the study (20 GB), so it decodes 12 points per pass
 (``--chunk-points 12``, 6 GB, which the memory check accepts under 12G) instead of the default quarter of the
-memory (6 points): half the passes. Finished stages are kept in the JSON and skipped on a rerun; training and the landscape resume.
+memory (6 points): half the passes. Finished stages are kept in the JSON (with the commit each ran at) and
+skipped on a rerun; training and the landscape resume.
 """
 from __future__ import annotations
 
@@ -48,14 +49,17 @@ def stage(name, args, env):
     """Run ``globscope ARGS`` in its own process; (seconds, peak bytes, bytes read from disk, last lines)."""
     cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "globscope_core.cli", *map(str, args)]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: globscope {' '.join(map(str, args))}", flush=True)
+    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     bench = [ln for ln in lines if ln.startswith("BENCH ")]
     if r.returncode != 0 or not bench:
         raise SystemExit(f"{name} failed (exit {r.returncode}):\n" + "\n".join(lines[-20:]))
     seconds, peak, read = (float(v) for v in bench[-1].split()[1:])
-    tail = [ln for ln in (r.stdout.strip().splitlines() + lines) if not ln.startswith("BENCH ") and "%|" not in ln][-12:]
-    return {"seconds": round(seconds, 1), "peak_bytes": int(peak), "read_bytes": int(read), "output": tail}
+    tail = [ln for ln in (r.stdout.strip().splitlines() + lines)
+            if not ln.startswith("BENCH ") and "%|" not in ln][-12:]
+    return {"seconds": round(seconds, 1), "peak_bytes": int(peak), "read_bytes": int(read), "output": tail,
+            "commit": commit.stdout.strip() or None}
 
 
 def main():
