@@ -139,7 +139,7 @@ def test_barrier_definition():
     assert barrier(np.array([1.0, 1.25, 1.5, 1.75, 2.0]), al)[0] == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("method", ["weight-matching", "activation-matching"])
+@pytest.mark.parametrize("method", ["weight-matching", "activation-matching", "weight-matching+sinkhorn"])
 def test_align_study_keeps_losses_and_trajectories(tiny_study, tmp_path, method):
     out = tmp_path / "aligned"
     rep = align_study(tiny_study.dir, str(out), reference=1, method=method, alphas=9, progress=False)

@@ -29,9 +29,25 @@ def _make_deep_align(spec, study, **options):
     return make_deep_align(spec, study, **options)
 
 
+def _make_sinkhorn(spec, study, seed=0, device="cpu", start=None, sinkhorn_samples=4096, sinkhorn_steps=300, **_):
+    from ..evaluation.one_model import subset
+    from ..networks.datasets import load_dataset
+    from .sinkhorn import SinkhornRefinement
+
+    ds = load_dataset(study.dataset_spec)
+    x, y = subset(ds.train_x, ds.train_y, sinkhorn_samples, seed=seed)
+    return SinkhornRefinement(spec, lambda: study_model(study), x, y, start=start, steps=sinkhorn_steps, seed=seed,
+                              device=device)
+
+
 ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _make_activation_matching,
             "deep-align": _make_deep_align,
-            "deep-align+wm": lambda spec, study, **o: _make_deep_align(spec, study, refine=True, **o)}
+            "deep-align+wm": lambda spec, study, **o: _make_deep_align(spec, study, refine=True, **o),
+            "sinkhorn": _make_sinkhorn,  # from the identity, as Pena et al.
+            "deep-align+sinkhorn": lambda spec, study, **o: _make_sinkhorn(
+                spec, study, start=_make_deep_align(spec, study, **o), **o),
+            "weight-matching+sinkhorn": lambda spec, study, **o: _make_sinkhorn(
+                spec, study, start=_make_weight_matching(spec, study, **o), **o)}
 
 
 def make_aligner(method: str, spec: PermutationSpec, study, **options) -> Aligner:

@@ -11,7 +11,9 @@ def register(sub):
     p.add_argument("--reference", type=nonnegative_int, default=0, help="run the others are aligned to (default 0)")
     p.add_argument("--method", default="weight-matching",
                    help="weight-matching, activation-matching, deep-align (learned; MLPs), deep-align+wm "
-                        "(deep-align refined by weight matching), or a method registered in align.ALIGNERS")
+                        "(deep-align refined by weight matching), sinkhorn (permutations learned on the loss between "
+                        "the models, Pena et al.), deep-align+sinkhorn and weight-matching+sinkhorn (refined by it), "
+                        "or a method registered in align.ALIGNERS")
     p.add_argument("--out", required=True, type=new_or_dir, help="directory of the aligned study (new)")
     p.add_argument("--alphas", type=at_least(2), default=25, help="interpolation weights for the barriers")
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="train samples for the barrier losses")
