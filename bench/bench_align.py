@@ -99,8 +99,8 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
                 fr.append(np.mean([np.mean(perms[p][found[p]] == np.arange(len(found[p]))) for p in found]))
             res["methods"][m].setdefault("synthetic_recovered", {})[str(noise)] = float(np.mean(fr))
         print(f"{name} synthetic noise {noise}: " + ", ".join(
-            f"{m} {res['methods'][m]['synthetic_recovered'][str(noise)]:.3f}" for m in aligners if m not in NO_SYNTHETIC),
-            flush=True)
+            f"{m} {res['methods'][m]['synthetic_recovered'][str(noise)]:.3f}"
+            for m in aligners if m not in NO_SYNTHETIC), flush=True)
     wm = res["methods"]["weight-matching"]
     for m in METHODS[1:]:
         d = res["methods"][m]
