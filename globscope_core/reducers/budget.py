@@ -79,7 +79,7 @@ def basis_plan(n_params: int, n_checkpoints: int, max_rank: int | None = None, m
     usual = tiled_rows(max(PANEL_BYTES, 8 * row), P, N, F64)  # rows, whole tiles (gram.py)
     # the largest panel (whole tiles) under which the fit still fits: only the Gram phase grows with it, so the
     # room is what that phase leaves, not what the fit's largest phase leaves (the first pass's float64 sums:
-    # at 1.2e8 parameters that left 2 rows of 40 and the study was read 10 times more than with 7)
+    # under 12G at 1.2e8 parameters that left 2 rows of 40 where 8 fit: 400 rows read instead of 124)
     t = tile_rows(P)
     lo, hi = 1, max(1, -(-usual // t))  # tiles; a panel of one tile is the least the pass can do
     while lo < hi:
