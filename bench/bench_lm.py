@@ -1,6 +1,6 @@
 """Benchmark: the whole pipeline on a transformer language model of 1e8 parameters, on this machine (issue 20).
 
-    .venv/bin/python bench/bench_lm.py [--work /work/gs-lm] [--size gpt2-small|tiny] [--limit 12G] [--out bench/results]
+    .venv/bin/python bench/bench_lm.py [--work /work/gs-lm] [--size gpt2-small|tiny] [--limit 11G] [--out bench/results]
 
 GPT-2 small (124,439,808 parameters: GPT-2's vocabulary and context, `--model gpt2-small --model-arg vocab=50257
 --model-arg context=1024`) on pydoc-text, 4 runs x 10 checkpoints, then fit ae-2d, a 17x17 landscape, topology
@@ -12,9 +12,11 @@ from disk (``ru_inblock``; what the page cache served is not counted). ``--size 
 Training by epochs would take 393 steps per epoch at batch 8, so the runs train on a fixed part of pydoc-text's
 training split (``TRAIN_SEQUENCES``, through ``bench/lm_data.py``; the test split is whole) with a checkpoint every
 few steps. Every chunk of the landscape is a pass over the study (20 GB), so it decodes 12 points per pass
-(``--chunk-points 12``, 6 GB, which the memory check accepts under 12G) instead of the default quarter of the
-memory (6 points): half the passes. Finished stages are kept in the JSON (with the commit each ran at) and
-skipped on a rerun; training and the landscape resume.
+(``--chunk-points 12``: a 6 GB chunk, 9.0 GiB in the landscape's memory estimate) instead of the default quarter
+of the memory (6 points): half the passes. Finished stages are kept in the JSON (with the commit and the memory
+limit each ran at) and skipped on a rerun; training and the landscape resume. Peaks are compared with 12e9 bytes
+(12 GB; half of this machine's 24.7e9 is 12.3e9), so ``--limit`` is 11G (11.8e9 bytes): the fit sizes its Gram
+panel to the limit, and under 12G it peaked at 12.85e9 bytes.
 """
 from __future__ import annotations
 
@@ -59,14 +61,14 @@ def stage(name, args, env):
     tail = [ln for ln in (r.stdout.strip().splitlines() + lines)
             if not ln.startswith("BENCH ") and "%|" not in ln][-12:]
     return {"seconds": round(seconds, 1), "peak_bytes": int(peak), "read_bytes": int(read), "output": tail,
-            "commit": commit.stdout.strip() or None}
+            "commit": commit.stdout.strip() or None, "memory_limit": env["GLOBSCOPE_MEMORY_LIMIT"]}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/work/gs-lm")
     ap.add_argument("--size", choices=sorted(SIZES), default="gpt2-small")
-    ap.add_argument("--limit", default="12G", help="GLOBSCOPE_MEMORY_LIMIT of every stage")
+    ap.add_argument("--limit", default="11G", help="GLOBSCOPE_MEMORY_LIMIT of every stage")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
     cfg = SIZES[a.size]
@@ -94,7 +96,7 @@ def main():
         done[name] = stage(name, args, env)
         info = json.load(open(os.path.join(study, "report.json"))) if os.path.exists(
             os.path.join(study, "report.json")) else {}
-        doc = {"size": a.size, "config": cfg, "runs": RUNS, "memory_limit": a.limit, "study": study,
+        doc = {"size": a.size, "config": cfg, "runs": RUNS, "study": study,
                "stages": done, "report": {k: info.get(k) for k in ("fit-ae-2d", "landscape-2d") if k in info}}
         write_json(path, doc, default=str)
         d = done[name]

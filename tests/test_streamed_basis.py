@@ -200,3 +200,22 @@ def test_the_fit_takes_the_path_its_stage_printed(study_copy, monkeypatch, capsy
     monkeypatch.delenv("GLOBSCOPE_BASIS_BYTES")
     r = fit_reducer(study_copy, "pca", 2, save=False, plan=plans[0])
     assert r.basis.streamed and r.fit_info["basis_mode"] == "streamed" and len(plans) == 1
+
+
+def test_a_landscape_encodes_its_own_streamed_checkpoints_without_reading_them(study_copy, monkeypatch):
+    """The landscape encoded the checkpoints a row block at a time, and encoding one block with a streamed basis
+    reads the whole study: N passes (1,600 row reads of 0.5 GB at 1.2e8 parameters) before the first grid point.
+    The fit's own latent points are used instead, equal to what encoding gives (to float32 rounding)."""
+    from globscope_core.reducers import fit_reducer
+    from globscope_core.stages.landscape import encode_checkpoints
+
+    monkeypatch.setenv("GLOBSCOPE_BASIS_BYTES", "1K")  # streamed: V is over it
+    r = fit_reducer(study_copy, "pca", 2, save=False)
+    assert r.basis.streamed
+    encoded = np.concatenate([r.transform(B) for _, B in study_copy.iter_params(8)])
+    calls = []
+    real = r.basis.source.iter_params
+    monkeypatch.setattr(r.basis.source, "iter_params", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    Z = encode_checkpoints(study_copy, r)
+    assert calls == [] and Z.shape == (study_copy.n_checkpoints, 2)
+    np.testing.assert_allclose(Z, encoded, rtol=1e-4, atol=1e-4 * np.abs(encoded).max())

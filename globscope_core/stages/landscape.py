@@ -80,17 +80,22 @@ def _sha256(path: str) -> str:
 
 def encode_checkpoints(study: Study, reducer) -> np.ndarray:
     """Latent coordinates [N, dim] of every checkpoint (streamed in row blocks)."""
+    known = getattr(reducer, "fitted_latent", lambda _: None)(study)
+    if known is not None:  # a basis streamed from this study: encoding a block reads the whole study (N passes)
+        return np.array(known, dtype=np.float64)
     rows = max(1, (64 << 20) // (4 * study.n_params))  # small blocks: standardizing one copies it twice
     return np.concatenate([np.asarray(reducer.transform(block), dtype=np.float64)
                            for _, block in study.iter_params(rows)])
 
 
-def _resource_check(study: Study, n_points: int, chunk_points: int, dim: int, resolution: int) -> dict:
+def _resource_check(study: Study, n_points: int, dim: int, resolution: int) -> dict:
     """Refuse, before any work, a grid that would not fit in memory or on disk; say what it needs."""
     from ..resources import format_bytes, host_memory
 
-    # field arrays (loss, acc, trust + float64 work copies, VTK copies while writing) and one decoded chunk
-    need_mem = n_points * (3 * 4 * 3 + 8 * (dim + 3)) + chunk_points * study.n_params * 4 * 3
+    # field arrays (loss, acc, trust + float64 work copies, VTK copies while writing); the decoded chunk and its
+    # evaluation are counted by _memory_check, part by part, once the evaluation data is loaded (3 copies of the
+    # chunk here refused a 17x17 grid of a 1.2e8-parameter model that fits)
+    need_mem = n_points * (3 * 4 * 3 + 8 * (dim + 3))
     # partial chunks (loss + accuracy, float64) + the .vti (3 float32 arrays, base64 worst case)
     need_disk = n_points * (16 + 3 * 4 * 4 // 3 + 1)
     avail_mem, source = host_memory()
@@ -227,7 +232,7 @@ def compute_landscape(study, reducer_name: str, resolution: int | None = None, s
             # one chunk = one batch of decoded models: about 256 MiB of parameters, at most 256 models
             chunk_points = int(max(1, min(256, (256 << 20) // (4 * study.n_params))))
         chunk_points = int(chunk_points)
-        needs = _resource_check(study, n_points, chunk_points, dim, resolution)
+        needs = _resource_check(study, n_points, dim, resolution)
         n_chunks = -(-n_points // chunk_points)
         sizes = [min(chunk_points, n_points - k * chunk_points) for k in range(n_chunks)]
 
