@@ -101,6 +101,27 @@ def test_the_plan_says_which_path_runs_and_why(monkeypatch):
     assert basis_plan(10_000, 20, mode="streamed").why == "--basis streamed"
 
 
+def test_the_panel_leaves_room_for_what_the_stage_holds(monkeypatch):
+    """The plan sized the Gram panel with the bare fit's estimate, the stage then added the held-out scorer and
+    refused the fit (GPT-2 small under 11G: an 8-row panel where 7 fit). The plan now counts the stage's parts."""
+    from globscope_core.reducers import budget
+
+    monkeypatch.setattr(budget, "held_now", lambda: {"held now": 400 << 20})
+    monkeypatch.setenv("GLOBSCOPE_BASIS_BYTES", "100M")
+    monkeypatch.setenv("GLOBSCOPE_MEMORY_LIMIT", "2G")
+    P, N = 10_000_000, 60
+    stage = dict(evaluate={"model": 8 * 4 * P, "data": 50 << 20, "eval": 10 << 20, "activations": 10 << 20},
+                 holdout_rows=12)
+    bare, full = basis_plan(P, N), basis_plan(P, N, **stage)
+    tile = gram.tile_rows(P) * 8 * P
+
+    def need(plan, extra=0):
+        return sum(budget.estimate_fit(P, N, streamed=True, panel_bytes=plan.panel_bytes + extra, **stage).values())
+
+    assert full.streamed and full.panel_bytes < bare.panel_bytes
+    assert need(full) <= 2 * 2**30 < need(bare) and need(full, tile) > 2 * 2**30
+
+
 def _run(*args, env=None):
     """A command's exit, stderr and peak resident memory (ru_maxrss of a wrapper's only child, in bytes)."""
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "

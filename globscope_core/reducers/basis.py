@@ -140,45 +140,55 @@ class SpanBasis:
         block_rows = block_rows or default_block_rows(P)
         nb = -(-N // block_rows)
 
-        # pass 1: mean and scale; also rejects NaN/Inf before anything is computed with them
-        shift = total = sq = lowest = None
+        # pass 1: mean and scale; also rejects NaN/Inf before anything is computed with them. It holds float64
+        # sums and squares of P and the first row (the shift); everything else is made in column slices (through
+        # one small buffer) or in their place: at 1.2e8 parameters each vector of P is 0.5-1 GB, and whole-vector
+        # temporaries made this the fit's largest phase (17 float32 vectors of P, 8 GB)
+        lowest = None
+        if floor_mask is not None and np.any(floor_mask):
+            lowest = np.full(P, np.inf, np.float32)
+        shift = total = sq = None
         for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 1/3 mean", disable=not progress):
-            bad = ~np.isfinite(B)
-            if bad.any():
-                r, c = np.argwhere(bad)[0]
-                raise GlobScopeError(f"{name}: checkpoint row {idx[r]} has a non-finite value (NaN or Inf) "
-                                     f"at parameter {c}")
             if shift is None:
-                shift = B[0].astype(np.float64)
+                shift = B[0].copy()  # float32; cast exactly to float64 in the differences
                 total, sq = np.zeros(P), np.zeros(P)
-                lowest = np.full(P, np.inf, np.float32)
-            # in column slices through one small buffer: a float64 copy of the whole block is fresh memory for every
-            # block (a GB per row at 1.2e8 parameters), and its page faults made this pass 10x slower than the reading
-            D = np.empty((len(B), min(P, SLICE)))
+                D = np.empty((len(B), min(P, SLICE)))
+            if len(B) > len(D):
+                D = np.empty((len(B), D.shape[1]))
             for c in range(0, P, SLICE):
                 sl = slice(c, c + SLICE)
-                d = np.subtract(B[:, sl], shift[sl], out=D[:, : len(shift[sl])], dtype=np.float64)
+                if not np.isfinite(B[:, sl]).all():
+                    r, col = np.argwhere(~np.isfinite(B[:, sl]))[0]
+                    raise GlobScopeError(f"{name}: checkpoint row {idx[r]} has a non-finite value (NaN or Inf) "
+                                         f"at parameter {c + col}")
+                d = np.subtract(B[:, sl], shift[sl], out=D[: len(B), : len(shift[sl])], dtype=np.float64)
                 total[sl] += d.sum(0)
                 sq[sl] += np.einsum("ij,ij->j", d, d)
-                np.minimum(lowest[sl], B[:, sl].min(0), out=lowest[sl])
-        mean_d = total / N
-        var = np.maximum(sq / N - mean_d**2, 0.0)
-        mean = (shift + mean_d).astype(np.float32)
-        std = np.sqrt(var)
-        if not np.any(std > 0):
+                if lowest is not None:
+                    np.minimum(lowest[sl], B[:, sl].min(0), out=lowest[sl])
+        del B, D
+        mean = np.empty(P, np.float32)
+        std = sq  # the spread takes the squares' place, slice by slice
+        for c in range(0, P, SLICE):
+            sl = slice(c, c + SLICE)
+            mean_d = total[sl] / N
+            mean[sl] = shift[sl] + mean_d
+            std[sl] = np.sqrt(np.maximum(sq[sl] / N - mean_d**2, 0.0))
+        del shift, total, sq
+        positive = std > 0
+        if not positive.any():
             raise GlobScopeError(f"{name}: all {N} checkpoints are identical (zero variance in every parameter); "
                                  "there is nothing to reduce")
         # constant coordinates carry no information: scale 1 keeps them finite (their s is always 0);
         # tiny but non-zero spreads are floored so float32 rounding noise is not blown up
-        floor = 1e-6 * float(np.median(std[std > 0]))
-        scale = np.where(std > floor, std, 1.0).astype(np.float32)
+        floor = 1e-6 * float(np.median(std[positive], overwrite_input=True))
+        del positive
+        scale = std.astype(np.float32)
+        scale[~(std > floor)] = 1.0
+        del std
         self.mean, self.scale = mean, scale
-        self.lower = None
-        if floor_mask is not None and np.any(floor_mask):
-            self.lower = np.where(floor_mask, lowest, -np.inf).astype(np.float32)
-        # the sums and spreads are 10 float64/float32 vectors of P: 1.3 GB for 1.7e7 parameters, which
-        # would otherwise stay alive next to the Gram panel and the basis
-        del shift, total, sq, lowest, mean_d, var, std, D, d, B, bad
+        self.lower = None if lowest is None else np.where(floor_mask, lowest, -np.inf).astype(np.float32)
+        del lowest
 
         # pass 2: Gram matrix of the standardized rows, a held panel against streamed blocks
         # (gram.py: the study is read ~N/panel times, products in float64)

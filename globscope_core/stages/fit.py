@@ -146,10 +146,11 @@ def check_fit_memory(study, kinds, dim, config, evaluate, holdout, eval_samples,
     rows_out = len(holdout_split(study)[1]) if evaluate and holdout else 0
     held = held_now()
     rank = config.get("max_rank")
-    plans = {k: basis_plan(P, N, rank, config.get("basis"), k, floor) for k in kinds}
-    parts = largest(*[estimate_fit(P, N, config.get("block_rows"), rank, kind=k, floor=floor, evaluate=ev,
-                                   holdout_rows=rows_out, data_libraries=data_libraries(study.dataset_spec), held=held,
-                                   streamed=plans[k].streamed, panel_bytes=plans[k].panel_bytes) for k in kinds])
+    stage = dict(block_rows=config.get("block_rows"), evaluate=ev, holdout_rows=rows_out,
+                 data_libraries=data_libraries(study.dataset_spec), held=held)
+    plans = {k: basis_plan(P, N, rank, config.get("basis"), k, floor, **stage) for k in kinds}
+    parts = largest(*[estimate_fit(P, N, max_rank=rank, kind=k, floor=floor, streamed=plans[k].streamed,
+                                   panel_bytes=plans[k].panel_bytes, **stage) for k in kinds])
     if what == "compare":  # its plot
         parts.update(libraries("matplotlib"))
     if str(device).startswith("cuda"):
