@@ -64,6 +64,36 @@ def stage(name, args, env):
             "commit": commit.stdout.strip() or None, "memory_limit": env["GLOBSCOPE_MEMORY_LIMIT"]}
 
 
+def write_md(doc: dict, path: str) -> None:
+    """The JSON's tables: every stage's time, peak and reads, then the fit's fidelity on the checkpoints it was
+    fitted on next to those it was not (held out) and to no map at all (the two neighbours' mean)."""
+    lines = [f"`bench/bench_lm.py --size {doc['size']}` ({doc['runs']} runs; 2 CPU cores, no GPU; peaks are "
+             "ru_maxrss of each stage's process, reads ru_inblock: what the page cache served is not counted)", "",
+             "| stage | seconds | peak GB (1e9) | peak GiB | read GiB | GLOBSCOPE_MEMORY_LIMIT | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for name, st in doc["stages"].items():
+        lines.append(f"| {name} | {st['seconds']:.0f} | {st['peak_bytes'] / 1e9:.2f} | {st['peak_bytes'] / 2**30:.2f} | "
+                     f"{st['read_bytes'] / 2**30:.2f} | {st.get('memory_limit', '')} | {st.get('commit') or ''} |")
+    fit = doc["report"].get("fit-ae-2d")
+    if fit:
+        rec, fn, ho = fit["reconstruction"], fit["function"], fit.get("held_out") or {}
+        lines += ["", f"fit ae-2d: {fit['n_checkpoints']} checkpoints x {fit['n_params']:,} parameters, basis "
+                  f"{fit['basis_rank']} directions ({fit['basis_mode']}), loss on {fn['eval_samples']} test sequences",
+                  "", "| checkpoints | MSE raw | MSE standardized | relative loss gap mean | median | max |", "|---|---|---|---|---|---|",
+                  f"| fitted on ({fit['n_checkpoints']}) | {rec['mse_raw']:.2e} | {rec['mse_std']:.2e} | "
+                  f"{fn['loss_gap_mean']:.2e} | {fn['loss_gap_median']:.2e} | {fn['loss_gap_max']:.2e} |"]
+        if ho:
+            two = ho["two_neighbour"]
+            lines += [f"| held out ({ho['protocol']['held_out']}; fitted on {ho['protocol']['fitted']}) | "
+                      f"{ho['mse_raw']:.2e} | {ho['mse_std']:.2e} | {ho['loss_gap_mean']:.2e} | "
+                      f"{ho['loss_gap_median']:.2e} | {ho['loss_gap_max']:.2e} |",
+                      f"| held out, no map (two neighbours' mean) | {two['mse_raw']:.2e} | {two['mse_std']:.2e} | "
+                      f"{two['loss_gap_mean']:.2e} | {two['loss_gap_median']:.2e} | {two['loss_gap_max']:.2e} |"]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/work/gs-lm")
@@ -99,6 +129,7 @@ def main():
         doc = {"size": a.size, "config": cfg, "runs": RUNS, "study": study,
                "stages": done, "report": {k: info.get(k) for k in ("fit-ae-2d", "landscape-2d") if k in info}}
         write_json(path, doc, default=str)
+        write_md(doc, path[: -len(".json")] + ".md")
         d = done[name]
         print(f"  {d['seconds']:.0f} s, peak {d['peak_bytes'] / 2**30:.2f} GiB, read {d['read_bytes'] / 2**30:.2f} GiB",
               flush=True)
