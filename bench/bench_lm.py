@@ -72,14 +72,16 @@ def write_md(doc: dict, path: str) -> None:
              "| stage | seconds | peak GB (1e9) | peak GiB | read GiB | GLOBSCOPE_MEMORY_LIMIT | commit |",
              "|---|---|---|---|---|---|---|"]
     for name, st in doc["stages"].items():
-        lines.append(f"| {name} | {st['seconds']:.0f} | {st['peak_bytes'] / 1e9:.2f} | {st['peak_bytes'] / 2**30:.2f} | "
+        peak = st["peak_bytes"]
+        lines.append(f"| {name} | {st['seconds']:.0f} | {peak / 1e9:.2f} | {peak / 2**30:.2f} | "
                      f"{st['read_bytes'] / 2**30:.2f} | {st.get('memory_limit', '')} | {st.get('commit') or ''} |")
     fit = doc["report"].get("fit-ae-2d")
     if fit:
         rec, fn, ho = fit["reconstruction"], fit["function"], fit.get("held_out") or {}
         lines += ["", f"fit ae-2d: {fit['n_checkpoints']} checkpoints x {fit['n_params']:,} parameters, basis "
                   f"{fit['basis_rank']} directions ({fit['basis_mode']}), loss on {fn['eval_samples']} test sequences",
-                  "", "| checkpoints | MSE raw | MSE standardized | relative loss gap mean | median | max |", "|---|---|---|---|---|---|",
+                  "", "| checkpoints | MSE raw | MSE standardized | relative loss gap mean | median | max |",
+                  "|---|---|---|---|---|---|",
                   f"| fitted on ({fit['n_checkpoints']}) | {rec['mse_raw']:.2e} | {rec['mse_std']:.2e} | "
                   f"{fn['loss_gap_mean']:.2e} | {fn['loss_gap_median']:.2e} | {fn['loss_gap_max']:.2e} |"]
         if ho:

@@ -110,9 +110,9 @@ def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_
 
     Pass 1 keeps float64 sums and squares and a shift of P (and the floor's minima), then the mean and a float64
     copy of the positive spreads for their median; the Gram pass holds a float64 panel of rows (PANEL_BYTES), a
-    float64 stream block and a block read and standardized (numpy reuses the temporary); the basis pass holds V [k, P], a row block standardized and a
-    column slice of the product (streamed: no basis pass). Pages that are never written (a stream buffer when one
-    panel holds every row) cost nothing and are not counted."""
+    float64 stream block and a block read and standardized (numpy reuses the temporary); the basis pass holds
+    V [k, P], a row block standardized and a column slice of the product (streamed: no basis pass). Pages that are
+    never written (a stream buffer when one panel holds every row) cost nothing and are not counted."""
     N, P = n_rows, n_params
     k = basis_rank(N, max_rank)
     vec = P * F32 * (3 if floor else 2)  # mean, scale (and the floor of BatchNorm variances)
