@@ -41,8 +41,9 @@ def spec_tensors(spec, layout) -> list:
         if axes is None or all(p is None for p in axes):
             continue
         if sum(p is not None for p in axes) > 2:
-            raise GlobScopeError(f"deep-align: tensor '{e.name}' has more than two permuted axes; the encoder "
-                                 "handles one or two per tensor")
+            raise GlobScopeError(f"deep-align: tensor '{e.name}' has more than two permuted axes; deep-align "
+                                 "supports MLPs and models whose permutation spec permutes at most two axes of a "
+                                 "tensor (cifar-cnn, resnet20, resnet56): use --method weight-matching")
         out.append([e.name, list(axes), shapes[e.name]])
     if not out:
         raise GlobScopeError("deep-align: the model's permutation spec permutes nothing")
