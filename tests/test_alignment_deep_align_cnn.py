@@ -22,7 +22,7 @@ from globscope_core.alignment.deep_align_spec import (
     spec_tensors,
     state_batch,
 )
-from globscope_core.alignment.deep_align_spec_train import SpecPairSampler, train_spec_aligner
+from globscope_core.alignment.deep_align_spec_train import SpecPairSampler, ensure_spec_aligner, train_spec_aligner
 from globscope_core.alignment.deep_align_train import train_aligner
 from globscope_core.alignment.permutation import PermutationSpec, flat_index, permute_state, spec_for_model
 from globscope_core.errors import GlobScopeError
@@ -115,6 +115,17 @@ def test_permuted_copies_are_recovered_after_short_training(which, request, tmp_
         sims = net.similarities(a, b)
     rate = np.mean([(sims[g].argmax(2) == t).float().mean().item() for g, t in targets.items()])
     assert rate > 0.9, rate
+
+
+def test_interrupted_spec_training_resumes_to_the_same_aligner(cnn_study, tmp_path):
+    spec = spec_for_model(cnn_study.model_spec, cnn_study.layout)
+    whole, _ = train_spec_aligner(cnn_study, spec, str(tmp_path / "whole.pt"), steps=12, progress=False, save_every=6)
+    path = str(tmp_path / "part.pt")
+    train_spec_aligner(cnn_study, spec, path, steps=6, progress=False, save_every=6)  # as if stopped after step 6
+    resumed, config = ensure_spec_aligner(cnn_study, spec, path, steps=12, progress=False)
+    assert load_aligner_file(path)["step"] == 12 and config["train"]["save_every"] == 6
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_align_cli_on_a_cnn_study(cnn_study, tmp_path, capsys):
