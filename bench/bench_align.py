@@ -30,7 +30,9 @@ from globscope_core.alignment.methods import make_aligner  # noqa: E402
 from globscope_core.alignment.permutation import flat_index, spec_for_model  # noqa: E402
 from globscope_core.evaluation.many_models import eval_data  # noqa: E402
 from globscope_core.evaluation.paths import barrier, interpolation_curve  # noqa: E402
-from globscope_core.networks.models import study_model
+from globscope_core.networks.batchnorm import BN_SEED, bn_subset, layout_has_bn  # noqa: E402
+from globscope_core.networks.datasets import load_dataset  # noqa: E402
+from globscope_core.networks.models import study_model  # noqa: E402
 from globscope_core.storage.study import Study  # noqa: E402
 
 METHODS = ("weight-matching", "activation-matching", "deep-align", "deep-align+wm", "sinkhorn",
@@ -40,7 +42,8 @@ METHODS = ("weight-matching", "activation-matching", "deep-align", "deep-align+w
 NO_SYNTHETIC = ("sinkhorn", "weight-matching+sinkhorn", "deep-align+sinkhorn")
 
 
-def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, seed: int = 0) -> dict:
+def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, seed: int = 0, methods=METHODS,
+                bn_samples: int = 0) -> dict:
     st = Study.open(path)
     spec = spec_for_model(st.model_spec, st.layout, study_model(st))
     name = os.path.basename(os.path.normpath(path))
@@ -48,6 +51,10 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
     if os.path.exists(aligner_path):
         os.remove(aligner_path)  # a fresh training, timed
     x, y = eval_data(st, "train", eval_samples, seed=1)
+    # BatchNorm studies: barriers also with every point's statistics recomputed (the align stage's _bn_recomputed)
+    bn_x = None
+    if bn_samples and layout_has_bn(st.layout):
+        bn_x = bn_subset(load_dataset(st.dataset_spec).train_x, bn_samples, BN_SEED)
     al = np.linspace(0.0, 1.0, 25)
     finals = [st.read_params([st.final_row(r)])[0] for r in range(len(st.runs))]
     states = [st.layout.unflatten(torch.from_numpy(f)) for f in finals]
@@ -55,9 +62,14 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
            "eval_samples": int(len(x)), "methods": {}}
     before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y), al)[0] for r in range(1, len(finals))]
     res["barrier_before"] = {"mean": float(np.mean(before)), "max": float(np.max(before)), "runs": before}
+    if bn_x is not None:
+        res["bn_samples"] = int(len(bn_x))
+        before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y, bn_x=bn_x), al)[0]
+                  for r in range(1, len(finals))]
+        res["barrier_before"]["mean_bn_recomputed"] = float(np.mean(before))
 
     aligners = {}
-    for m in METHODS:
+    for m in methods:
         t0 = time.perf_counter()
         aligners[m] = make_aligner(m, spec, st, seed=seed, device="cpu", progress=True, aligner_path=aligner_path,
                                    aligner_steps=steps)
@@ -69,15 +81,19 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
     rng = np.random.default_rng(seed)
     for m, aligner in aligners.items():
         d = res["methods"][m]
-        bars, times = [], []
+        bars, times, bars_bn = [], [], []
         for r in range(1, len(finals)):
             t0 = time.perf_counter()
             perms = aligner.find(states[0], states[r])
             times.append(time.perf_counter() - t0)
             aligned = finals[r][flat_index(spec, st.layout, perms)]
             bars.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y), al)[0])
+            if bn_x is not None:
+                bars_bn.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y, bn_x=bn_x), al)[0])
         d.update({"barrier_mean": float(np.mean(bars)), "barrier_max": float(np.max(bars)), "barriers": bars,
                   "pair_seconds_mean": float(np.mean(times)), "pair_seconds": times})
+        if bars_bn:
+            d.update({"barrier_mean_bn_recomputed": float(np.mean(bars_bn)), "barriers_bn_recomputed": bars_bn})
         print(f"{name} {m}: barrier mean {d['barrier_mean']:.4f} max {d['barrier_max']:.4f}, "
               f"{d['pair_seconds_mean']:.3f} s/pair", flush=True)
     # synthetic pairs: the same permuted, noisy copies for every method
@@ -87,6 +103,8 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
             perms = {p: rng.permutation(n) for p, n in spec.identity(st.layout).items()}
             copy = finals[r][flat_index(spec, st.layout, perms)].copy()
             for e in st.layout.entries:
+                if e.name.endswith((".running_mean", ".running_var")):
+                    continue  # statistics, not weights (noise made variances negative: NaN activations)
                 seg = copy[e.offset : e.offset + e.numel]
                 seg += noise * np.sqrt(np.mean(seg.astype(np.float64) ** 2)) * rng.standard_normal(e.numel)
             cases.append((states[r], st.layout.unflatten(torch.from_numpy(copy)), perms))
@@ -102,7 +120,7 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
             f"{m} {res['methods'][m]['synthetic_recovered'][str(noise)]:.3f}"
             for m in aligners if m not in NO_SYNTHETIC), flush=True)
     wm = res["methods"]["weight-matching"]
-    for m in METHODS[1:]:
+    for m in (m for m in methods if m != "weight-matching"):
         d = res["methods"][m]
         d["barrier_mean_vs_wm"] = d["barrier_mean"] / max(wm["barrier_mean"], 1e-12)
         d["speedup_vs_wm"] = wm["pair_seconds_mean"] / max(d["pair_seconds_mean"], 1e-12)
@@ -110,18 +128,23 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
 
 
 def markdown(results: list) -> str:
-    lines = ["| study | method | barrier mean | barrier max | vs WM (mean) | s / pair | speed-up vs WM | "
+    bn = any("bn_samples" in r for r in results)  # a column for barriers with recomputed BatchNorm statistics
+    lines = ["| study | method | barrier mean | barrier max | vs WM (mean) | "
+             + ("barrier mean, BN recomputed | " if bn else "") + "s / pair | speed-up vs WM | "
              "synthetic recovered (noise " + " / ".join(results[0]["noises"]) + ") | training s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if bn else "")]
     for res in results:
         name = os.path.basename(os.path.normpath(res["study"]))
         b = res["barrier_before"]
-        lines.append(f"| {name} | none (raw) | {b['mean']:.4f} | {b['max']:.4f} | | | | | |")
+        bcol = (f" {b['mean_bn_recomputed']:.4f} |" if "mean_bn_recomputed" in b else " |") if bn else ""
+        lines.append(f"| {name} | none (raw) | {b['mean']:.4f} | {b['max']:.4f} | |{bcol} | | | |")
         for m, d in res["methods"].items():
             rec = " / ".join(f"{d['synthetic_recovered'][n]:.3f}" for n in res["noises"]) \
                 if "synthetic_recovered" in d else "not measured"
+            bcol = (f" {d['barrier_mean_bn_recomputed']:.4f} |" if "barrier_mean_bn_recomputed" in d else " |") \
+                if bn else ""
             lines.append(f"| {name} | {m} | {d['barrier_mean']:.4f} | {d['barrier_max']:.4f} | "
-                         f"{d.get('barrier_mean_vs_wm', 1.0):.2f} | {d['pair_seconds_mean']:.3f} | "
+                         f"{d.get('barrier_mean_vs_wm', 1.0):.2f} |{bcol} {d['pair_seconds_mean']:.3f} | "
                          f"{d.get('speedup_vs_wm', 1.0):.1f} | {rec} | {d.get('train_seconds', '') or ''} |")
     return "\n".join(lines) + "\n"
 
@@ -135,22 +158,34 @@ def main():
     ap.add_argument("--noise", default="0,0.1,0.5", help="relative noise levels of the synthetic pairs")
     ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list (weight-matching is always run)")
+    ap.add_argument("--bn-samples", type=int, default=0,
+                    help="BatchNorm studies: barriers also with statistics recomputed on this many train samples")
+    ap.add_argument("--name", default="align", help="result files OUT/NAME.json and OUT/NAME.md")
+    ap.add_argument("--note", default="", help="a line on the conditions (e.g. a shared machine), kept in both files")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     noises = [float(v) for v in args.noise.split(",")]
+    methods = ["weight-matching"] + [m for m in args.methods.split(",") if m and m != "weight-matching"]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     results = []
     for s in args.study:
-        res = bench_study(s, args.work, args.steps, noises, args.eval_samples)
+        res = bench_study(s, args.work, args.steps, noises, args.eval_samples, methods=methods,
+                          bn_samples=args.bn_samples)
         res["noises"] = [str(n) for n in noises]
         results.append(res)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     doc = {"results": results, "peak_rss_gb": round(peak, 3), "threads": args.threads,
-           "command": " ".join(sys.argv)}
-    write_json(os.path.join(args.out, "align.json"), doc)
-    with open(os.path.join(args.out, "align.md"), "w") as f:
+           "command": " ".join(sys.argv), **({"note": args.note} if args.note else {})}
+    write_json(os.path.join(args.out, f"{args.name}.json"), doc)
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(f"`{doc['command']}` (peak RSS {doc['peak_rss_gb']} GB, {args.threads} thread(s))\n\n")
+        if args.note:
+            f.write(f"{args.note}\n\n")
         f.write(markdown(results))
     print(markdown(results))
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import GlobScopeError
-from ..networks.models import mlp_forward
+from ..networks.models import is_mlp, mlp_forward
 from ..storage.study_files import aligner_file
 from .deep_align import (
     DeepAlign,
@@ -254,18 +254,28 @@ def make_deep_align(spec, study, refine: bool = False, seed: int = 0, device="cp
 
     ``aligner``: a file of an aligner trained elsewhere (another study of the same MLP), used as it is.
     The Aligner's ``provenance`` says where it was trained, how far, and how long training took here.
+    Models other than the registry's MLPs get the spec-driven encoder (deep_align_spec.py).
     """
-    layers = mlp_layers(study.model_spec, study.layout)
+    mlp = is_mlp(study.model_spec)
+    if mlp:
+        layers = mlp_layers(study.model_spec, study.layout)
+    else:
+        from . import deep_align_spec_train as spec_train
+
+        spec_train.spec_tensors(spec, study.layout)  # an unsupported spec: one line before any work
     if aligner is not None:
         path = os.path.abspath(aligner)
-        net, config, step = load_trained_aligner(study, path, device=device)
+        net, config, step = (load_trained_aligner(study, path, device=device) if mlp else
+                             spec_train.load_trained_spec_aligner(study, spec, path, device=device))
         here = 0.0
     else:
         path = os.path.abspath(aligner_path or aligner_file(study.dir))
         before = os.path.getmtime(path) if os.path.exists(path) else None
         t0 = time.time()
-        net, config = ensure_aligner(study, path=path, steps=aligner_steps, seed=seed, device=device,
-                                     progress=progress)
+        net, config = (ensure_aligner(study, path=path, steps=aligner_steps, seed=seed, device=device,
+                                      progress=progress) if mlp else
+                       spec_train.ensure_spec_aligner(study, spec, path=path, steps=aligner_steps, seed=seed,
+                                                      device=device, progress=progress))
         trained = not os.path.exists(path) or os.path.getmtime(path) != before
         here, step = (time.time() - t0 if trained else 0.0), int(config["train"]["steps"])
     source = config.get("study")
@@ -274,6 +284,11 @@ def make_deep_align(spec, study, refine: bool = False, seed: int = 0, device="cp
                   "steps": step, "train_seconds": config.get("train_seconds"), "train_seconds_here": round(here, 2),
                   "trained_on_seeds": (config.get("trained_on") or {}).get("run_seeds")}
     wm = WeightMatching(spec, max_iter=max_iter, seed=seed) if refine else None
-    out = DeepAlign(spec, net, layers, config, refine=wm, device=device)
+    if mlp:
+        out = DeepAlign(spec, net, layers, config, refine=wm, device=device)
+    else:
+        from .deep_align_spec import DeepAlignSpec
+
+        out = DeepAlignSpec(spec, net, config, refine=wm, device=device)
     out.provenance = provenance
     return out

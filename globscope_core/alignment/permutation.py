@@ -203,6 +203,37 @@ def resnet_block_spec(layout: StateLayout) -> PermutationSpec:
     return PermutationSpec(axes, acts)
 
 
+@register_spec("cifar-cnn")
+def cifar_cnn_spec(layout: StateLayout) -> PermutationSpec:
+    """The registry's VGG-style CNN (``CifarCNN``, with or without BatchNorm): the output channels of every conv
+    (with its BatchNorm) and the classifier's hidden units. The classifier flattens [C, H, W] channel-major, so the
+    last conv's channels are permuted only when its maps are 1x1 at the flatten (the classifier's input is then C
+    wide); otherwise they are left as they are (a subset of the symmetry group, exact for every network)."""
+    shapes = {e.name: e.shape for e in layout.entries}
+    convs = sorted(int(n.split(".")[1]) for n, s in shapes.items()
+                   if n.startswith("features.") and n.endswith(".weight") and len(s) == 4)
+    linears = sorted(int(n.split(".")[1]) for n, s in shapes.items()
+                     if n.startswith("classifier.") and n.endswith(".weight") and len(s) == 2)
+    if not convs or len(linears) != 2:
+        raise GlobScopeError("model has no conv features and two-layer classifier: not the registry's cifar-cnn")
+    first, last = (f"classifier.{i}" for i in linears)
+    flat_is_channels = shapes[f"{first}.weight"][1] == shapes[f"features.{convs[-1]}.weight"][0]
+    axes, acts, p_in = {}, {}, None
+    for k, idx in enumerate(convs):
+        p = f"C_{k}" if k < len(convs) - 1 or flat_is_channels else None
+        axes.update(conv(f"features.{idx}", p_in, p, bias=f"features.{idx}.bias" in shapes))
+        has_bn = f"features.{idx + 1}.running_var" in shapes
+        if p is not None:
+            if has_bn:
+                axes.update(norm(f"features.{idx + 1}", p))
+            acts[p] = f"features.{idx + 2 if has_bn else idx + 1}"  # the ReLU after the conv (and its BatchNorm)
+        p_in = p
+    axes.update(dense(first, p_in, "H"))
+    axes.update(dense(last, "H", None))
+    acts["H"] = f"classifier.{linears[0] + 1}"
+    return PermutationSpec(axes, acts)
+
+
 def spec_for_model(model_spec: dict, layout: StateLayout, model=None) -> PermutationSpec:
     """The permutation spec of a study's model: registry spec, or the model's own ``permutation_spec()``."""
     name = model_spec["name"]

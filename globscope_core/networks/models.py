@@ -267,13 +267,18 @@ def resnet56(input_shape, num_classes, width=16):
 
 class CifarCNN(nn.Module):
     """A VGG-style CNN: conv blocks with max-pooling, then a wide classifier. The last block's 412
-    channels make it the paper's size (4.72e6 parameters for CIFAR-10, 4.90e6 for CIFAR-100)."""
+    channels make it the paper's size (4.72e6 parameters for CIFAR-10, 4.90e6 for CIFAR-100). ``batchnorm``: a
+    BatchNorm2d after every conv (which then has no bias); off by default, so existing studies keep their layout."""
 
-    def __init__(self, input_shape, num_classes: int, channels=(64, 128, 256, 412), hidden=2048):
+    def __init__(self, input_shape, num_classes: int, channels=(64, 128, 256, 412), hidden=2048, batchnorm=False):
         super().__init__()
         layers, cin = [], int(input_shape[0])
         for c in channels:
-            layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            if batchnorm:
+                layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)]
+            else:
+                layers += [nn.Conv2d(cin, c, 3, padding=1)]
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
             cin = c
         self.features = nn.Sequential(*layers)
         side = int(input_shape[1]) >> len(channels)
@@ -285,9 +290,11 @@ class CifarCNN(nn.Module):
 
 
 @register("cifar-cnn")
-def cifar_cnn(input_shape, num_classes, channels=(64, 128, 256, 412), hidden=2048):
+def cifar_cnn(input_shape, num_classes, channels=(64, 128, 256, 412), hidden=2048, batchnorm=False):
     """CNN of the paper's size on CIFAR: 4.73e6 parameters for 10 classes, 4.91e6 for 100."""
-    return CifarCNN(input_shape, int(num_classes), tuple(channels), int(hidden))
+    if not isinstance(batchnorm, bool):
+        raise ValueError(f"batchnorm must be true or false, not {batchnorm!r}")
+    return CifarCNN(input_shape, int(num_classes), tuple(channels), int(hidden), batchnorm)
 
 
 class ViT(nn.Module):

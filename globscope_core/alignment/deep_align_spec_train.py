@@ -1,0 +1,225 @@
+"""Training the spec-driven DEEP-ALIGN net (deep_align_spec.py) on a study's own checkpoints.
+
+The same two losses as for MLPs (deep_align_train.py): supervised on synthetic pairs (a checkpoint and a permuted,
+perturbed near-copy of its run) and interpolation on pairs of independent runs. The interpolated, softly permuted
+network is evaluated with ``torch.func.functional_call`` on the study's own model; BatchNorm runs in train mode,
+on the batch's statistics: the interpolated running statistics describe neither end (variance collapse, REPAIR),
+and batch statistics are what the align stage's ``_bn_recomputed`` barriers use. Resumable, like the MLP path.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import GlobScopeError
+from ..networks.models import study_model
+from .deep_align import load_aligner_file, save_aligner, sinkhorn
+from .deep_align_spec import (
+    arch_config,
+    build_net,
+    check_aligner_fits,
+    compatible,
+    group_sizes,
+    onehot,
+    permute_batch,
+    spec_tensors,
+    states_from_flat,
+)
+from .deep_align_train import DEFAULTS, supervised_loss
+
+# CNN steps cost more than an MLP's (a forward of the network per interpolation point): fewer, smaller by default
+SPEC_DEFAULTS = {**DEFAULTS, "steps": 200, "hidden": 32, "data_batch": 64, "max_rows": 128}
+
+
+class _ListNet:
+    """supervised_loss wants ``similarities`` as a list in a fixed order: the groups' order."""
+
+    def __init__(self, net, targets: dict):
+        self.net, self.order = net, list(targets)
+
+    def similarities(self, a, b) -> list:
+        s = self.net.similarities(a, b)
+        return [s[g] for g in self.order]
+
+
+def interpolation_loss(net, model, spec_axes, params: set, a: dict, b: dict, x, y, alphas) -> torch.Tensor:
+    """Mean cross-entropy of the models on the straight line between A and the softly aligned B (train mode)."""
+    soft = {g: sinkhorn(s).exp() for g, s in net.similarities(a, b).items()}
+    b = permute_batch(spec_axes, soft, b)
+    losses = []
+    for k in range(next(iter(a.values())).shape[0]):
+        for al in alphas:
+            mid = {n: (1 - al) * a[n][k] + al * b[n][k] for n in params}
+            losses.append(F.cross_entropy(torch.func.functional_call(model, mid, (x,)), y))
+    return torch.stack(losses).mean()
+
+
+class SpecPairSampler:
+    """Synthetic and run pairs of full states {name: [n, ...]} from the study's checkpoints (at most ``max_rows``)."""
+
+    def __init__(self, study, spec, tensors: list, cfg: dict, device):
+        rows = {r: np.sort(study.run_rows(r)) for r in range(len(study.runs))}
+        rows = {r: v for r, v in rows.items() if len(v)}
+        keep = min(1.0, cfg["max_rows"] / max(1, sum(len(v) for v in rows.values())))
+        self.runs = {}
+        for r, v in rows.items():  # each run thinned evenly, its ends kept
+            n = max(2, int(round(len(v) * keep)))
+            self.runs[r] = v[np.unique(np.linspace(0, len(v) - 1, min(n, len(v))).round().astype(int))]
+        self.params = torch.from_numpy(study.read_params(np.concatenate(list(self.runs.values())))).to(device)
+        self.where, i = {}, 0
+        for r, v in self.runs.items():
+            self.where[r] = np.arange(i, i + len(v))
+            i += len(v)
+        self.layout, self.spec, self.cfg, self.device = study.layout, spec, cfg, device
+        self.names = [t[0] for t in tensors]
+        self.sizes = group_sizes(tensors)
+
+    def states(self, idx, names=None) -> dict:
+        return states_from_flat(self.params[torch.as_tensor(np.asarray(idx), device=self.device)], self.layout, names)
+
+    def synthetic(self, rng, n: int):
+        """(A, B, targets): B = permuted, perturbed near-copy of A; targets[g][:, a] = B's index of A's unit a."""
+        runs, ia, ib = list(self.runs), [], []
+        for _ in range(n):
+            pos = self.where[runs[rng.integers(len(runs))]]
+            j = int(rng.integers(len(pos)))
+            k = int(np.clip(j + rng.integers(-self.cfg["near"], self.cfg["near"] + 1), 0, len(pos) - 1))
+            ia.append(pos[j])
+            ib.append(pos[k])
+        perms = {g: torch.as_tensor(np.stack([rng.permutation(m) for _ in range(n)]), device=self.device)
+                 for g, m in self.sizes.items()}
+        b = permute_batch(self.spec.axes, {g: onehot(p) for g, p in perms.items()}, self.states(ib, self.names))
+        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+        scale = torch.as_tensor(rng.uniform(0, self.cfg["noise"], size=n), dtype=torch.float32, device=self.device)
+        for name in self.names:
+            w = b[name]
+            rms = w.pow(2).mean(dim=tuple(range(1, w.ndim))).sqrt()
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            b[name] = w + (scale * rms).reshape(shape) * torch.randn(w.shape, generator=gen).to(self.device)
+        return self.states(ia, self.names), b, {g: torch.argsort(p, dim=1) for g, p in perms.items()}
+
+    def run_pairs(self, rng, n: int):
+        """(A, B) full states of two different runs at the same point of the late half of training, or None."""
+        runs = list(self.runs)
+        if len(runs) < 2:
+            return None
+        ia, ib = [], []
+        for _ in range(n):
+            ra, rb = rng.choice(len(runs), size=2, replace=False)
+            f = rng.uniform(0.5, 1.0)
+            pa, pb = self.where[runs[ra]], self.where[runs[rb]]
+            ia.append(pa[int(round(f * (len(pa) - 1)))])
+            ib.append(pb[int(round(f * (len(pb) - 1)))])
+        return self.states(ia), self.states(ib)
+
+
+def study_arch(study, spec, hidden=None, rounds=None) -> dict:
+    return arch_config(study.model_spec["name"], spec_tensors(spec, study.layout),
+                       hidden or SPEC_DEFAULTS["hidden"], rounds or SPEC_DEFAULTS["rounds"])
+
+
+def train_spec_aligner(study, spec, path: str, steps: int | None = None, seed: int = 0, device="cpu",
+                       progress: bool = True, resume_from: dict | None = None, **overrides):
+    """Train (or continue training) the spec aligner of ``study`` and save it to ``path``. Returns (net, config)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)  # small ops: one thread beats several on a shared CPU (see deep_align_train)
+    try:
+        return _train(study, spec, path, steps, seed, torch.device(device), progress, resume_from, **overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(study, spec, path, steps, seed, device, progress, resume_from, **overrides):
+    from ..evaluation.many_models import eval_data
+
+    cfg = {**SPEC_DEFAULTS, **{k: v for k, v in overrides.items() if k in SPEC_DEFAULTS and v is not None}}
+    if steps is not None:
+        cfg["steps"] = int(steps)
+    if resume_from is not None:
+        cfg = {**cfg, **{k: resume_from["config"]["train"][k] for k in SPEC_DEFAULTS if k != "steps"}}
+    arch = study_arch(study, spec, cfg["hidden"], cfg["rounds"])
+    torch.manual_seed(seed)
+    net = build_net(arch).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    start, seconds = 0, 0.0
+    if resume_from is not None:
+        net.load_state_dict(resume_from["model"])
+        if "optimizer" in resume_from:
+            opt.load_state_dict(resume_from["optimizer"])
+        start, seconds = int(resume_from["step"]), float(resume_from["config"].get("train_seconds", 0.0))
+    config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir, "batchnorm": "train-mode batch statistics",
+              "trained_on": {"study": study.dir, "model_spec": study.model_spec, "runs": len(study.runs),
+                             "run_seeds": [r.get("seed") for r in study.runs]}}
+    sampler = SpecPairSampler(study, spec, arch["tensors"], cfg, device)
+    model = study_model(study).to(device).train()  # train mode: BatchNorm on the batch's statistics
+    params = {n for n, _ in model.named_parameters()}
+    x_all, y_all = eval_data(study, "train", None)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    net.train()
+    bar = tqdm(total=cfg["steps"], initial=start, desc="deep-align: train aligner", unit="step", disable=not progress)
+    t0 = time.time()
+    for step in range(start, cfg["steps"]):
+        rng = np.random.default_rng([int(seed), step])
+        a, b, targets = sampler.synthetic(rng, cfg["synthetic_pairs"])
+        loss_sup = supervised_loss(_ListNet(net, targets), a, b, list(targets.values()))
+        loss, loss_lmc = loss_sup, torch.zeros(())
+        pairs = sampler.run_pairs(rng, cfg["run_pairs"])
+        if pairs is not None and cfg["lmc_weight"] > 0:
+            idx = torch.as_tensor(rng.choice(len(x_all), size=min(cfg["data_batch"], len(x_all)), replace=False),
+                                  device=device)
+            loss_lmc = interpolation_loss(net, model, spec.axes, params, *pairs, x_all[idx], y_all[idx],
+                                          rng.uniform(0.2, 0.8, cfg["alphas"]))
+            loss = loss + cfg["lmc_weight"] * loss_lmc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(sup=f"{loss_sup.item():.3f}", lmc=f"{loss_lmc.item():.3f}")
+        done = step + 1
+        if done % cfg["save_every"] == 0 or done == cfg["steps"]:
+            config["train_seconds"] = round(seconds + time.time() - t0, 2)
+            save_aligner(path, config, net, opt, step=done)
+    bar.close()
+    config["train_seconds"] = round(seconds + time.time() - t0, 2)
+    net.eval()
+    return net, config
+
+
+def load_trained_spec_aligner(study, spec, path: str, device="cpu"):
+    """The aligner of ``path`` as it is (no training), for this study's model: (net, config, step); else one line."""
+    blob = load_aligner_file(path)
+    check_aligner_fits(path, blob["config"], study_arch(study, spec, blob["config"].get("hidden"),
+                                                        blob["config"].get("rounds")))
+    net = build_net(blob["config"])
+    try:
+        net.load_state_dict(blob["model"])
+    except RuntimeError as exc:  # right config, wrong tensors: a damaged file
+        first = str(exc).strip().splitlines()[0]
+        raise GlobScopeError(f"{path}: the aligner's weights do not fit its config: {first}") from None
+    return net.to(torch.device(device)).eval(), blob["config"], int(blob["step"])
+
+
+def ensure_spec_aligner(study, spec, path: str, steps: int | None = None, seed: int = 0, device="cpu",
+                        progress: bool = True, **overrides):
+    """The saved aligner when it fits this study and has trained ``steps`` steps; resumed or trained otherwise."""
+    device = torch.device(device)
+    arch = study_arch(study, spec, overrides.get("hidden"), overrides.get("rounds"))
+    if os.path.exists(path):
+        blob = load_aligner_file(path)
+        if compatible(blob["config"], arch):
+            target = int(steps) if steps is not None else int(blob["config"]["train"]["steps"])
+            if blob["step"] >= target:
+                net = build_net(blob["config"])
+                net.load_state_dict(blob["model"])
+                return net.to(device).eval(), blob["config"]
+            return train_spec_aligner(study, spec, path, steps=target, seed=int(blob["config"]["seed"]),
+                                      device=device, progress=progress, resume_from=blob, **overrides)
+        tqdm.write(f"{path}: saved aligner is for another architecture; training a new one")
+    return train_spec_aligner(study, spec, path, steps=steps, seed=seed, device=device, progress=progress, **overrides)
