@@ -10,8 +10,8 @@ def register(sub):
     p.add_argument("study", type=study_dir, help="study directory")
     p.add_argument("--reference", type=nonnegative_int, default=0, help="run the others are aligned to (default 0)")
     p.add_argument("--method", default="weight-matching",
-                   help="weight-matching, activation-matching, deep-align (learned; MLPs, CNNs, ResNets), deep-align+wm "
-                        "(deep-align refined by weight matching), sinkhorn (permutations learned on the loss between "
+                   help="weight-matching, activation-matching, deep-align (learned; MLPs, CNNs, ResNets), "
+                        "deep-align+wm (deep-align refined by weight matching), sinkhorn (permutations learned on the loss between "
                         "the models, Pena et al.), deep-align+sinkhorn and weight-matching+sinkhorn (refined by it), "
                         "or a method registered in align.ALIGNERS")
     p.add_argument("--out", required=True, type=new_or_dir, help="directory of the aligned study (new)")
