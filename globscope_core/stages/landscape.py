@@ -423,7 +423,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
                 extrapolated=_extrapolated_report(study, config["split"], loss, trusted),
                 spikes=_spike_report(log_loss, dims, trusted))
     if trajectories:
-        info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"])
+        info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"], rows=cp)
     info["seconds"] = round(time.time() - t_start, 3)
     study.update_report(f"landscape-{tag}", info)
     store.remove()
@@ -448,7 +448,11 @@ def _spike_report(log_loss, dims, trusted) -> dict:
     return {"decades": 0.5, "all": int(len(ids)), "trusted": int(trusted[ids].sum()), "ids": ids[:20].tolist()}
 
 
-def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluator, split: str) -> str:
+TRAJECTORY_BATCH_BYTES = 64 << 20  # weights decoded per batch for the trajectories (in-memory basis)
+
+
+def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluator, split: str,
+                       rows: int = 1) -> str:
     """``STUDY/trajectories-{dim}d.vtp``: a polyline per run, its final checkpoint as a vertex.
 
     Point arrays: run, step, loss (the stored checkpoint's loss on ``split``), loss_eval (the original
@@ -464,7 +468,11 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
     pts = np.zeros((len(order), 3))
     pts[:, :dim] = Z[order]
     loss_dec, acc_dec, loss_eval = [], [], []
-    tb = int(max(1, min(128, (64 << 20) // (4 * study.n_params))))  # rows per batch: ~64 MiB of weights
+    tb = int(max(1, min(128, TRAJECTORY_BATCH_BYTES // (4 * study.n_params))))  # rows per batch
+    if getattr(getattr(reducer, "basis", None), "streamed", False):
+        # each decode is a pass over the study (the basis is streamed from it): the landscape's chunk of ``rows``
+        # per pass, which its memory estimate counts (at 1.2e8 parameters: 4 passes for 40 checkpoints, not 40)
+        tb = max(tb, int(rows))
     for s in range(0, len(order), tb):
         z = torch.as_tensor(Z[order[s : s + tb]], dtype=torch.float32, device=ev.device)
         with torch.no_grad():
