@@ -240,3 +240,24 @@ def test_a_landscape_encodes_its_own_streamed_checkpoints_without_reading_them(s
     Z = encode_checkpoints(study_copy, r)
     assert calls == [] and Z.shape == (study_copy.n_checkpoints, 2)
     np.testing.assert_allclose(Z, encoded, rtol=1e-4, atol=1e-4 * np.abs(encoded).max())
+
+
+def test_trajectories_of_a_streamed_basis_decode_a_chunk_per_pass(study_copy, monkeypatch):
+    """The trajectories decoded ~64 MiB of weights per batch: one checkpoint at 1.2e8 parameters, and with a
+    streamed basis every batch is a pass over the study (40 passes, about 80 minutes there). They now decode the
+    landscape's chunk per pass. Here 64 MiB is made one byte, so the old rule decodes one row per pass."""
+    from globscope_core.reducers import fit_reducer
+    from globscope_core.stages import landscape
+    from globscope_core.storage.study import Study
+
+    monkeypatch.setenv("GLOBSCOPE_BASIS_BYTES", "1K")  # streamed: V is over it
+    assert fit_reducer(study_copy, "pca", 2).basis.streamed
+    monkeypatch.setattr(landscape, "TRAJECTORY_BATCH_BYTES", 1)
+    calls = []
+    real = Study.iter_params
+    monkeypatch.setattr(Study, "iter_params", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    n = study_copy.n_checkpoints
+    info = landscape.compute_landscape(study_copy, "pca-2d", resolution=3, eval_samples=16, chunk_points=n,
+                                       progress=False)
+    assert info["complete"] and os.path.exists(info["trajectories"])
+    assert n > 4 and len(calls) <= 2, (n, len(calls))  # one pass for the 9 grid points, one for the n checkpoints
