@@ -469,16 +469,16 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
     pts[:, :dim] = Z[order]
     loss_dec, acc_dec, loss_eval = [], [], []
     tb = int(max(1, min(128, TRAJECTORY_BATCH_BYTES // (4 * study.n_params))))  # rows per batch
-    if getattr(getattr(reducer, "basis", None), "streamed", False):
-        # each decode is a pass over the study (the basis is streamed from it): the landscape's chunk of ``rows``
-        # per pass, which its memory estimate counts (at 1.2e8 parameters: 4 passes for 40 checkpoints, not 40)
-        tb = max(tb, int(rows))
-    for s in range(0, len(order), tb):
-        z = torch.as_tensor(Z[order[s : s + tb]], dtype=torch.float32, device=ev.device)
+    # each decode with a streamed basis is a pass over the study: the landscape's chunk of ``rows`` per pass, which
+    # its memory estimate counts (at 1.2e8 parameters: 4 passes for 40 checkpoints, not 40)
+    td = max(tb, int(rows)) if getattr(getattr(reducer, "basis", None), "streamed", False) else tb
+    for s in range(0, len(order), td):
+        z = torch.as_tensor(Z[order[s : s + td]], dtype=torch.float32, device=ev.device)
         with torch.no_grad():
             a, b = ev.evaluate(reducer.inverse_transform_torch(z))
         loss_dec.append(a)
         acc_dec.append(b)
+    for s in range(0, len(order), tb):  # the stored checkpoints: read directly, ~64 MiB at a time
         loss_eval.append(ev.evaluate(torch.from_numpy(study.read_params(order[s : s + tb])))[0])
     lines, verts, cell_run, start = [], [], [], 0
     for r, rows in rows_per_run:
