@@ -304,7 +304,7 @@ class DeepAlign(Aligner):
     """
 
     name = "deep-align"
-    provenance: dict | None = None  # where the net was trained, set by deep_align_train.make_deep_align
+    provenance: dict | None = None  # where the net was trained, set by deep_align_make.make_deep_align
 
     def __init__(self, spec, net: DeepAlignNet, layers: list, config: dict, refine=None, device="cpu"):
         super().__init__(spec)

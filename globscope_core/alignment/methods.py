@@ -24,7 +24,7 @@ def _make_activation_matching(spec, study, act_samples=1024, seed=0, device="cpu
 
 
 def _make_deep_align(spec, study, **options):
-    from .deep_align_train import make_deep_align  # torch training code, only when asked for
+    from .deep_align_make import make_deep_align  # torch training code, only when asked for
 
     return make_deep_align(spec, study, **options)
 
