@@ -75,6 +75,9 @@ def write_md(doc: dict, path: str) -> None:
         peak = st["peak_bytes"]
         lines.append(f"| {name} | {st['seconds']:.0f} | {peak / 1e9:.2f} | {peak / 2**30:.2f} | "
                      f"{st['read_bytes'] / 2**30:.2f} | {st.get('memory_limit', '')} | {st.get('commit') or ''} |")
+    notes = [f"- {name}: {st['note']}" for name, st in doc["stages"].items() if st.get("note")]
+    if notes:
+        lines += [""] + notes
     fit = doc["report"].get("fit-ae-2d")
     if fit:
         rec, fn, ho = fit["reconstruction"], fit["function"], fit.get("held_out") or {}
