@@ -423,7 +423,7 @@ def _finish(study, reducer, reducer_name, Z, store, results, n_chunks, sizes, co
                 extrapolated=_extrapolated_report(study, config["split"], loss, trusted),
                 spikes=_spike_report(log_loss, dims, trusted))
     if trajectories:
-        info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"], rows=cp)
+        info["trajectories"] = write_trajectories(study, reducer, Z, ev, config["split"], chunk_points=cp)
     info["seconds"] = round(time.time() - t_start, 3)
     study.update_report(f"landscape-{tag}", info)
     store.remove()
@@ -452,7 +452,7 @@ TRAJECTORY_BATCH_BYTES = 64 << 20  # weights decoded per batch for the trajector
 
 
 def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluator, split: str,
-                       rows: int = 1) -> str:
+                       chunk_points: int = 1) -> str:
     """``STUDY/trajectories-{dim}d.vtp``: a polyline per run, its final checkpoint as a vertex.
 
     Point arrays: run, step, loss (the stored checkpoint's loss on ``split``), loss_eval (the original
@@ -469,9 +469,9 @@ def write_trajectories(study: Study, reducer, Z: np.ndarray, ev: BatchedEvaluato
     pts[:, :dim] = Z[order]
     loss_dec, acc_dec, loss_eval = [], [], []
     tb = int(max(1, min(128, TRAJECTORY_BATCH_BYTES // (4 * study.n_params))))  # rows per batch
-    # each decode with a streamed basis is a pass over the study: the landscape's chunk of ``rows`` per pass, which
+    # each decode with a streamed basis is a pass over the study: the landscape's chunk per pass, which
     # its memory estimate counts (at 1.2e8 parameters: 4 passes for 40 checkpoints, not 40)
-    td = max(tb, int(rows)) if getattr(getattr(reducer, "basis", None), "streamed", False) else tb
+    td = max(tb, int(chunk_points)) if getattr(getattr(reducer, "basis", None), "streamed", False) else tb
     for s in range(0, len(order), td):
         z = torch.as_tensor(Z[order[s : s + td]], dtype=torch.float32, device=ev.device)
         with torch.no_grad():

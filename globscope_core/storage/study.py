@@ -193,7 +193,8 @@ class Study:
             except OSError as exc:
                 raise self._rows_error(d, uniq, exc) from None
             if uniq.size == rows.size and np.array_equal(order, np.arange(rows.size)):
-                return np.asarray(block, np.float32)  # increasing rows: h5py's array as it is (12 rows of 1.2e8 parameters are 6 GB)
+                # increasing rows: h5py's array as it is (12 rows of 1.2e8 parameters are 6 GB a copy)
+                return np.asarray(block, np.float32)
             out = np.empty((rows.size, self.n_params), np.float32)
             for i, j in zip(order, inverse):  # row by row: out[order] = block[inverse] made a third copy
                 out[i] = block[j]
