@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import GlobScopeError
-from .deep_align import FORMAT, VERSION, hungarian
+from .deep_align import FORMAT, VERSION, _rms, hungarian
 from .matching import Aligner
 
 KIND = "spec"
@@ -126,10 +126,6 @@ def permute_batch(spec_axes: dict, mats: dict, states: dict) -> dict:
 
 
 # --- the encoder -----------------------------------------------------------------------------------
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.pow(2).mean(dim=tuple(range(1, t.ndim)), keepdim=True).sqrt().clamp_min(1e-8)
-
-
 class SpecEncoder(nn.Module):
     """Permutation-equivariant embeddings {group: [B, n_g, D]} of a batch of networks given as {name: [B, ...]}."""
 
