@@ -48,12 +48,13 @@ class ArraySource:
         self.X = X
         self.n_checkpoints, self.n_params = X.shape
 
-    def iter_params(self, block_rows=None, rows=None):
+    def iter_params(self, block_rows=None, rows=None, reuse: bool = False):
+        """Blocks are copies (``reuse``: the caller may overwrite them, as with a Study)."""
         rows = np.arange(self.n_checkpoints) if rows is None else np.asarray(rows)
         block_rows = block_rows or len(rows) or 1
         for s in range(0, len(rows), block_rows):
             idx = rows[s : s + block_rows]
-            yield idx, self.X[idx]
+            yield idx, self.X[idx]  # an index array: a copy
 
 
 def as_source(X):
@@ -62,21 +63,6 @@ def as_source(X):
 
 def default_block_rows(n_params: int, budget_bytes: int = 64 << 20) -> int:
     return max(1, budget_bytes // max(1, 4 * n_params))
-
-
-class _Reused:
-    """One float32 buffer for a stream of blocks, each consumed before the next: a fresh block is fresh memory
-    every time (0.5 GB per row at 1.2e8 parameters), and its page faults cost more than the arithmetic."""
-
-    def __init__(self):
-        self.buf = None
-
-    def __call__(self, shape) -> np.ndarray:
-        n = int(np.prod(shape))
-        if self.buf is None or self.buf.size < n:
-            self.buf = None  # the old one freed first
-            self.buf = np.empty(n, np.float32)
-        return self.buf[:n].reshape(shape)
 
 
 class SpanBasis:
@@ -109,13 +95,12 @@ class SpanBasis:
 
     def _rows(self, reuse: bool = True):
         """The basis' checkpoints, standardized, block by block: (positions, S [b, P] float32); ``reuse``: every
-        S is the same buffer, overwritten by the next block (not for autograd, which keeps S)."""
+        S is the buffer the rows were read into, overwritten by the next block (not for autograd, which keeps S)."""
         if self.source is None:
             raise GlobScopeError("this reducer's basis is streamed from its study's checkpoints: load it with its "
                                  "study (reducers.load_reducer)")
-        into = _Reused() if reuse else None
-        for idx, B in self.source.iter_params(default_block_rows(self.n_params)):
-            yield idx, self.standardize(B, None if into is None else into(B.shape))
+        for idx, B in self.source.iter_params(default_block_rows(self.n_params), reuse=reuse):
+            yield idx, self.standardize(B, B if reuse else None)  # reused: standardized in the read buffer
 
     # --- fitting --------------------------------------------------------------------------
     def fit(self, source, min_checkpoints: int = 3, block_rows: int | None = None, progress: bool = False,
@@ -148,7 +133,8 @@ class SpanBasis:
         if floor_mask is not None and np.any(floor_mask):
             lowest = np.full(P, np.inf, np.float32)
         shift = total = sq = None
-        for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 1/3 mean", disable=not progress):
+        for idx, B in tqdm(src.iter_params(block_rows, reuse=True), total=nb, desc="basis 1/3 mean",
+                           disable=not progress):
             if shift is None:
                 shift = B[0].copy()  # float32; cast exactly to float64 in the differences
                 total, sq = np.zeros(P), np.zeros(P)
@@ -215,11 +201,11 @@ class SpanBasis:
 
         # pass 3: the basis itself, V += W[:, rows] @ S[rows], in column slices: a whole [k, P]
         # product would be a second V in memory (2 GB for a 4.7e6-parameter CNN)
-        into = _Reused()
         V = np.zeros((k, P), np.float32)
         cols = max(1, (64 << 20) // (4 * k))
-        for idx, B in tqdm(src.iter_params(block_rows), total=nb, desc="basis 3/3 span", disable=not progress):
-            S = self.standardize(B, into(B.shape))
+        for idx, B in tqdm(src.iter_params(block_rows, reuse=True), total=nb, desc="basis 3/3 span",
+                           disable=not progress):
+            S = self.standardize(B, B)  # in the read buffer
             for c in range(0, P, cols):
                 V[:, c : c + cols] += W[:, idx] @ S[:, c : c + cols]
         self.V, self.W = V, None

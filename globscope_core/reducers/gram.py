@@ -85,13 +85,13 @@ def gram_matrix(src, transform, panel_bytes: int | None = None, block_bytes: int
     for s0 in starts:
         rows_i = np.arange(s0, min(N, s0 + panel_rows))
         Si = panel[: len(rows_i)]
-        for idx, B in src.iter_params(block_rows, rows_i):
+        for idx, B in src.iter_params(block_rows, rows_i, reuse=True):
             Si[idx - s0] = transform(B)
         end = s0 + len(rows_i)
         # the panel with itself, then every later row streamed past it (rows arrive in order: idx is a range)
         _tiles(Si, s0, Si, s0, G)
         bar.update(len(rows_i))
-        for idx, B in src.iter_params(block_rows, np.arange(end, N)):
+        for idx, B in src.iter_params(block_rows, np.arange(end, N), reuse=True):
             Bd = buf[: len(B)]
             Bd[...] = transform(B)
             _tiles(Si, s0, Bd, int(idx[0]), G)
@@ -115,7 +115,7 @@ def _gram_cuda(src, transform, device, panel_bytes, block_bytes, progress, desc)
     panel = torch.empty((panel_rows, P), dtype=torch.float64, device=device)
 
     def blocks(rows):
-        for idx, B in src.iter_params(block_rows, rows):
+        for idx, B in src.iter_params(block_rows, rows, reuse=True):
             yield idx, torch.from_numpy(np.ascontiguousarray(transform(B))).to(device, torch.float64)
 
     starts = list(range(0, N, panel_rows))

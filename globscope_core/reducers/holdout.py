@@ -68,11 +68,11 @@ class RowSubset:
         self.layout = study.layout
         self.h5_path = f"{study.h5_path} (held-out split: {len(self.rows)} fitted rows)"
 
-    def iter_params(self, block_rows=None, rows=None):
+    def iter_params(self, block_rows=None, rows=None, reuse: bool = False):
         # the reducers index their own rows 0..n-1 (Gram matrix, basis pass): yield subset positions
         pos = np.arange(len(self.rows)) if rows is None else np.asarray(rows, np.int64)
         off = 0
-        for idx, B in self.study.iter_params(block_rows, rows=self.rows[pos]):
+        for idx, B in self.study.iter_params(block_rows, rows=self.rows[pos], reuse=reuse):
             yield pos[off : off + len(idx)], B
             off += len(idx)
 

@@ -49,14 +49,15 @@ def activation_bytes(model_spec: dict) -> tuple[int, int]:
     An evaluation holds a few of the largest outputs at once; a training step keeps the tensors autograd saves
     (counted with saved-tensor hooks: one sample's share is the difference between batches of 2 and 1, so the
     weights it saves are not counted). Both on the meta device, which allocates nothing; (0, 0) when the model
-    cannot be built or run there."""
+    cannot be built or run there. A language model reads token ids (integers), every other model floats."""
     import torch
 
-    from ..networks.models import build_model
+    from ..networks.models import LANGUAGE_MODELS, build_model
 
     shape = (model_spec.get("kwargs") or {}).get("input_shape")
     if not shape:
         return 0, 0
+    dtype = torch.long if model_spec.get("name") in LANGUAGE_MODELS else torch.float32
     sizes, saved = [], {}
 
     def pack(t):
@@ -66,7 +67,7 @@ def activation_bytes(model_spec: dict) -> tuple[int, int]:
     def forward(model, n):
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.empty((n, *shape), device="meta"))
+            model(torch.zeros((n, *shape), dtype=dtype, device="meta"))
         return sum(saved.values())
 
     try:
@@ -77,7 +78,7 @@ def activation_bytes(model_spec: dict) -> tuple[int, int]:
         hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() if torch.is_tensor(o) else 0))
                  for m in leaves]
         with torch.no_grad():
-            model.eval()(torch.empty((1, *shape), device="meta"))
+            model.eval()(torch.zeros((1, *shape), dtype=dtype, device="meta"))
         for h in hooks:
             h.remove()
     except Exception:  # a model that cannot run on meta: no activation part (small for the registry's models)
