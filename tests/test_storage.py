@@ -163,3 +163,31 @@ def test_rows_are_read_in_any_order_without_extra_copies(tiny_study):
         tracemalloc.stop()
         np.testing.assert_array_equal(got, every[asked])
         assert peak < (copies + 0.5) * len(asked) * one, (asked[:2], peak / (len(asked) * one))
+
+
+def test_streamed_blocks_reuse_one_buffer(tmp_path):
+    """iter_params(reuse=True): the same rows as read_params, in any order, every block read into one buffer. A
+    caller's loop keeps the block before while the next is read, so a fresh block each time held two rows at once
+    (with HDF5's chunk buffer, three: 1.5 GB at 1.2e8 parameters, past the landscape's memory estimate)."""
+    import tracemalloc
+
+    from conftest import make_study
+
+    study = make_study(tmp_path / "s", runs=1, epochs=4, widths=(512, 512))  # 1.2 MB a row: above any overhead
+    every = study.read_params()
+    one = 4 * study.n_params
+    for rows in (None, [1, 2, 3], [4, 0, 0, 2, 3]):
+        for block_rows in (1, 2):
+            seen, buffers = [], set()
+            tracemalloc.start()
+            for idx, B in study.iter_params(block_rows, rows=rows, reuse=True):
+                for j, r in enumerate(idx):
+                    assert np.array_equal(B[j], every[r]), (rows, r)
+                seen += list(idx)
+                buffers.add(B.__array_interface__["data"][0])
+                B *= 0  # the caller may overwrite it; the loop variable B stays alive while the next is read
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert seen == (list(range(len(every))) if rows is None else rows)
+            assert len(buffers) == 1, (rows, block_rows)
+            assert peak < (block_rows + 0.5) * one, (rows, block_rows, peak / one)  # fresh blocks: 2 x block_rows
