@@ -9,7 +9,6 @@ and batch statistics are what the align stage's ``_bn_recomputed`` barriers use.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GlobScopeError
 from ..networks.models import study_model
-from .deep_align import load_aligner_file, save_aligner, sinkhorn
+from .deep_align import load_aligner_file, sinkhorn
 from .deep_align_spec import (
     arch_config,
     build_net,
@@ -30,7 +29,15 @@ from .deep_align_spec import (
     spec_tensors,
     states_from_flat,
 )
-from .deep_align_train import DEFAULTS, supervised_loss
+from .deep_align_train import (
+    DEFAULTS,
+    data_batch,
+    late_pairs,
+    new_or_resumed,
+    one_cpu_thread,
+    supervised_loss,
+    train_steps,
+)
 
 # CNN steps cost more than an MLP's (a forward of the network per interpolation point): fewer, smaller by default
 SPEC_DEFAULTS = {**DEFAULTS, "steps": 200, "hidden": 32, "data_batch": 64, "max_rows": 128}
@@ -105,17 +112,8 @@ class SpecPairSampler:
 
     def run_pairs(self, rng, n: int):
         """(A, B) full states of two different runs at the same point of the late half of training, or None."""
-        runs = list(self.runs)
-        if len(runs) < 2:
-            return None
-        ia, ib = [], []
-        for _ in range(n):
-            ra, rb = rng.choice(len(runs), size=2, replace=False)
-            f = rng.uniform(0.5, 1.0)
-            pa, pb = self.where[runs[ra]], self.where[runs[rb]]
-            ia.append(pa[int(round(f * (len(pa) - 1)))])
-            ib.append(pb[int(round(f * (len(pb) - 1)))])
-        return self.states(ia), self.states(ib)
+        rows = late_pairs(self.where, rng, n)
+        return None if rows is None else (self.states(rows[0]), self.states(rows[1]))
 
 
 def study_arch(study, spec, hidden=None, rounds=None) -> dict:
@@ -126,13 +124,8 @@ def study_arch(study, spec, hidden=None, rounds=None) -> dict:
 def train_spec_aligner(study, spec, path: str, steps: int | None = None, seed: int = 0, device="cpu",
                        progress: bool = True, resume_from: dict | None = None, **overrides):
     """Train (or continue training) the spec aligner of ``study`` and save it to ``path``. Returns (net, config)."""
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)  # small ops: one thread beats several on a shared CPU (see deep_align_train)
-    try:
+    with one_cpu_thread(device):
         return _train(study, spec, path, steps, seed, torch.device(device), progress, resume_from, **overrides)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(study, spec, path, steps, seed, device, progress, resume_from, **overrides):
@@ -144,15 +137,7 @@ def _train(study, spec, path, steps, seed, device, progress, resume_from, **over
     if resume_from is not None:
         cfg = {**cfg, **{k: resume_from["config"]["train"][k] for k in SPEC_DEFAULTS if k != "steps"}}
     arch = study_arch(study, spec, cfg["hidden"], cfg["rounds"])
-    torch.manual_seed(seed)
-    net = build_net(arch).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
-    start, seconds = 0, 0.0
-    if resume_from is not None:
-        net.load_state_dict(resume_from["model"])
-        if "optimizer" in resume_from:
-            opt.load_state_dict(resume_from["optimizer"])
-        start, seconds = int(resume_from["step"]), float(resume_from["config"].get("train_seconds", 0.0))
+    net, opt, start, seconds = new_or_resumed(build_net, arch, cfg, seed, device, resume_from)
     config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir, "batchnorm": "train-mode batch statistics",
               "trained_on": {"study": study.dir, "model_spec": study.model_spec, "runs": len(study.runs),
                              "run_seeds": [r.get("seed") for r in study.runs]}}
@@ -161,35 +146,20 @@ def _train(study, spec, path, steps, seed, device, progress, resume_from, **over
     params = {n for n, _ in model.named_parameters()}
     x_all, y_all = eval_data(study, "train", None)
     x_all, y_all = x_all.to(device), y_all.to(device)
-    net.train()
-    bar = tqdm(total=cfg["steps"], initial=start, desc="deep-align: train aligner", unit="step", disable=not progress)
-    t0 = time.time()
-    for step in range(start, cfg["steps"]):
-        rng = np.random.default_rng([int(seed), step])
+
+    def step_loss(rng):
         a, b, targets = sampler.synthetic(rng, cfg["synthetic_pairs"])
-        loss_sup = supervised_loss(_ListNet(net, targets), a, b, list(targets.values()))
-        loss, loss_lmc = loss_sup, torch.zeros(())
+        loss = loss_sup = supervised_loss(_ListNet(net, targets), a, b, list(targets.values()))
+        loss_lmc = torch.zeros(())
         pairs = sampler.run_pairs(rng, cfg["run_pairs"])
         if pairs is not None and cfg["lmc_weight"] > 0:
-            idx = torch.as_tensor(rng.choice(len(x_all), size=min(cfg["data_batch"], len(x_all)), replace=False),
-                                  device=device)
-            loss_lmc = interpolation_loss(net, model, spec.axes, params, *pairs, x_all[idx], y_all[idx],
+            x, y = data_batch(rng, x_all, y_all, cfg["data_batch"])
+            loss_lmc = interpolation_loss(net, model, spec.axes, params, *pairs, x, y,
                                           rng.uniform(0.2, 0.8, cfg["alphas"]))
             loss = loss + cfg["lmc_weight"] * loss_lmc
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(sup=f"{loss_sup.item():.3f}", lmc=f"{loss_lmc.item():.3f}")
-        done = step + 1
-        if done % cfg["save_every"] == 0 or done == cfg["steps"]:
-            config["train_seconds"] = round(seconds + time.time() - t0, 2)
-            save_aligner(path, config, net, opt, step=done)
-    bar.close()
-    config["train_seconds"] = round(seconds + time.time() - t0, 2)
-    net.eval()
-    return net, config
+        return loss, loss_sup, loss_lmc
+
+    return train_steps(net, opt, cfg, config, path, seed, start, seconds, step_loss, progress)
 
 
 def load_trained_spec_aligner(study, spec, path: str, device="cpu"):

@@ -14,6 +14,7 @@ last checkpoint (every ``save_every`` steps: net, Adam state, step) continues wi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -120,72 +121,70 @@ class PairSampler:
 
     def run_pairs(self, rng, n: int):
         """(A, B) from two different runs at the same point of the late half of training, or None (one run)."""
-        runs = list(self.runs)
-        if len(runs) < 2:
-            return None
-        ia, ib = [], []
-        for _ in range(n):
-            ra, rb = rng.choice(len(runs), size=2, replace=False)
-            f = rng.uniform(0.5, 1.0)
-            pa, pb = self.where[runs[ra]], self.where[runs[rb]]
-            ia.append(pa[int(round(f * (len(pa) - 1)))])
-            ib.append(pb[int(round(f * (len(pb) - 1)))])
-        return self.weights(ia), self.weights(ib)
+        rows = late_pairs(self.where, rng, n)
+        return None if rows is None else (self.weights(rows[0]), self.weights(rows[1]))
 
 
-def train_aligner(study, path: str, steps: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
-                  resume_from: dict | None = None, **overrides):
-    """Train (or continue training) the aligner of ``study`` and save it to ``path``. Returns (net, config)."""
-    # the ops are small (MFLOPs): on the CPU one thread beats several, whose synchronisation dominated (on the
-    # shared 2-core machine, 2 threads ran > 20x slower per step than 1)
+# --- what both aligners' trainings share (this one's and deep_align_spec_train's) ----------------------------
+def late_pairs(where: dict, rng, n: int):
+    """Rows (ia, ib) of ``n`` pairs of different runs at the same point of the late half of training (``where``:
+    run -> its rows in step order), or None with one run."""
+    runs = list(where)
+    if len(runs) < 2:
+        return None
+    ia, ib = [], []
+    for _ in range(n):
+        ra, rb = rng.choice(len(runs), size=2, replace=False)
+        f = rng.uniform(0.5, 1.0)
+        pa, pb = where[runs[ra]], where[runs[rb]]
+        ia.append(pa[int(round(f * (len(pa) - 1)))])
+        ib.append(pb[int(round(f * (len(pb) - 1)))])
+    return ia, ib
+
+
+def data_batch(rng, x, y, n: int):
+    """A random batch of at most ``n`` samples of (x, y), for the interpolation loss."""
+    idx = torch.as_tensor(rng.choice(len(x), size=min(n, len(x)), replace=False), device=x.device)
+    return x[idx], y[idx]
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device):
+    """The aligners' ops are small (MFLOPs): on the CPU one thread beats several, whose synchronisation dominated
+    (on the shared 2-core machine, 2 threads ran > 20x slower per step than 1)."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _train(study, path, steps, seed, device, progress, resume_from, **overrides)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(study, path, steps, seed, device, progress, resume_from, **overrides):
-    from ..evaluation.many_models import eval_data
-
-    device = torch.device(device)
-    layers = mlp_layers(study.model_spec, study.layout)
-    cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if k in DEFAULTS and v is not None}}
-    if steps is not None:
-        cfg["steps"] = int(steps)
-    arch = arch_config(study.model_spec["name"], layer_dims(study.layout, layers), cfg["hidden"], cfg["rounds"])
+def new_or_resumed(build, arch: dict, cfg: dict, seed: int, device, resume_from: dict | None):
+    """The aligner net ``build(arch)`` and its Adam optimizer, new (seeded) or as ``resume_from`` left them:
+    (net, optimizer, first step, seconds trained so far)."""
     torch.manual_seed(seed)
-    net = build_net(arch).to(device)
+    net = build(arch).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
-    start, seconds = 0, 0.0
-    if resume_from is not None:
-        net.load_state_dict(resume_from["model"])
-        if "optimizer" in resume_from:
-            opt.load_state_dict(resume_from["optimizer"])
-        start = int(resume_from["step"])
-        seconds = float(resume_from["config"].get("train_seconds", 0.0))
-        cfg = {**cfg, **{k: resume_from["config"]["train"][k] for k in DEFAULTS if k != "steps"}}
-    config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir, "trained_on": trained_on(study, layers)}
-    sampler = PairSampler(study, layers, cfg, device)
-    x_all, y_all = eval_data(study, "train", None)
-    x_all, y_all = x_all.to(device), y_all.to(device)
+    if resume_from is None:
+        return net, opt, 0, 0.0
+    net.load_state_dict(resume_from["model"])
+    if "optimizer" in resume_from:
+        opt.load_state_dict(resume_from["optimizer"])
+    return net, opt, int(resume_from["step"]), float(resume_from["config"].get("train_seconds", 0.0))
+
+
+def train_steps(net, opt, cfg: dict, config: dict, path: str, seed: int, start: int, seconds: float, step_loss,
+                progress: bool):
+    """Adam steps ``start`` .. cfg["steps"] on ``step_loss(rng) -> (loss, supervised, interpolation)``, with rng
+    seeded by (seed, step) so that a resumed training draws the same batches; the aligner is saved to ``path``
+    every cfg["save_every"] steps and at the end. Returns (net in eval mode, config with its training time)."""
     net.train()
     bar = tqdm(total=cfg["steps"], initial=start, desc="deep-align: train aligner", unit="step", disable=not progress)
     t0 = time.time()
     for step in range(start, cfg["steps"]):
-        rng = np.random.default_rng([int(seed), step])
-        ws_a, ws_b, targets = sampler.synthetic(rng, cfg["synthetic_pairs"])
-        loss_sup = supervised_loss(net, ws_a, ws_b, targets)
-        loss = loss_sup
-        pairs = sampler.run_pairs(rng, cfg["run_pairs"])
-        loss_lmc = torch.zeros(())
-        if pairs is not None and cfg["lmc_weight"] > 0:
-            idx = torch.as_tensor(rng.choice(len(x_all), size=min(cfg["data_batch"], len(x_all)), replace=False),
-                                  device=device)
-            loss_lmc = interpolation_loss(net, *pairs, x_all[idx], y_all[idx], rng.uniform(0.2, 0.8, cfg["alphas"]))
-            loss = loss + cfg["lmc_weight"] * loss_lmc
+        loss, loss_sup, loss_lmc = step_loss(np.random.default_rng([int(seed), step]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -200,6 +199,45 @@ def _train(study, path, steps, seed, device, progress, resume_from, **overrides)
     config["train_seconds"] = round(seconds + time.time() - t0, 2)
     net.eval()
     return net, config
+
+
+# --- the MLP aligner ------------------------------------------------------------------------------------------
+def train_aligner(study, path: str, steps: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
+                  resume_from: dict | None = None, **overrides):
+    """Train (or continue training) the aligner of ``study`` and save it to ``path``. Returns (net, config)."""
+    with one_cpu_thread(device):
+        return _train(study, path, steps, seed, device, progress, resume_from, **overrides)
+
+
+def _train(study, path, steps, seed, device, progress, resume_from, **overrides):
+    from ..evaluation.many_models import eval_data
+
+    device = torch.device(device)
+    layers = mlp_layers(study.model_spec, study.layout)
+    cfg = {**DEFAULTS, **{k: v for k, v in overrides.items() if k in DEFAULTS and v is not None}}
+    if steps is not None:
+        cfg["steps"] = int(steps)
+    arch = arch_config(study.model_spec["name"], layer_dims(study.layout, layers), cfg["hidden"], cfg["rounds"])
+    net, opt, start, seconds = new_or_resumed(build_net, arch, cfg, seed, device, resume_from)
+    if resume_from is not None:
+        cfg = {**cfg, **{k: resume_from["config"]["train"][k] for k in DEFAULTS if k != "steps"}}
+    config = {**arch, "train": cfg, "seed": int(seed), "study": study.dir, "trained_on": trained_on(study, layers)}
+    sampler = PairSampler(study, layers, cfg, device)
+    x_all, y_all = eval_data(study, "train", None)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+
+    def step_loss(rng):
+        ws_a, ws_b, targets = sampler.synthetic(rng, cfg["synthetic_pairs"])
+        loss = loss_sup = supervised_loss(net, ws_a, ws_b, targets)
+        pairs = sampler.run_pairs(rng, cfg["run_pairs"])
+        loss_lmc = torch.zeros(())
+        if pairs is not None and cfg["lmc_weight"] > 0:
+            x, y = data_batch(rng, x_all, y_all, cfg["data_batch"])
+            loss_lmc = interpolation_loss(net, *pairs, x, y, rng.uniform(0.2, 0.8, cfg["alphas"]))
+            loss = loss + cfg["lmc_weight"] * loss_lmc
+        return loss, loss_sup, loss_lmc
+
+    return train_steps(net, opt, cfg, config, path, seed, start, seconds, step_loss, progress)
 
 
 def trained_on(study, layers) -> dict:
