@@ -105,6 +105,25 @@ def test_failed_transaction_changes_nothing(tmp_path):
     assert not [f for f in os.listdir(s.dir) if ".tmp-" in f]
 
 
+def test_rows_that_read_back_differently_change_nothing(tmp_path):
+    """A commit reads the rows it wrote back from the new file, a row at a time, bit for bit: one that differs
+    (here the caller's array changed after it was appended; on a disk, a bad write) is refused with its row, and
+    the study stays as it was. NaN rows with the same bits pass."""
+    s = _new_study(tmp_path, n_params=5_000_000)  # more than one comparison slice a row
+    nan_rows = np.full((2, s.n_params), np.nan, np.float32)
+    with s.transaction() as w:
+        w.append(w.add_run(seed=0), [0, 1], nan_rows)
+    before = open(s.h5_path, "rb").read()
+    for changed in (1.0, -0.0):  # another value; the other zero (equal to 0.0 as a number, not in its bits)
+        rows = np.zeros((2, s.n_params), np.float32)
+        with pytest.raises(GlobScopeError, match=r"row 3 read back differently"):
+            with s.transaction() as w:
+                w.append(w.add_run(seed=1), [0, 1], rows)
+                rows[1, -1] = changed  # after the write, before the read-back
+        assert open(s.h5_path, "rb").read() == before
+    assert Study.open(s.dir).n_checkpoints == 2
+
+
 def test_killed_writer_leaves_a_readable_study(tmp_path):
     """SIGKILL in the middle of a large write: the study is the old one, intact, and writable again."""
     s = _new_study(tmp_path, n_params=200_000)

@@ -110,9 +110,10 @@ def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_
 
     Pass 1 keeps float64 sums and squares and a shift of P (and the floor's minima), then the mean and a float64
     copy of the positive spreads for their median; the Gram pass holds a float64 panel of rows (PANEL_BYTES), a
-    float64 stream block and a block read and standardized (numpy reuses the temporary); the basis pass holds
-    V [k, P], a row block standardized and a column slice of the product (streamed: no basis pass). Pages that are
-    never written (a stream buffer when one panel holds every row) cost nothing and are not counted."""
+    float64 stream block and a block read and standardized (numpy reuses the temporary) with HDF5's chunk buffer
+    (a row: the study's chunks are rows); the basis pass holds V [k, P], a row block standardized and a column slice
+    of the product (streamed: no basis pass). Pages that are never written (a stream buffer when one panel holds
+    every row) cost nothing and are not counted."""
     N, P = n_rows, n_params
     k = basis_rank(N, max_rank)
     vec = P * F32 * (3 if floor else 2)  # mean, scale (and the floor of BatchNorm variances)
@@ -125,7 +126,8 @@ def basis_phases(n_params: int, n_rows: int, block_rows: int | None = None, max_
         # measured at 1.2e8 parameters: 7.00 float32 vectors traced, 3.71 GiB resident with the row block
         {"mean and spread pass: float64 vectors [P]": (8 if floor else 7) * P * F32, "row block": Bb},
         {"mean, scale [P]": vec, "Gram panel (float64)": min(pr, N) * P * F64,
-         "Gram stream block": stream * P * F64 + min(br, N) * P * 2 * F32, "Gram matrix [N, N]": 4 * N * N * F64},
+         # a float64 stream block, the rows read (one buffer) and standardized, and HDF5's chunk buffer (a row)
+         "Gram stream block": stream * P * F64 + (min(br, N) * 2 + 1) * P * F32, "Gram matrix [N, N]": 4 * N * N * F64},
     ]
     if not streamed:
         phases.append({"mean, scale [P]": vec, "basis V [k, P]": k * P * F32, "row block standardized": 3 * Bb,
