@@ -70,9 +70,10 @@ def cmd_landscape(args):
     rate, ev = info.get("points_per_second"), info.get("evaluation", {})
     how = ", ".join([ev.get("path", "?"), ev.get("precision", "fp32")]
                     + ([f"compiled in {ev['compile_seconds']} s"] if ev.get("compile_seconds") else []))
+    speed = "" if not rate else f", {rate:.0f} points/s ({how})" if rate >= 10 else f", {rate:.2g} points/s ({how})"
     print(f"{info['vti']}: {info['dims'][0]}^{len(info['bounds']) // 2} points, loss "
           f"{info['loss_min']} .. {info['loss_max']}, {info['nan_count']} NaN, "
-          f"{info['eval_samples']} {info['split']} samples" + (f", {rate:.0f} points/s ({how})" if rate else ""))
+          f"{info['eval_samples']} {info['split']} samples" + speed)
     bn = info.get("batchnorm") or {}
     if bn.get("note"):
         print(f"  {bn['note']}")
