@@ -157,6 +157,23 @@ def test_interrupted_training_resumes_to_the_same_aligner(tiny_study, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_saved_aligner_with_damaged_weights_is_one_line(tiny_study, trained, tmp_path):
+    """Weights that do not fit the file's own config (a damaged file): reused as the study's aligner or given
+    with ``--aligner``, the same one line (reusing it raised torch's RuntimeError)."""
+    from globscope_core.alignment.deep_align import save_aligner
+    from globscope_core.alignment.deep_align_train import load_trained_aligner
+
+    path, aligner, _ = trained
+    blob = load_aligner_file(path)
+    state = dict(aligner.net.state_dict())
+    state[next(iter(state))] = torch.zeros(3, 3)
+    bad = str(tmp_path / "bad.pt")
+    save_aligner(bad, blob["config"], type("Damaged", (), {"state_dict": lambda self: state})(), step=blob["step"])
+    for load in (lambda: ensure_aligner(tiny_study, bad, progress=False), lambda: load_trained_aligner(tiny_study, bad)):
+        with pytest.raises(GlobScopeError, match=r"bad\.pt: the aligner's weights do not fit its config"):
+            load()
+
+
 def test_align_cli_deep_align_and_refined(study_copy, tmp_path, capsys):
     for method in ("deep-align", "deep-align+wm"):
         out = tmp_path / method

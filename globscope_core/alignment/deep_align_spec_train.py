@@ -8,21 +8,18 @@ and batch statistics are what the align stage's ``_bn_recomputed`` barriers use.
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..errors import GlobScopeError
 from ..networks.models import study_model
 from .deep_align import load_aligner_file, sinkhorn
 from .deep_align_spec import (
     arch_config,
     build_net,
     check_aligner_fits,
-    compatible,
     group_sizes,
     onehot,
     permute_batch,
@@ -33,8 +30,10 @@ from .deep_align_train import (
     DEFAULTS,
     data_batch,
     late_pairs,
+    loaded_net,
     new_or_resumed,
     one_cpu_thread,
+    saved_or_trained,
     supervised_loss,
     train_steps,
 )
@@ -167,29 +166,12 @@ def load_trained_spec_aligner(study, spec, path: str, device="cpu"):
     blob = load_aligner_file(path)
     check_aligner_fits(path, blob["config"], study_arch(study, spec, blob["config"].get("hidden"),
                                                         blob["config"].get("rounds")))
-    net = build_net(blob["config"])
-    try:
-        net.load_state_dict(blob["model"])
-    except RuntimeError as exc:  # right config, wrong tensors: a damaged file
-        first = str(exc).strip().splitlines()[0]
-        raise GlobScopeError(f"{path}: the aligner's weights do not fit its config: {first}") from None
-    return net.to(torch.device(device)).eval(), blob["config"], int(blob["step"])
+    return loaded_net(build_net, blob, path, device), blob["config"], int(blob["step"])
 
 
 def ensure_spec_aligner(study, spec, path: str, steps: int | None = None, seed: int = 0, device="cpu",
                         progress: bool = True, **overrides):
     """The saved aligner when it fits this study and has trained ``steps`` steps; resumed or trained otherwise."""
-    device = torch.device(device)
     arch = study_arch(study, spec, overrides.get("hidden"), overrides.get("rounds"))
-    if os.path.exists(path):
-        blob = load_aligner_file(path)
-        if compatible(blob["config"], arch):
-            target = int(steps) if steps is not None else int(blob["config"]["train"]["steps"])
-            if blob["step"] >= target:
-                net = build_net(blob["config"])
-                net.load_state_dict(blob["model"])
-                return net.to(device).eval(), blob["config"]
-            return train_spec_aligner(study, spec, path, steps=target, seed=int(blob["config"]["seed"]),
-                                      device=device, progress=progress, resume_from=blob, **overrides)
-        tqdm.write(f"{path}: saved aligner is for another architecture; training a new one")
-    return train_spec_aligner(study, spec, path, steps=steps, seed=seed, device=device, progress=progress, **overrides)
+    return saved_or_trained(path, arch, build_net, functools.partial(train_spec_aligner, study, spec), steps, seed,
+                            torch.device(device), progress, **overrides)

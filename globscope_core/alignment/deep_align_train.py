@@ -15,6 +15,7 @@ last checkpoint (every ``save_every`` steps: net, Adam state, step) continues wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 
@@ -246,38 +247,49 @@ def trained_on(study, layers) -> dict:
             "runs": len(study.runs), "run_seeds": [r.get("seed") for r in study.runs]}
 
 
+def loaded_net(build, blob: dict, path: str, device):
+    """The net of an aligner file's ``blob`` (``build(config)`` with its weights), in eval mode on ``device``; a
+    damaged file is one line."""
+    net = build(blob["config"])
+    try:
+        net.load_state_dict(blob["model"])
+    except RuntimeError as exc:  # right config, wrong tensors: a damaged file
+        first = str(exc).strip().splitlines()[0]
+        raise GlobScopeError(f"{path}: the aligner's weights do not fit its config: {first}") from None
+    return net.to(torch.device(device)).eval()
+
+
+def saved_or_trained(path: str, arch: dict, build, train, steps: int | None, seed: int, device, progress: bool,
+                     **overrides):
+    """The aligner saved at ``path`` when its architecture is ``arch`` and it has trained ``steps`` steps (its own
+    count when None), resumed from it when it has trained fewer, else ``train(path, ...)`` from the start."""
+    if os.path.exists(path):
+        blob = load_aligner_file(path)
+        if compatible(blob["config"], arch):
+            target = int(steps) if steps is not None else int(blob["config"]["train"]["steps"])
+            if blob["step"] >= target:
+                return loaded_net(build, blob, path, device), blob["config"]
+            return train(path, steps=target, seed=int(blob["config"]["seed"]), device=device, progress=progress,
+                         resume_from=blob, **overrides)
+        tqdm.write(f"{path}: saved aligner is for another architecture; training a new one")
+    return train(path, steps=steps, seed=seed, device=device, progress=progress, **overrides)
+
+
 def load_trained_aligner(study, path: str, device="cpu"):
     """The aligner of ``path`` as it is (no training), for this study's MLP: (net, config, step); else one line."""
     layers = mlp_layers(study.model_spec, study.layout)
     blob = load_aligner_file(path)
     check_aligner_fits(path, blob["config"], study.model_spec["name"], layer_dims(study.layout, layers),
                        layer_signature(study.layout, layers))
-    net = build_net(blob["config"])
-    try:
-        net.load_state_dict(blob["model"])
-    except RuntimeError as exc:  # right config, wrong tensors: a damaged file
-        first = str(exc).strip().splitlines()[0]
-        raise GlobScopeError(f"{path}: the aligner's weights do not fit its config: {first}") from None
-    return net.to(torch.device(device)).eval(), blob["config"], int(blob["step"])
+    return loaded_net(build_net, blob, path, device), blob["config"], int(blob["step"])
 
 
 def ensure_aligner(study, path: str, steps: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
                    **overrides):
     """The saved aligner when it fits this study's MLP and has trained ``steps`` steps; resumed or trained otherwise."""
-    device = torch.device(device)
     layers = mlp_layers(study.model_spec, study.layout)
     hidden = overrides.get("hidden") or DEFAULTS["hidden"]
     rounds = overrides.get("rounds") or DEFAULTS["rounds"]
     arch = arch_config(study.model_spec["name"], layer_dims(study.layout, layers), hidden, rounds)
-    if os.path.exists(path):
-        blob = load_aligner_file(path)
-        if compatible(blob["config"], arch):
-            target = int(steps) if steps is not None else int(blob["config"]["train"]["steps"])
-            if blob["step"] >= target:
-                net = build_net(blob["config"])
-                net.load_state_dict(blob["model"])
-                return net.to(device).eval(), blob["config"]
-            return train_aligner(study, path, steps=target, seed=int(blob["config"]["seed"]), device=device,
-                                 progress=progress, resume_from=blob, **overrides)
-        tqdm.write(f"{path}: saved aligner is for another architecture; training a new one")
-    return train_aligner(study, path, steps=steps, seed=seed, device=device, progress=progress, **overrides)
+    return saved_or_trained(path, arch, build_net, functools.partial(train_aligner, study), steps, seed,
+                            torch.device(device), progress, **overrides)
