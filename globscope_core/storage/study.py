@@ -216,11 +216,11 @@ class Study:
                 idx = rows[s : s + block_rows]
                 contiguous = len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1)
                 try:
-                    if buf is not None:
+                    if buf is not None:  # (first row in block, first and last + 1 in the file) of each read
                         block = buf[: len(idx)]
-                        for i, r in ([(0, slice(idx[0], idx[-1] + 1))] if contiguous
-                                     else [(i, slice(r, r + 1)) for i, r in enumerate(idx)]):
-                            d.read_direct(block, r, slice(i, i + r.stop - r.start))
+                        spans = [(0, idx[0], idx[-1] + 1)] if contiguous else [(i, r, r + 1) for i, r in enumerate(idx)]
+                        for i, lo, hi in spans:
+                            d.read_direct(block, np.s_[lo:hi], np.s_[i : i + hi - lo])
                     elif contiguous:
                         block = d[idx[0] : idx[-1] + 1]
                     else:
