@@ -1,12 +1,14 @@
-"""Alignment methods side by side: weight matching, activation matching, deep-align, deep-align+wm, and the Sinkhorn
-re-basin refinements (issues 15 and 21).
+"""Alignment methods side by side: weight matching, activation matching, deep-align, deep-align+wm, the Sinkhorn
+re-basin refinements and the loss-guided ones (issues 15 and 21).
 
 For each study, on the same pairs (every run's final model to run 0's), in one process:
-  * barrier of the straight line to the reference (train split) before and after alignment, mean and max;
+  * barrier of the straight line to the reference before and after alignment: mean and max on train samples, mean
+    on test samples (the loss-based refinements descend a loss on train samples; on digits that is all of them);
   * fraction of the units recovered on synthetic pairs with a known permutation: each run's final model and a
     randomly permuted copy with Gaussian noise of ``noise`` x each tensor's RMS added;
-  * time to align one more pair (``find`` only: deep-align's forward pass + Hungarian; activation matching
-    includes its two activation passes) and deep-align's training time (fresh aligner, ``--steps`` steps).
+  * time to align one more pair (``find`` only: deep-align's forward pass + Hungarian, and how much of it is the
+    Hungarian; activation matching includes its two activation passes) and deep-align's training time (fresh
+    aligner, ``--steps`` steps). torch's and numpy's threads are both pinned to ``--threads``.
 The studies are only read: the aligners are written under --work.
 
   python bench/bench_align.py --study /work/studies/demo --study /work/studies/mnist5k-8 --out bench/results
@@ -21,11 +23,13 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from machine import write_json  # noqa: E402
 
+from globscope_core.alignment.deep_align import hungarian, weights_from_state  # noqa: E402
 from globscope_core.alignment.methods import make_aligner  # noqa: E402
 from globscope_core.alignment.permutation import flat_index, spec_for_model  # noqa: E402
 from globscope_core.evaluation.many_models import eval_data  # noqa: E402
@@ -36,10 +40,11 @@ from globscope_core.networks.models import study_model  # noqa: E402
 from globscope_core.storage.study import Study  # noqa: E402
 
 METHODS = ("weight-matching", "activation-matching", "deep-align", "deep-align+wm", "sinkhorn",
-           "weight-matching+sinkhorn", "deep-align+sinkhorn")
-# the Sinkhorn methods learn on the loss between the two models (20-60 s a pair here): the synthetic-recovery test,
-# which is about matching a permuted copy, is left out for them (and says so in the table)
-NO_SYNTHETIC = ("sinkhorn", "weight-matching+sinkhorn", "deep-align+sinkhorn")
+           "weight-matching+sinkhorn", "deep-align+sinkhorn", "weight-matching+loss", "deep-align+loss")
+# the Sinkhorn and loss-guided methods work on the loss between the two models (seconds a pair): the
+# synthetic-recovery test, which is about matching a permuted copy, is left out for them (the table says so)
+NO_SYNTHETIC = ("sinkhorn", "weight-matching+sinkhorn", "deep-align+sinkhorn", "weight-matching+loss",
+                "deep-align+loss")
 
 
 def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, seed: int = 0, methods=METHODS,
@@ -51,6 +56,7 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
     if os.path.exists(aligner_path):
         os.remove(aligner_path)  # a fresh training, timed
     x, y = eval_data(st, "train", eval_samples, seed=1)
+    xt, yt = eval_data(st, "test", eval_samples, seed=1)  # data no method has seen (the loss-based ones train on x)
     # BatchNorm studies: barriers also with every point's statistics recomputed (the align stage's _bn_recomputed)
     bn_x = None
     if bn_samples and layout_has_bn(st.layout):
@@ -61,7 +67,9 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
     res = {"study": path, "model": st.model_spec["name"], "params": int(st.layout.size), "runs": len(st.runs),
            "eval_samples": int(len(x)), "methods": {}}
     before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y), al)[0] for r in range(1, len(finals))]
-    res["barrier_before"] = {"mean": float(np.mean(before)), "max": float(np.max(before)), "runs": before}
+    test = [barrier(interpolation_curve(st, finals[r], finals[0], al, xt, yt), al)[0] for r in range(1, len(finals))]
+    res["barrier_before"] = {"mean": float(np.mean(before)), "max": float(np.max(before)), "runs": before,
+                             "test_mean": float(np.mean(test))}
     if bn_x is not None:
         res["bn_samples"] = int(len(bn_x))
         before = [barrier(interpolation_curve(st, finals[r], finals[0], al, x, y, bn_x=bn_x), al)[0]
@@ -81,21 +89,31 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
     rng = np.random.default_rng(seed)
     for m, aligner in aligners.items():
         d = res["methods"][m]
-        bars, times, bars_bn = [], [], []
+        bars, times, bars_bn, tests, hungarians = [], [], [], [], []
         for r in range(1, len(finals)):
             t0 = time.perf_counter()
             perms = aligner.find(states[0], states[r])
             times.append(time.perf_counter() - t0)
             aligned = finals[r][flat_index(spec, st.layout, perms)]
             bars.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y), al)[0])
+            tests.append(barrier(interpolation_curve(st, aligned, finals[0], al, xt, yt), al)[0])
+            if m == "deep-align" and hasattr(aligner, "layers"):  # the MLP aligner: how much of a pair is Hungarian
+                hungarians.append(_hungarian_seconds(aligner, states[0], states[r]))
             if bn_x is not None:
                 bars_bn.append(barrier(interpolation_curve(st, aligned, finals[0], al, x, y, bn_x=bn_x), al)[0])
         d.update({"barrier_mean": float(np.mean(bars)), "barrier_max": float(np.max(bars)), "barriers": bars,
+                  "test_barrier_mean": float(np.mean(tests)), "test_barriers": tests,
                   "pair_seconds_mean": float(np.mean(times)), "pair_seconds": times})
+        if hasattr(aligner, "moves"):
+            d["moves"] = aligner.moves
+        if hungarians:
+            d["hungarian_seconds_mean"] = float(np.mean(hungarians))
         if bars_bn:
             d.update({"barrier_mean_bn_recomputed": float(np.mean(bars_bn)), "barriers_bn_recomputed": bars_bn})
         print(f"{name} {m}: barrier mean {d['barrier_mean']:.4f} max {d['barrier_max']:.4f}, "
-              f"{d['pair_seconds_mean']:.3f} s/pair", flush=True)
+              f"test {d['test_barrier_mean']:.4f}, "
+              + (f"Hungarian {d['hungarian_seconds_mean']:.4f} s/pair, " if hungarians else "")
+              + f"{d['pair_seconds_mean']:.3f} s/pair", flush=True)
     # synthetic pairs: the same permuted, noisy copies for every method
     for noise in noises:
         cases = []
@@ -123,30 +141,51 @@ def bench_study(path: str, work: str, steps: int, noises, eval_samples: int, see
     for m in (m for m in methods if m != "weight-matching"):
         d = res["methods"][m]
         d["barrier_mean_vs_wm"] = d["barrier_mean"] / max(wm["barrier_mean"], 1e-12)
+        if wm["test_barrier_mean"] > 1e-6:  # on MNIST-5k every aligned midpoint tests better than its ends: 0
+            d["test_barrier_mean_vs_wm"] = d["test_barrier_mean"] / wm["test_barrier_mean"]
         d["speedup_vs_wm"] = wm["pair_seconds_mean"] / max(d["pair_seconds_mean"], 1e-12)
     return res
 
 
+def _hungarian_seconds(aligner, ref_state, other_state) -> float:
+    """Seconds of the Hungarian projections alone in one deep-align pair (any aligner returning hard permutations
+    solves one assignment per hidden layer)."""
+    with torch.no_grad():
+        sims = aligner.net.similarities(weights_from_state(ref_state, aligner.layers),
+                                        weights_from_state(other_state, aligner.layers))
+    t0 = time.perf_counter()
+    for s in sims:
+        hungarian(s[0])
+    return time.perf_counter() - t0
+
+
 def markdown(results: list) -> str:
     bn = any("bn_samples" in r for r in results)  # a column for barriers with recomputed BatchNorm statistics
-    lines = ["| study | method | barrier mean | barrier max | vs WM (mean) | "
+    lines = ["| study | method | barrier mean | barrier max | vs WM (mean) | test barrier mean (vs WM) | "
              + ("barrier mean, BN recomputed | " if bn else "") + "s / pair | speed-up vs WM | "
              "synthetic recovered (noise " + " / ".join(results[0]["noises"]) + ") | training s |",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if bn else "")]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bn else "")]
     for res in results:
         name = os.path.basename(os.path.normpath(res["study"]))
         b = res["barrier_before"]
         bcol = (f" {b['mean_bn_recomputed']:.4f} |" if "mean_bn_recomputed" in b else " |") if bn else ""
-        lines.append(f"| {name} | none (raw) | {b['mean']:.4f} | {b['max']:.4f} | |{bcol} | | | |")
+        lines.append(f"| {name} | none (raw) | {b['mean']:.4f} | {b['max']:.4f} | | {b['test_mean']:.4f} |{bcol}"
+                     " | | | |")
         for m, d in res["methods"].items():
             rec = " / ".join(f"{d['synthetic_recovered'][n]:.3f}" for n in res["noises"]) \
                 if "synthetic_recovered" in d else "not measured"
             bcol = (f" {d['barrier_mean_bn_recomputed']:.4f} |" if "barrier_mean_bn_recomputed" in d else " |") \
                 if bn else ""
+            vs = f" ({d['test_barrier_mean_vs_wm']:.2f})" if "test_barrier_mean_vs_wm" in d else ""
             lines.append(f"| {name} | {m} | {d['barrier_mean']:.4f} | {d['barrier_max']:.4f} | "
-                         f"{d.get('barrier_mean_vs_wm', 1.0):.2f} |{bcol} {d['pair_seconds_mean']:.3f} | "
+                         f"{d.get('barrier_mean_vs_wm', 1.0):.2f} | {d['test_barrier_mean']:.4f}{vs} |{bcol} "
+                         f"{d['pair_seconds_mean']:.4f} | "
                          f"{d.get('speedup_vs_wm', 1.0):.1f} | {rec} | {d.get('train_seconds', '') or ''} |")
-    return "\n".join(lines) + "\n"
+    floors = [f"{os.path.basename(os.path.normpath(r['study']))}: {1000 * d['hungarian_seconds_mean']:.1f} ms of "
+              f"deep-align's {1000 * d['pair_seconds_mean']:.1f} ms a pair are its Hungarian projections "
+              f"(weight matching: {1000 * r['methods']['weight-matching']['pair_seconds_mean']:.1f} ms)"
+              for r in results for m, d in r["methods"].items() if "hungarian_seconds_mean" in d]
+    return "\n".join(lines) + "\n" + ("\n" + "; ".join(floors) + ".\n" if floors else "")
 
 
 def main():
@@ -165,6 +204,9 @@ def main():
     ap.add_argument("--note", default="", help="a line on the conditions (e.g. a shared machine), kept in both files")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # numpy's BLAS too (weight matching's products): its default threads, on a shared machine, made weight matching
+    # 10x slower than on one thread and its speed-ups here too flattering
+    threadpool_limits(args.threads)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     noises = [float(v) for v in args.noise.split(",")]

@@ -260,18 +260,21 @@ def estimate_connect(n_params: int, points: int, bends: int, plane_resolution: i
 
 
 def estimate_align(n_params: int, rows_per_run: int, alphas: int, matching_bytes: int = 0, eval_bytes: int = 0,
-                   data: tuple[int, int] = (0, 0), data_libraries: tuple = (), held: dict | None = None) -> dict:
+                   data: tuple[int, int] = (0, 0), data_libraries: tuple = (), held: dict | None = None,
+                   refine_bytes: int = 0) -> dict:
     """Aligning every run to a reference (stages/align.py): the data set (``data``: what it keeps, its peak while
     loading) and the models stay; per run its rows read and permuted (two copies), then either the matching
-    (``matching_bytes``: its cost matrices) or the straight line between two final models at ``alphas`` weights,
-    made in float64 and evaluated."""
+    (``matching_bytes``: its cost matrices, and ``refine_bytes`` of a refinement on the loss) or the straight line
+    between two final models at ``alphas`` weights, made in float64 and evaluated."""
     P = n_params
     kept, load = data
     run = {"data set and its evaluation subset": kept + eval_bytes,
            "one run's rows, read and permuted": 2 * rows_per_run * P * F32}
     late = {**libraries("scipy", "matplotlib", *data_libraries), "evaluation runtime": EVAL_RUNTIME}
     phases = [{"data set while it loads": load},  # first: the libraries and evaluations come after it
-              {**late, **run, "matching (cost matrices)": matching_bytes},
+              {**late, **run, "matching (cost matrices)": matching_bytes,
+               **({"refinement on the loss (autograd of a chunk, states, samples)": refine_bytes}
+                  if refine_bytes else {})},
               {**late, **run, "line between two models [alphas, P] (float64)": 2 * alphas * P * F64 + 2 * P * F64}]
     return {**(held if held is not None else held_now()), "models": 4 * P * F32, **largest(*phases)}
 

@@ -43,6 +43,21 @@ def tiny_study(tmp_path_factory) -> Study:
     return make_study(tmp_path_factory.mktemp("tiny") / "study")
 
 
+@pytest.fixture(scope="session")
+def wide_pair(tmp_path_factory):
+    """3 runs of a 64-64 MLP on digits, 20 epochs (weight matching leaves a barrier a refinement can lower), with
+    the final models of runs 0 and 1: (study, its spec, (row, state) of run 0, (row, state) of run 1). Read only."""
+    import torch
+
+    from globscope_core.alignment.permutation import spec_for_model
+    from globscope_core.networks.models import study_model
+
+    study = make_study(tmp_path_factory.mktemp("wide") / "study", runs=3, epochs=20, widths=(64, 64))
+    rows = [int(study.run_rows(r)[-1]) for r in (0, 1)]
+    states = [study.layout.unflatten(torch.from_numpy(study.read_params([r])[0])) for r in rows]
+    return study, spec_for_model(study.model_spec, study.layout, study_model(study)), *zip(rows, states)
+
+
 @pytest.fixture
 def study_copy(tiny_study, tmp_path) -> Study:
     """A private copy of tiny_study that a test may modify."""

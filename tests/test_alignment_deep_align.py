@@ -12,6 +12,7 @@ from conftest import random_perms
 from globscope_core import cli
 from globscope_core.alignment.deep_align import (
     DeepAlign,
+    DeepAlignNet,
     NeuronEncoder,
     load_aligner_file,
     mlp_layers,
@@ -47,6 +48,24 @@ def test_encoder_is_equivariant_to_hidden_permutations():
     for k in range(3):
         assert not torch.allclose(h[k], hp[k])  # the permutation did move the neurons
         torch.testing.assert_close(hp[k][0], h[k][0][perms[k][0]], atol=1e-5, rtol=1e-5)
+
+
+def test_similarities_with_their_sweeps_are_equivariant():
+    """Permuting B's hidden units permutes the columns of every layer's similarity, A's its rows, and nothing else:
+    the weight-matching sweeps (through soft permutations) keep the encoder's equivariance."""
+    torch.manual_seed(0)
+    model_a = build_model(make_spec("mlp", (1, 4, 4), 5, widths=[12, 9, 7]))
+    model_b = build_model(make_spec("mlp", (1, 4, 4), 5, widths=[12, 9, 7]))
+    layers = mlp_layers({"name": "mlp"}, StateLayout.from_module(model_a))
+    net = DeepAlignNet([16, 12, 9, 7, 5], hidden=16, rounds=2).eval()
+    wa, wb = weights_from_state(model_a.state_dict(), layers), weights_from_state(model_b.state_dict(), layers)
+    pa = [torch.as_tensor(np.random.default_rng(k).permutation(n))[None] for k, n in enumerate((12, 9, 7))]
+    pb = [torch.as_tensor(np.random.default_rng(10 + k).permutation(n))[None] for k, n in enumerate((12, 9, 7))]
+    with torch.no_grad():
+        s = net.similarities(wa, wb)
+        sp = net.similarities(permute_weights(wa, pa), permute_weights(wb, pb))
+    for k in range(3):
+        torch.testing.assert_close(sp[k][0], s[k][0][pa[k][0]][:, pb[k][0]], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +193,36 @@ def test_a_saved_aligner_with_damaged_weights_is_one_line(tiny_study, trained, t
             load()
 
 
+def test_an_aligner_file_of_the_format_before_the_sweeps_is_retrained_or_refused(tiny_study, trained, tmp_path):
+    """Version 1 files (the similarity without weight-matching sweeps) have other weights: reused as the study's
+    aligner they are retrained; given with ``--aligner``, one line says to train a new one."""
+    from globscope_core.alignment.deep_align import save_aligner
+    from globscope_core.alignment.deep_align_train import load_trained_aligner
+
+    path, aligner, _ = trained
+    blob = load_aligner_file(path)
+    old = str(tmp_path / "v1.pt")
+    state = {k: v for k, v in aligner.net.state_dict().items() if k not in ("log_in", "log_out")}
+    save_aligner(old, {**blob["config"], "version": 1}, type("V1", (), {"state_dict": lambda self: state})(),
+                 step=blob["step"])
+    with pytest.raises(GlobScopeError, match=r"v1\.pt: deep-align aligner of format version 1, .*train a new one"):
+        load_trained_aligner(tiny_study, old)
+    net, config = ensure_aligner(tiny_study, old, steps=2, progress=False, save_every=2)
+    assert config["version"] == 2 and load_aligner_file(old)["config"]["version"] == 2
+
+
 def test_align_cli_deep_align_and_refined(study_copy, tmp_path, capsys):
-    for method in ("deep-align", "deep-align+wm"):
+    for method in ("deep-align", "deep-align+wm", "deep-align+loss"):
         out = tmp_path / method
         assert cli.main(["align", study_copy.dir, "--method", method, "--out", str(out), "--alphas", "5",
                          "--aligner-steps", "20"]) == 0
-        assert "mean:" in capsys.readouterr().out
+        said = capsys.readouterr()
+        assert "mean:" in said.out
+        # the memory line counts what a refinement on the loss holds (autograd of a chunk at three points)
+        assert ("refinement on the loss" in said.err) == method.endswith("+loss"), said.err
         rep = json.loads((out / "report.json").read_text())["align"]
         assert rep["method"] == method and [d["run"] for d in rep["runs"]] == [1, 2]
+        assert rep["aligner"]["steps"] == 20  # a refined aligner reports the learned one it started from
         assert os.path.getsize(out / rep["plot"]) > 1000
         for d in rep["runs"]:
             assert d["loss_after"][0] == pytest.approx(d["loss_before"][0], rel=1e-4)  # same model, permuted
@@ -191,6 +232,10 @@ def test_align_cli_deep_align_and_refined(study_copy, tmp_path, capsys):
     wm = json.loads((tmp_path / "deep-align+wm" / "report.json").read_text())["align"]["runs"]
     for a, b in zip(da, wm):
         assert b["distance_after"] <= a["distance_after"] + 1e-6
+    # +loss descends the loss between the models from deep-align's output: here it lowers every barrier
+    lg = json.loads((tmp_path / "deep-align+loss" / "report.json").read_text())["align"]["runs"]
+    for a, b in zip(da, lg):
+        assert b["barrier_after"] < a["barrier_after"], (a["barrier_after"], b["barrier_after"])
     assert cli.main(["align", study_copy.dir, "--method", "deep-align", "--out", str(tmp_path / "z"),
                      "--aligner-steps", "0"]) == 2
     assert "--aligner-steps" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from globscope_core.alignment.deep_align_spec import (
 )
 from globscope_core.alignment.deep_align_spec_train import SpecPairSampler, ensure_spec_aligner, train_spec_aligner
 from globscope_core.alignment.deep_align_train import train_aligner
+from globscope_core.alignment.methods import make_aligner
 from globscope_core.alignment.permutation import PermutationSpec, flat_index, permute_state, spec_for_model
 from globscope_core.errors import GlobScopeError
 from globscope_core.networks import datasets
@@ -175,3 +176,16 @@ def test_a_spec_the_encoder_cannot_read_is_one_clear_error():
     with pytest.raises(GlobScopeError, match=r"deep-align: tensor 'w' has more than two permuted axes.*resnet20"):
         spec_tensors(spec, layout)
     assert group_sizes([["w", ["P", None], [5, 2]]]) == {"P": 5}
+
+
+@pytest.mark.parametrize("method", ["weight-matching+loss", "weight-matching+sinkhorn"])
+def test_refinements_on_the_loss_work_on_a_batchnorm_cnn(cnn_study, method):
+    """Their gradient passes through BatchNorm layers in eval mode, whose running statistics (permuted with the
+    channels) torch cannot differentiate: they enter as constants (this raised torch's RuntimeError before)."""
+    spec = spec_for_model(cnn_study.model_spec, cnn_study.layout, study_model(cnn_study))
+    a, b = (cnn_study.layout.unflatten(torch.from_numpy(cnn_study.read_params([int(cnn_study.run_rows(r)[-1])])[0]))
+            for r in (0, 1))
+    options = {"loss_samples": 512} if method.endswith("+loss") else {"sinkhorn_samples": 512, "sinkhorn_steps": 5}
+    found = make_aligner(method, spec, cnn_study, seed=0, **options).find(a, b)
+    for p, n in spec.identity(cnn_study.layout).items():
+        assert sorted(found[p].tolist()) == list(range(len(n)))

@@ -123,5 +123,5 @@ def test_refusals_are_one_line(study_copy, aligner_a, tmp_path, capsys):
     (tmp_path / "text.pt").write_text("hello\n")
     refused(tmp_path / "text.pt", "not a torch file")
 
-    refused(aligner_a, "--aligner is for --method deep-align", method="weight-matching")
+    refused(aligner_a, "--aligner is for the deep-align methods", method="weight-matching")
     refused(aligner_a, "--aligner-steps would train it", extra=("--aligner-steps", "10"))

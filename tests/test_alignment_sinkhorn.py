@@ -3,9 +3,8 @@ refining weight matching or DEEP-ALIGN."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-from conftest import make_study, random_perms
+from conftest import random_perms
 
 from globscope_core.alignment.matching import WeightMatching
 from globscope_core.alignment.methods import make_aligner
@@ -14,12 +13,6 @@ from globscope_core.alignment.sinkhorn import apply_matrices
 from globscope_core.evaluation.many_models import eval_data
 from globscope_core.evaluation.paths import barrier, interpolation_curve
 from globscope_core.networks.models import study_model
-
-
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """3 runs of a 64-64 MLP on digits, 20 epochs: weight matching leaves a barrier a refinement can lower."""
-    return make_study(tmp_path_factory.mktemp("sinkhorn") / "study", runs=3, epochs=20, widths=(64, 64))
 
 
 def _state(study, row):
@@ -39,10 +32,8 @@ def test_permutation_matrices_act_as_the_permutations(tiny_study):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
 
 
-def test_refinement_lowers_weight_matchings_barrier_and_never_goes_below_its_start(wide):
-    spec = spec_for_model(wide.model_spec, wide.layout, study_model(wide))
-    ra, rb = wide.run_rows(0)[-1], wide.run_rows(1)[-1]
-    A, B = _state(wide, ra), _state(wide, rb)
+def test_refinement_lowers_weight_matchings_barrier_and_never_goes_below_its_start(wide_pair):
+    wide, spec, (ra, A), (rb, B) = wide_pair
     wm = WeightMatching(spec).find(A, B)
     refiner = make_aligner("weight-matching+sinkhorn", spec, wide, seed=0)
     perms = refiner.find(A, B)

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from ..errors import GlobScopeError
-from .deep_align import FORMAT, VERSION, _rms, hungarian
+from .deep_align import FORMAT, _rms, hungarian
 from .matching import Aligner
 
 KIND = "spec"
+VERSION = 1  # the spec-driven aligner's own file version (the MLP aligner's is deep_align.VERSION)
 
 
 # --- the spec as the encoder sees it ------------------------------------------------------------
@@ -74,14 +75,14 @@ def compatible(config: dict, arch: dict) -> bool:
 
 def check_aligner_fits(path: str, config: dict, arch: dict) -> None:
     """One line when the aligner of ``path`` was trained for another kind of model, architecture or state layout."""
-    if config.get("version") != VERSION:
-        raise GlobScopeError(f"{path}: deep-align aligner of format version {config.get('version')}, "
-                             f"this GlobScope reads version {VERSION}")
     kind = config.get("kind", "mlp")
     if kind != KIND:
         raise GlobScopeError(f"{path}: the aligner was trained for the {kind.upper()} model '{config.get('model')}', "
                              f"this study's model is '{arch['model']}' (a spec-driven aligner is needed: train one "
                              "on this study with --method deep-align and no --aligner)")
+    if config.get("version") != VERSION:
+        raise GlobScopeError(f"{path}: deep-align aligner of format version {config.get('version')}, "
+                             f"this GlobScope reads version {VERSION}")
     if config.get("model") != arch["model"] or config.get("dims") != arch["dims"]:
         raise GlobScopeError(f"{path}: the aligner was trained for model '{config.get('model')}' with groups of "
                              f"{config.get('dims')} units, this study's model is '{arch['model']}' with {arch['dims']}")

@@ -39,7 +39,8 @@ from .deep_align_train import (
 )
 
 # CNN steps cost more than an MLP's (a forward of the network per interpolation point): fewer, smaller by default
-SPEC_DEFAULTS = {**DEFAULTS, "steps": 200, "hidden": 32, "data_batch": 64, "max_rows": 128}
+SPEC_DEFAULTS = {**DEFAULTS, "steps": 200, "hidden": 32, "data_batch": 64, "max_rows": 128, "run_pairs": 2,
+                 "lmc_weight": 1.0}
 
 
 class _ListNet:

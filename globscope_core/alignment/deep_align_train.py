@@ -41,8 +41,10 @@ from .deep_align import (
     weights_from_flat,
 )
 
-DEFAULTS = {"hidden": 48, "rounds": 2, "steps": 300, "lr": 3e-3, "synthetic_pairs": 4, "run_pairs": 2,
-            "noise": 0.1, "near": 3, "lmc_weight": 1.0, "alphas": 2, "data_batch": 128, "max_rows": 256,
+# run_pairs 4 and lmc_weight 2 (were 2 and 1): mean barrier 0.87x weight matching's on the demo (1.02x before, same
+# seed) and 0.75x on MNIST-5k (0.83x), for 1.5x the training time
+DEFAULTS = {"hidden": 48, "rounds": 2, "steps": 300, "lr": 3e-3, "synthetic_pairs": 4, "run_pairs": 4,
+            "noise": 0.1, "near": 3, "lmc_weight": 2.0, "alphas": 2, "data_batch": 128, "max_rows": 256,
             "save_every": 50}
 
 

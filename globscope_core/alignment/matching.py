@@ -27,8 +27,20 @@ class Aligner:
         raise NotImplementedError
 
 
-def _np64(state: dict, names) -> dict:
-    return {n: np.asarray(torch.as_tensor(state[n]).detach().cpu(), dtype=np.float64) for n in names}
+def float64_weights(state: dict, spec: PermutationSpec) -> dict:
+    """The permuted entries of ``state`` as float64 numpy arrays (weight matching's inner products)."""
+    return {n: np.asarray(torch.as_tensor(state[n]).detach().cpu(), dtype=np.float64) for n in spec.axes}
+
+
+def matching_matrix(spec: PermutationSpec, p: str, n: int, a: dict, b: dict, perm: dict) -> np.ndarray:
+    """Weight matching's [n, n] matrix for permutation ``p``, the others fixed at ``perm``: entry (i, j) is the sum,
+    over every weight ``p`` permutes, of the inner product of A's slice i with B's slice j (``a``, ``b``:
+    float64_weights). The assignment maximising its trace is the best ``p`` for the weights' inner product."""
+    cost = np.zeros((n, n))
+    for wname, axis in spec.perm_to_axes[p]:
+        wb = _permute_one(spec, perm, wname, b[wname], skip_axis=axis)
+        cost += np.moveaxis(a[wname], axis, 0).reshape(n, -1) @ np.moveaxis(wb, axis, 0).reshape(n, -1).T
+    return cost
 
 
 class WeightMatching(Aligner):
@@ -50,9 +62,8 @@ class WeightMatching(Aligner):
     def find(self, ref_state: dict, other_state: dict, init: dict | None = None) -> dict:
         """``init``: permutations to start from (deep-align+wm), else the identity."""
         spec = self.spec
-        a, b = _np64(ref_state, spec.axes), _np64(other_state, spec.axes)
+        a, b = float64_weights(ref_state, spec), float64_weights(other_state, spec)
         sizes = spec.sizes({n: w.shape for n, w in a.items()})
-        places = spec.perm_to_axes
         names = sorted(sizes)
         perm = {p: np.asarray(init[p]) if init else np.arange(n) for p, n in sizes.items()}
         rng = np.random.default_rng(self.seed)
@@ -60,12 +71,7 @@ class WeightMatching(Aligner):
             improved = False
             for p in (names[i] for i in rng.permutation(len(names))):
                 n = sizes[p]
-                cost = np.zeros((n, n))
-                for wname, axis in places[p]:
-                    wb = _permute_one(spec, perm, wname, b[wname], skip_axis=axis)
-                    wa = np.moveaxis(a[wname], axis, 0).reshape(n, -1)
-                    wb = np.moveaxis(wb, axis, 0).reshape(n, -1)
-                    cost += wa @ wb.T
+                cost = matching_matrix(spec, p, n, a, b, perm)
                 _, cols = linear_sum_assignment(cost, maximize=True)
                 old = cost[np.arange(n), perm[p]].sum()
                 new = cost[np.arange(n), cols].sum()

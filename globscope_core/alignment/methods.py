@@ -40,6 +40,16 @@ def _make_sinkhorn(spec, study, seed=0, device="cpu", start=None, sinkhorn_sampl
                               device=device)
 
 
+def _make_loss_guided(spec, study, start, seed=0, device="cpu", loss_samples=2048, **_):
+    from ..evaluation.one_model import subset
+    from ..networks.datasets import load_dataset
+    from .loss_guided import LossGuidedMatching
+
+    ds = load_dataset(study.dataset_spec)
+    x, y = subset(ds.train_x, ds.train_y, loss_samples, seed=seed)
+    return LossGuidedMatching(spec, lambda: study_model(study), x, y, start=start, device=device)
+
+
 ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _make_activation_matching,
             "deep-align": _make_deep_align,
             "deep-align+wm": lambda spec, study, **o: _make_deep_align(spec, study, refine=True, **o),
@@ -47,6 +57,11 @@ ALIGNERS = {"weight-matching": _make_weight_matching, "activation-matching": _ma
             "deep-align+sinkhorn": lambda spec, study, **o: _make_sinkhorn(
                 spec, study, start=_make_deep_align(spec, study, **o), **o),
             "weight-matching+sinkhorn": lambda spec, study, **o: _make_sinkhorn(
+                spec, study, start=_make_weight_matching(spec, study, **o), **o),
+            # refined by a descent of the loss between the models (loss_guided.py)
+            "deep-align+loss": lambda spec, study, **o: _make_loss_guided(
+                spec, study, start=_make_deep_align(spec, study, **o), **o),
+            "weight-matching+loss": lambda spec, study, **o: _make_loss_guided(
                 spec, study, start=_make_weight_matching(spec, study, **o), **o)}
 
 

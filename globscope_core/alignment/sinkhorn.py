@@ -33,7 +33,8 @@ def _hard(soft: torch.Tensor) -> np.ndarray:
     return linear_sum_assignment(soft.detach().cpu().numpy(), maximize=True)[1]
 
 
-def _onehot(idx, n: int) -> torch.Tensor:
+def one_hot_matrix(idx, n: int) -> torch.Tensor:
+    """The [n, n] matrix of a permutation index: row i has its 1 at idx[i]."""
     m = torch.zeros(n, n)
     m[torch.arange(n), torch.as_tensor(np.asarray(idx), dtype=torch.long)] = 1.0
     return m
@@ -52,6 +53,22 @@ def apply_matrices(spec: PermutationSpec, mats: dict, state: dict) -> dict:
     return out
 
 
+def segment_loss(model, a: dict, b: dict, ts, x, y) -> torch.Tensor:
+    """Mean cross-entropy of ``model`` at the points (1 - t) a + t b (state dicts; integer entries from a).
+
+    BatchNorm's running statistics enter as constants: torch's batch norm cannot differentiate with respect to
+    them, so a gradient with respect to a permutation sees the weights only."""
+    losses = []
+    for t in ts:
+        mid = {n: (1 - t) * a[n] + t * b[n] if a[n].is_floating_point() else a[n] for n in a}
+        mid = {n: v.detach() if n.endswith(BN_STATISTICS) else v for n, v in mid.items()}
+        losses.append(cross_entropy(torch.func.functional_call(model, mid, (x,)), y))
+    return torch.stack(losses).mean()
+
+
+BN_STATISTICS = (".running_mean", ".running_var")
+
+
 class SinkhornRefinement(Aligner):
     name = "sinkhorn"
 
@@ -64,10 +81,6 @@ class SinkhornRefinement(Aligner):
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.kept_start = 0  # pairs where the start's permutations stayed (the trained ones were not better)
 
-    def _midpoint_loss(self, model, a: dict, b: dict, t: float, x, y) -> torch.Tensor:
-        mid = {n: (1 - t) * a[n] + t * b[n] if a[n].is_floating_point() else a[n] for n in a}
-        return cross_entropy(torch.func.functional_call(model, mid, (x,)), y)
-
     def find(self, ref_state: dict, other_state: dict, init: dict | None = None) -> dict:
         spec, dev = self.spec, self.device
         a = {n: torch.as_tensor(v).detach().to(dev) for n, v in ref_state.items()}
@@ -79,14 +92,14 @@ class SinkhornRefinement(Aligner):
         model = self.build_model().to(dev).eval()  # eval: BatchNorm uses the interpolated running statistics
         g = torch.Generator().manual_seed(self.seed)
         # scores start at the start's permutations, sharp enough that the first soft matrices are near them
-        scores = {p: (_onehot(init[p], n) * 5.0).to(dev).requires_grad_() for p, n in sizes.items()}
+        scores = {p: (one_hot_matrix(init[p], n) * 5.0).to(dev).requires_grad_() for p, n in sizes.items()}
         opt = torch.optim.Adam(scores.values(), lr=self.lr)
         for _ in range(self.steps):
             soft = {p: _log_sinkhorn(s).exp() for p, s in scores.items()}
-            mats = {p: _onehot(_hard(m), len(m)).to(dev) + m - m.detach() for p, m in soft.items()}
+            mats = {p: one_hot_matrix(_hard(m), len(m)).to(dev) + m - m.detach() for p, m in soft.items()}
             i = torch.randint(len(self.x), (min(self.batch_size, len(self.x)),), generator=g).to(dev)
             t = float(torch.rand((), generator=g))
-            loss = self._midpoint_loss(model, a, apply_matrices(spec, mats, b), t, self.x[i], self.y[i])
+            loss = segment_loss(model, a, apply_matrices(spec, mats, b), (t,), self.x[i], self.y[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -96,8 +109,8 @@ class SinkhornRefinement(Aligner):
             x, y = self.x[: 4 * self.batch_size], self.y[: 4 * self.batch_size]
 
             def mid(perms):
-                mats = {p: _onehot(perms[p], sizes[p]).to(dev) for p in sizes}
-                return float(self._midpoint_loss(model, a, apply_matrices(spec, mats, b), 0.5, x, y))
+                mats = {p: one_hot_matrix(perms[p], sizes[p]).to(dev) for p in sizes}
+                return float(segment_loss(model, a, apply_matrices(spec, mats, b), (0.5,), x, y))
 
             if mid(trained) <= mid(init):
                 return trained

@@ -13,7 +13,8 @@ def register(sub):
                    help="weight-matching, activation-matching, deep-align (learned; MLPs, CNNs, ResNets), "
                         "deep-align+wm (deep-align refined by weight matching), sinkhorn (permutations learned on the loss between "
                         "the models, Pena et al.), deep-align+sinkhorn and weight-matching+sinkhorn (refined by it), "
-                        "or a method registered in align.ALIGNERS")
+                        "deep-align+loss and weight-matching+loss (refined by a descent of the loss between the "
+                        "models), or a method registered in align.ALIGNERS")
     p.add_argument("--out", required=True, type=new_or_dir, help="directory of the aligned study (new)")
     p.add_argument("--alphas", type=at_least(2), default=25, help="interpolation weights for the barriers")
     p.add_argument("--eval-samples", type=positive_int, default=2000, help="train samples for the barrier losses")
@@ -44,8 +45,8 @@ def cmd_align(args):
     from ..stages.align import align_study
 
     if args.aligner is not None and not args.method.startswith("deep-align"):
-        raise GlobScopeError(f"{args.aligner}: --aligner is for --method deep-align or deep-align+wm, "
-                             f"not {args.method}")
+        raise GlobScopeError(f"{args.aligner}: --aligner is for the deep-align methods (deep-align, deep-align+wm, "
+                             f"deep-align+sinkhorn, deep-align+loss), not {args.method}")
     if args.aligner is not None and args.aligner_steps is not None:
         raise GlobScopeError(f"{args.aligner}: --aligner is used as it is; --aligner-steps would train it")
     rep = align_study(args.study, args.out, reference=args.reference, method=args.method, alphas=args.alphas,

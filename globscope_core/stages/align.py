@@ -62,7 +62,8 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     if bn_samples is not None and bn_samples < 0:
         raise GlobScopeError(f"--bn-samples must be 0 (no recomputation) or positive, not {bn_samples}")
     bn_samples = (bn_samples or 0) if layout_has_bn(src.layout) else 0  # nothing to recompute without BatchNorm
-    memory = _check_memory(src, spec, alphas, eval_samples, bn_samples)  # refused before any work, said when the work starts
+    # refused before any work, said when the work starts
+    memory = _check_memory(src, spec, alphas, eval_samples, bn_samples, method)
     with output_lock(src, "aligners", what=f"align --method {method}"):  # DEEP-ALIGN trains and saves its net here
         aligner = make_aligner(method, spec, src, seed=seed, device=dev, progress=progress, **options)
 
@@ -159,8 +160,10 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
               "mean_barrier_after": float(np.mean(ba)) if ba else 0.0,
               "units": {p: int(len(q)) for p, q in identity.items()}, "seconds": round(time.time() - t0, 3),
               "seconds_per_pair": round(float(np.mean([d["seconds"] for d in runs_report])), 4) if bb else 0.0}
-    if getattr(aligner, "provenance", None) is not None:  # a learned aligner: where and how long it was trained
-        report["aligner"] = aligner.provenance
+    # a learned aligner, alone or refined (its ``start``): where and how long it was trained
+    provenance = getattr(aligner, "provenance", None) or getattr(getattr(aligner, "start", None), "provenance", None)
+    if provenance is not None:
+        report["aligner"] = provenance
     if layout_has_bn(src.layout):
         report["batchnorm"] = {"own_statistics": "interpolated running statistics (barrier_before, barrier_after)",
                                "recomputed_on": None if bn_x is None else f"{len(bn_x)} train samples (seed {BN_SEED})",
@@ -175,7 +178,7 @@ def align_study(study_dir: str, out: str, reference: int = 0, method: str = "wei
     return report
 
 
-def _check_memory(src, spec, alphas: int, eval_samples, bn_samples: int = 0) -> str:
+def _check_memory(src, spec, alphas: int, eval_samples, bn_samples: int = 0, method: str = "") -> str:
     """Refuse aligning when what it needs (resources.estimate_align) does not fit; the ``memory:`` line to say."""
     import math
 
@@ -187,9 +190,27 @@ def _check_memory(src, spec, alphas: int, eval_samples, bn_samples: int = 0) -> 
     shape = (src.model_spec.get("kwargs") or {}).get("input_shape") or [1]
     parts = estimate_align(src.n_params, rows, int(alphas), 4 * len(units) ** 2 * 8,
                            ((eval_samples or 0) + bn_samples) * 4 * math.prod(shape), data_bytes(src.dataset_spec),
-                           data_libraries(src.dataset_spec))
+                           data_libraries(src.dataset_spec), refine_bytes=_refinement_bytes(method, src))
     require(parts, f"align {src.dir}", hint="use fewer --alphas")
     return memory_line(parts)
+
+
+def _refinement_bytes(method: str, src) -> int:
+    """What a refinement on the loss between the models holds while it works on a pair: autograd's tensors of one
+    chunk of samples at each point of the segment (loss-guided: CHUNK samples at 3 points; Sinkhorn: its batch at
+    one point), the permuted and interpolated states, and its training samples."""
+    import math
+
+    from ..alignment.loss_guided import CHUNK, POINTS
+    from .memory_plan import activation_bytes
+
+    if not method.endswith(("+loss", "sinkhorn")):
+        return 0
+    points = len(POINTS) if method.endswith("+loss") else 1
+    largest, saved = activation_bytes(src.model_spec)
+    shape = (src.model_spec.get("kwargs") or {}).get("input_shape") or [1]
+    samples = 4096 * 4 * math.prod(shape)  # at most sinkhorn's 4096 (loss-guided: 2048) training samples
+    return points * CHUNK * (saved + 2 * largest) + (points + 2) * src.n_params * 4 + samples
 
 
 def _save_npz(path: str, arrays: dict) -> None:
