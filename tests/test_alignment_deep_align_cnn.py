@@ -129,6 +129,20 @@ def test_interrupted_spec_training_resumes_to_the_same_aligner(cnn_study, tmp_pa
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_saved_spec_aligner_for_another_state_layout_is_trained_again(cnn_study, tmp_path):
+    """Reuse compares the spec aligner's own architecture keys (its tensors among them), not only the MLP's."""
+    from globscope_core.alignment.deep_align import save_aligner
+
+    spec = spec_for_model(cnn_study.model_spec, cnn_study.layout)
+    path = str(tmp_path / "a.pt")
+    net, config = train_spec_aligner(cnn_study, spec, path, steps=4, progress=False, save_every=4)
+    other = {**config, "tensors": [[name, axes, [1] * len(shape)] for name, axes, shape in config["tensors"]]}
+    save_aligner(path, other, net, step=4)
+    _, again = ensure_spec_aligner(cnn_study, spec, path, steps=4, progress=False)
+    assert again["tensors"] == config["tensors"]
+    assert load_aligner_file(path)["config"]["tensors"] == config["tensors"]
+
+
 def test_align_cli_on_a_cnn_study(cnn_study, tmp_path, capsys):
     src = tmp_path / "study"
     shutil.copytree(cnn_study.dir, src)

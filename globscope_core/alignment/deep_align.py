@@ -190,12 +190,12 @@ class DeepAlignNet(nn.Module):
         one layer's weights do not (the units' roles in the whole network); the sweeps see whole rows, which a
         48-dim embedding of a 784-wide row loses. Each term is equivariant, so S is.
         """
-        n = len(ws_a[0][0])
+        pairs = len(ws_a[0][0])  # A and B go through the encoder as one batch: A's first, then B's
         h = self.encoder([(torch.cat([wa, wb]), torch.cat([ba, bb])) for (wa, ba), (wb, bb) in zip(ws_a, ws_b)])
         learned = []
         for k, hk in enumerate(h):
             hk = hk / hk.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            learned.append(self.log_scale[k].exp() * (hk[:n] @ hk[n:].transpose(1, 2)))
+            learned.append(self.log_scale[k].exp() * (hk[:pairs] @ hk[pairs:].transpose(1, 2)))
         (wa, ba), (wb, bb) = _scale_free(ws_a), _scale_free(ws_b)
         forward, p = [], None  # scores after the forward sweep (incoming rows), layer by layer upwards
         for k in range(len(learned)):
@@ -231,11 +231,10 @@ def arch_config(model_name: str, dims: list, hidden: int, rounds: int) -> dict:
             "hidden": int(hidden), "rounds": int(rounds)}
 
 
-ARCH_KEYS = ("format", "version", "model", "dims", "hidden", "rounds")
-
-
 def compatible(config: dict, arch: dict) -> bool:
-    return all(config.get(k) == arch[k] for k in ARCH_KEYS)
+    """A saved aligner's ``config`` was built for ``arch``: every key of ``arch`` (the MLP's arch_config or
+    deep_align_spec's, which adds the kind, groups and tensors) has its value there."""
+    return all(config.get(k) == v for k, v in arch.items())
 
 
 def save_aligner(path: str, config: dict, net: nn.Module, optimizer=None, step: int = 0) -> None:

@@ -66,13 +66,6 @@ def arch_config(model_name: str, tensors: list, hidden: int, rounds: int) -> dic
             "dims": list(sizes.values()), "tensors": tensors, "hidden": int(hidden), "rounds": int(rounds)}
 
 
-ARCH_KEYS = ("format", "version", "kind", "model", "groups", "dims", "tensors", "hidden", "rounds")
-
-
-def compatible(config: dict, arch: dict) -> bool:
-    return all(config.get(k) == arch[k] for k in ARCH_KEYS)
-
-
 def check_aligner_fits(path: str, config: dict, arch: dict) -> None:
     """One line when the aligner of ``path`` was trained for another kind of model, architecture or state layout."""
     kind = config.get("kind", "mlp")
